@@ -1,0 +1,17 @@
+"""moeshard: a torch.compile backend for Mixture-of-Experts inference.
+
+    torch.compile(model, backend="moeshard", options={"dump_dir": "moeshard_dump"})
+
+Importing this package (Dynamo does it through the `torch_dynamo_backends` entry point)
+registers the `moeshard::` ops and installs the capture shims for HF experts.
+"""
+
+from moeshard_compile import capture, ops  # noqa: F401  (ops registers torch.ops.moeshard)
+from moeshard_compile.backend import moeshard_backend
+from moeshard_compile.explain import explain
+from moeshard_compile.options import OptionError, Options
+from moeshard_compile.report import Report
+
+capture.install()
+
+__all__ = ["moeshard_backend", "explain", "Options", "OptionError", "Report"]

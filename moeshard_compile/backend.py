@@ -1,0 +1,109 @@
+"""The `moeshard` Dynamo backend: recognise MoE regions, rewrite them, hand over to Inductor.
+
+    Dynamo FX graph -> passes.recognise -> passes.rewrite -> Inductor (compile_fx)
+
+Graphs without MoE regions go to Inductor unchanged. Everything the backend did is recorded
+in a Report (and, with `dump_dir`, written next to each graph's code before/after).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import passes
+from moeshard_compile.options import OptionError, Options
+from moeshard_compile.report import Report, region_row
+from moeshard_compile.weights import WeightFeed
+
+log = logging.getLogger(__name__)
+
+# One report per dump directory, accumulated over the graphs of a compiled model.
+_REPORTS: dict[str, Report] = {}
+
+
+def moeshard_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: str | None = None):
+    """Entry point Dynamo calls (registered as "moeshard" through torch_dynamo_backends)."""
+    if mode is not None:
+        raise OptionError(f"moeshard: torch.compile(mode={mode!r}) is not supported; use options={{...}}")
+    opts = Options.from_user(options)
+    report = _REPORTS.setdefault(opts.dump_dir, Report()) if opts.dump_dir else Report()
+    return compile_graph(gm, example_inputs, opts, report)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, report: Report) -> Callable:
+    graph_id = report.graphs
+    report.graphs += 1
+    if opts.dump_dir:
+        _dump(opts.dump_dir, f"graph_{graph_id}_before.py", gm)
+
+    gm = _own_copy(gm)  # Dynamo keeps using its graph after we return: rewrite a copy
+    regions = passes.recognise(gm)
+    fallback = _fallback_reason(gm, example_inputs)
+    if fallback:
+        report.fallbacks.append({"graph": graph_id, "reason": fallback})
+        for region in regions:
+            if region.status == "recognised":
+                region.skip(fallback)
+    feed = WeightFeed(gm)
+    passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
+    for region in regions:
+        log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
+    report.regions += [region_row(graph_id, r) for r in regions]
+    report.graph_breaks = _graph_breaks()
+
+    if opts.dump_dir:
+        _dump(opts.dump_dir, f"graph_{graph_id}_after.py", gm)
+        report.write(opts.dump_dir)
+    if opts.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        inner = compile_fx(gm, list(example_inputs) + feed.tensors())
+    else:
+        inner = gm.forward
+    return feed.bind(inner)
+
+
+def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
+def _fallback_reason(gm: fx.GraphModule, example_inputs: list) -> str | None:
+    """Why a graph must be compiled unchanged, or None. Never rewrite what we cannot keep exact."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        return (
+            "autograd is on and inputs/parameters require grad: moeshard rewrites inference graphs only "
+            "(call the model under torch.no_grad() or torch.inference_mode())"
+        )
+    for node in gm.graph.nodes:
+        if node.target is F.dropout and _dropout_active(node):
+            return f"dropout is active in {node.name} (model in training mode): call model.eval() for the rewrite"
+    return None
+
+
+def _dropout_active(node: fx.Node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return bool(training) and p != 0
+
+
+def _graph_breaks() -> list[str]:
+    from torch._dynamo.utils import counters
+
+    return sorted(counters["graph_break"])
+
+
+def _dump(directory: str, name: str, gm: fx.GraphModule) -> None:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / name).write_text(gm.print_readable(print_output=False, include_stride=False, include_device=False))
+    log.debug("moeshard: wrote %s", os.path.join(directory, name))

@@ -1,0 +1,30 @@
+"""`explain(model, *args, **kwargs)`: the backend's report for a model, from one traced call."""
+
+from __future__ import annotations
+
+import torch
+
+from moeshard_compile.backend import compile_graph
+from moeshard_compile.options import Options
+from moeshard_compile.report import Report
+
+
+def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
+    """Compile `model` with moeshard, call it once on the given inputs, return the Report.
+
+    Runs under torch.no_grad() (the rewrite is for inference). Inductor is skipped, since the
+    report does not depend on it; the model runs once, through the rewritten graph.
+    """
+    opts = Options.from_user({**(options or {}), "inductor": False} if not isinstance(options, Options) else options)
+    report = Report()
+    from torch._dynamo.utils import counters
+
+    counters["graph_break"].clear()
+
+    def backend(gm, example_inputs):
+        return compile_graph(gm, example_inputs, opts, report)
+
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return report

@@ -1,0 +1,58 @@
+"""What the backend did: one row per MoE region, plus graph breaks and graph-level fallbacks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+from passes.region import MoERegion
+
+COLUMNS = (
+    "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
+    "dtype", "world_size", "capacity", "status", "reason",
+)
+
+
+def region_row(graph: int, region: MoERegion) -> dict:
+    row = {name: getattr(region, name) for name in COLUMNS}
+    row["dtype"] = str(region.dtype).removeprefix("torch.")
+    return {"graph": graph, **row}
+
+
+@dataclass
+class Report:
+    """Accumulates over every graph one torch.compile call produced.
+
+    `regions`: dicts with the COLUMNS fields (and "graph", the graph's index);
+    `graph_breaks`: Dynamo's reasons for splitting the model into several graphs;
+    `fallbacks`: graphs compiled unchanged as a whole, with the reason.
+    """
+
+    regions: list[dict] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+    fallbacks: list[dict] = field(default_factory=list)
+    graphs: int = 0
+
+    def to_dict(self) -> dict:
+        return {"regions": self.regions, "graph_breaks": self.graph_breaks, "fallbacks": self.fallbacks}
+
+    def table(self) -> str:
+        rows = [[r[c] for c in ("graph", *COLUMNS)] for r in self.regions]
+        text = tabulate(rows, headers=("graph", *COLUMNS), tablefmt="github") if rows else "(no MoE regions found)"
+        for fallback in self.fallbacks:
+            text += f"\ngraph {fallback['graph']} compiled unchanged: {fallback['reason']}"
+        for reason in self.graph_breaks:
+            text += f"\ngraph break: {reason}"
+        return text
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def write(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "report.txt").write_text(self.table() + "\n")
+        (directory / "report.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,115 @@
+"""Identify the elementwise part of an expert (activation, gating) by evaluating it.
+
+Models spell activations many ways (F.gelu, nn.GELU, HF's NewGELUActivation written out as
+tanh/pow arithmetic, x * sigmoid(x), ...). Rather than matching each spelling, we take the
+graph nodes between the first matmul(s) and the second one, run them on random inputs and
+compare against each known activation. The best match within tolerance wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from passes.graph_utils import fake
+from passes.lower import ACTIVATIONS
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    activation: str
+    gated: bool
+    gate_layout: str = ""  # for a fused gate_up output: "concat_gate_first", "concat_up_first", "interleaved"
+    gate_input: int = 0  # for two separate matmuls: which input is the gate (0 or 1)
+
+
+def nodes_between(sources: list[fx.Node], sink: fx.Node) -> list[fx.Node] | None:
+    """Nodes on paths from `sources` to `sink` (topological order), or None if `sink` depends on
+    anything else than the sources and constants (then it is not a pure elementwise chain)."""
+    seen: dict[fx.Node, None] = {}
+    stack = [sink]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in sources:
+            continue
+        if node.op not in ("call_function", "call_method"):
+            return None
+        seen[node] = None
+        stack.extend(node.all_input_nodes)
+    order = {n: i for i, n in enumerate(sink.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def evaluate(nodes: list[fx.Node], env: dict[fx.Node, object]) -> None:
+    """Run `nodes` in order on concrete values; `env` maps their inputs and receives results."""
+    for node in nodes:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        if node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        else:
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
+def _concrete_shape(node: fx.Node, rows: int) -> tuple[int, ...]:
+    """The node's shape with every symbolic size replaced by `rows` (elementwise code ignores them)."""
+    return tuple(s if isinstance(s, int) else rows for s in fake(node).shape)
+
+
+def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
+    """What elementwise function maps the matmul output(s) `inputs` to `output`, or None."""
+    chain = nodes_between(inputs, output)
+    if chain is None or fake(output) is None or any(fake(n) is None for n in inputs):
+        return None
+    dtype = fake(output).dtype
+    generator = torch.Generator().manual_seed(0)
+    zs = [torch.randn(_concrete_shape(n, 5), generator=generator, dtype=torch.float64).mul_(3).to(fake(n).dtype) for n in inputs]
+    env = dict(zip(inputs, zs))
+    try:
+        with torch.no_grad():
+            evaluate(chain, env)
+    except Exception:  # a chain we cannot run standalone is not one we can identify
+        return None
+    got = env[output]
+    if not isinstance(got, torch.Tensor):
+        return None
+    got = got.double()
+    candidates = _candidates(zs)
+    errors = {key: _error(got, want) for key, want in candidates.items()}
+    best = min(errors, key=errors.get, default=None)
+    if best is None or errors[best] > _TOLERANCE.get(dtype, 1e-5):
+        return None
+    return best
+
+
+def _candidates(zs: list[torch.Tensor]) -> dict[Elementwise, torch.Tensor]:
+    zs = [z.double().reshape(z.shape[0], -1) if z.dim() > 1 else z.double() for z in zs]  # bmm adds a unit dim
+    out: dict[Elementwise, torch.Tensor] = {}
+    for name, act in ACTIVATIONS.items():
+        if len(zs) == 1:
+            z = zs[0]
+            out[Elementwise(name, gated=False)] = act(z)
+            half = z.shape[-1] // 2
+            if z.shape[-1] % 2 == 0 and half > 0:
+                # gated experts whose gate and up projections are one fused matmul
+                out[Elementwise(name, True, "concat_gate_first")] = act(z[..., :half]) * z[..., half:]
+                out[Elementwise(name, True, "concat_up_first")] = act(z[..., half:]) * z[..., :half]
+                out[Elementwise(name, True, "interleaved")] = act(z[..., ::2]) * z[..., 1::2]
+        elif len(zs) == 2 and zs[0].shape == zs[1].shape:
+            out[Elementwise(name, True, gate_input=0)] = act(zs[0]) * zs[1]
+            out[Elementwise(name, True, gate_input=1)] = act(zs[1]) * zs[0]
+    return out
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.shape != want.shape:
+        try:
+            got = got.reshape(want.shape)
+        except RuntimeError:
+            return float("inf")
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,72 @@
+"""Small read-only queries on Dynamo FX graphs shared by the recognisers."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)|\[(\d+)\]")
+
+
+def _qualname(source_name: str) -> str:
+    """"L['self']._modules['layers']._modules['0']._parameters['w']" -> "layers.0.w"."""
+    body = source_name.split("]", 1)[1] if source_name.startswith("L[") else source_name
+    return ".".join(next(g for g in m.groups() if g is not None) for m in _SOURCE_PART.finditer(body))
+
+
+def param_name(node: fx.Node) -> str | None:
+    """Qualified name of the parameter/buffer a placeholder was lifted from, else None."""
+    if node.op != "placeholder":
+        return None
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None or not isinstance(getattr(grapharg, "example", None), torch.nn.Parameter):
+        return None
+    return _qualname(source.name)
+
+
+def real_value(node: fx.Node) -> torch.Tensor | None:
+    """The real tensor Dynamo lifted into a placeholder (parameters and buffers)."""
+    grapharg = node.meta.get("grapharg")
+    example = getattr(grapharg, "example", None)
+    return example if isinstance(example, torch.Tensor) else None
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Qualified names of the modules a node was traced inside, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_qualname(path) for path, _cls in stack.values()]
+
+
+def fake(node) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for a node's value, if it is a tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def static_int(value) -> int | None:
+    """An int, or a SymInt that Dynamo has specialised to a constant."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt) and value.node.is_constant():
+        return int(value)
+    return None
+
+
+def is_call(node, *targets) -> bool:
+    """True if node is a call_function / call_method of one of the targets (functions or method names)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in targets
+    if node.op == "call_method":
+        return node.target in targets
+    return False
+
+
+def topo_index(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}

@@ -1,0 +1,160 @@
+"""The one lowering: a MoERegion record -> a grouped expert computation in the graph.
+
+Before (any recognised form, e.g. a per-expert loop)::
+
+    for e in range(E): out.index_add_(0, tok_e, expert_e(x[tok_e]) * w[tok_e, slot_e, None])
+
+After::
+
+    ids_sorted_S, order_S = sort(ids_TK.reshape(-1))          # group the (token, slot) rows by expert
+    token_S = order_S // K;  x_SD = x_TD[token_S]
+    offs_E = cumsum(bincount(ids_S, E))
+    h_SF = act(grouped_mm(x_SD, w_in_EDF, offs_E))            # (gated: act(x@w_gate) * (x@w_in))
+    y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weight_S     # zero-weight slots contribute exactly 0
+    out_TD = zeros.index_add(0, token_S, y_SD)
+
+Every recogniser feeds this function, so sharding (collectives between dispatch and
+combine) and faster kernels change this file only.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from passes.region import MoERegion, WeightSource
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# Named functions (no lambdas) so the rewritten graph's code reads well in dumps.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "identity": identity,
+}
+
+# Called once per region with its weight source: stacks the weights and returns one new graph
+# input (placeholder) per stacked tensor, by ExpertWeights field name.
+AddWeights = Callable[[str, "WeightSource"], dict[str, fx.Node]]
+
+
+class _Emitter:
+    """Appends named nodes before an anchor; keeps the lowering below readable."""
+
+    def __init__(self, graph: fx.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+
+    def fn(self, target, *args, name: str, **kwargs) -> fx.Node:
+        node = self.graph.call_function(target, args, kwargs)
+        node.name = self.graph._graph_namespace.create_name(f"{self.prefix}{name}", node)
+        return node
+
+    def method(self, target: str, *args, name: str, **kwargs) -> fx.Node:
+        node = self.graph.call_method(target, args, kwargs)
+        node.name = self.graph._graph_namespace.create_name(f"{self.prefix}{name}", node)
+        return node
+
+
+def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights, index: int) -> None:
+    """Replace `region.output_TD` by the grouped computation and erase the old region."""
+    from moeshard_compile import ops  # noqa: F401  (registers torch.ops.moeshard)
+
+    graph = gm.graph
+    routing, E = region.routing, region.num_experts
+    out_dtype = region.output_TD.meta["example_value"].dtype
+    emit = _Emitter(graph, f"moe{index}_")
+    with graph.inserting_before(_first_user(region)):
+        w = add_weights(f"moe{index}_", region.weights)
+        if routing.ids_TK is None:
+            routing = _topk_from_combine(emit, routing)
+        K = routing.top_k
+        grouped_mm = torch.ops.moeshard.grouped_mm.default
+
+        # dispatch: group the T*K (token, slot) rows by expert
+        ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
+        weight_S = emit.method("reshape", routing.weights_TK, -1, name="weight_S")
+        sort = emit.fn(torch.sort, ids_S, stable=True, name="sort")
+        ids_sorted_S = emit.fn(operator.getitem, sort, 0, name="ids_sorted_S")
+        order_S = emit.fn(operator.getitem, sort, 1, name="order_S")
+        token_S = emit.fn(torch.floor_divide, order_S, K, name="token_S")
+        x_SD = emit.fn(torch.index_select, region.tokens_TD, 0, token_S, name="x_SD")
+        counts_E = emit.fn(torch.bincount, ids_S, minlength=E, name="counts_E")
+        offs_E = emit.method("cumsum", counts_E, 0, name="offs_E")
+
+        # experts: one grouped matmul, activation (and gate), one grouped matmul
+        h_SF = _grouped_linear(emit, grouped_mm, x_SD, w["w_in_EDF"], w.get("b_in_EF"), offs_E, ids_sorted_S, "h_SF")
+        act = ACTIVATIONS[region.activation]
+        if "w_gate_EDF" in w:
+            g_SF = _grouped_linear(
+                emit, grouped_mm, x_SD, w["w_gate_EDF"], w.get("b_gate_EF"), offs_E, ids_sorted_S, "g_SF"
+            )
+            h_SF = emit.fn(operator.mul, emit.fn(act, g_SF, name="act_SF"), h_SF, name="gated_SF")
+        else:
+            h_SF = emit.fn(act, h_SF, name="act_SF")
+        y_SD = _grouped_linear(emit, grouped_mm, h_SF, w["w_out_EFD"], w.get("b_out_ED"), offs_E, ids_sorted_S, "y_SD")
+
+        # combine: scale by routing weight, back to token order, sum the K slots
+        weight_sorted_S1 = emit.method(
+            "unsqueeze", emit.fn(operator.getitem, weight_S, order_S, name="weight_sorted_S"), -1, name="weight_S1"
+        )
+        scaled_SD = emit.fn(operator.mul, y_SD, weight_sorted_S1, name="scaled_SD")
+        # A dropped slot (weight 0) must add exactly 0 even where its expert output is inf/nan.
+        scaled_SD = emit.fn(
+            torch.where, emit.fn(operator.ne, weight_sorted_S1, 0, name="routed_S1"), scaled_SD, 0.0, name="kept_SD"
+        )
+        zeros_TD = emit.method("new_zeros", scaled_SD, emit.method("size", region.tokens_TD, name="size"), name="acc_TD")
+        acc_TD = emit.fn(torch.index_add, zeros_TD, 0, token_S, scaled_SD, name="sum_TD")
+        out_TD = emit.method("to", acc_TD, out_dtype, name="out_TD")
+
+    _replace_uses_after(region, out_TD)
+    for node in reversed(region.erase):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _grouped_linear(emit, grouped_mm, x, w, b, offs_E, ids_sorted_S, name: str) -> fx.Node:
+    y = emit.fn(grouped_mm, x, w, offs_E, name=name)
+    if b is None:
+        return y
+    b_rows = emit.fn(torch.index_select, b, 0, ids_sorted_S, name=f"{name}_bias")
+    return emit.fn(operator.add, y, b_rows, name=f"{name}_biased")
+
+
+def _topk_from_combine(emit: _Emitter, routing):
+    """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row."""
+    from passes.region import Routing
+
+    combine_TE = routing.combine_TE
+    K = routing.top_k
+    routed_TE = emit.method("to", emit.fn(operator.ne, combine_TE, 0, name="routed_TE"), torch.float32, name="routed_f")
+    topk = emit.fn(torch.topk, routed_TE, K, dim=-1, name="topk")
+    ids_TK = emit.fn(operator.getitem, topk, 1, name="ids_TK")
+    weights_TK = emit.fn(torch.gather, combine_TE, 1, ids_TK, name="weights_TK")
+    return Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)
+
+
+def _first_user(region: MoERegion) -> fx.Node:
+    """Insertion point: just before the first node that reads the region's output."""
+    erase = set(region.erase)
+    users = [u for u in region.output_TD.users if u not in erase]
+    order = {n: i for i, n in enumerate(region.output_TD.graph.nodes)}
+    return min(users, key=order.__getitem__)
+
+
+def _replace_uses_after(region: MoERegion, new: fx.Node) -> None:
+    erase = set(region.erase)
+    region.output_TD.replace_all_uses_with(new, delete_user_cb=lambda user: user not in erase and user is not new)

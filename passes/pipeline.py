@@ -1,0 +1,85 @@
+"""recognise -> (checks) -> rewrite, over one Dynamo graph."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from passes.capacity import describe, find_capacity_limits, remove_capacity_limits
+from passes.lower import AddWeights, lower_region
+from passes.recognise_loop import recognise_loops
+from passes.recognise_stacked import recognise_stacked
+from passes.region import MoERegion
+
+log = logging.getLogger(__name__)
+
+_ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
+
+
+def recognise(gm: fx.GraphModule) -> list[MoERegion]:
+    """Every MoE region of the graph, in graph order. Recognisers never modify semantics;
+    the loop recogniser adds the (dead until rewritten) nodes computing its combine weights."""
+    regions = recognise_stacked(gm)
+    claimed = {n for r in regions for n in r.erase}
+    regions += recognise_loops(gm, claimed)
+    for region in regions:
+        if region.routing is not None:
+            region.capacity_limits = find_capacity_limits(region)
+            region.capacity = describe(region.capacity_limits)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(regions, key=lambda r: order.get(r.output_TD, len(order)))
+
+
+def rewrite(gm: fx.GraphModule, regions: list[MoERegion], add_weights: AddWeights, dropless: bool = False) -> None:
+    """Lower every region still marked "recognised"; leave skipped ones as they are.
+
+    dropless: also remove the routers' capacity limits (changes results where tokens drop).
+    """
+    for index, region in enumerate(regions):
+        if region.status != "recognised":
+            continue
+        if dropless and region.capacity_limits:
+            remove_capacity_limits(gm.graph, region.capacity_limits)
+            region.capacity = "removed (dropless=True)"
+        lower_region(gm, region, add_weights, index)
+        region.status = "rewritten"
+    prune_dead_asserts(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def prune_dead_asserts(graph: fx.Graph) -> None:
+    """Drop runtime shape asserts whose only purpose was a tensor the rewrite made dead.
+
+    Dynamo guards the data-dependent size of every `nonzero` with `_assert_scalar` nodes. They
+    are side-effecting, so dead-code elimination keeps them and, through them, the per-expert
+    `nonzero` calls (each a device sync) that the rewrite replaced.
+    """
+    live: set[fx.Node] = set()
+    stack = [n for n in graph.nodes if n.op == "output" or (n.is_impure() and n.target not in _ASSERTS)]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in list(graph.nodes):
+        if node.target in _ASSERTS and not all(_tensor_inputs_live(a, live) for a in node.all_input_nodes):
+            graph.erase_node(node)
+
+
+def _tensor_inputs_live(node: fx.Node, live: set[fx.Node]) -> bool:
+    """True if every tensor this symbolic-value node is computed from is still needed."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.meta.get("example_value"), torch.Tensor) and n not in live:
+            return False
+        if not isinstance(n.meta.get("example_value"), torch.Tensor):
+            stack.extend(n.all_input_nodes)
+    return True

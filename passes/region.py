@@ -1,0 +1,109 @@
+"""The common record every recogniser produces and the one lowering consumes.
+
+Shape legend used across the project:
+    T tokens, D model dim, F expert ffn dim, E experts, K routing slots per token,
+    S = T * K routed (token, slot) rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Expert weights stacked in the canonical layout: y = act(x @ w_in) @ w_out.
+
+    Gated experts compute act(x @ w_gate + b_gate) * (x @ w_in + b_in) before w_out.
+    Tensors may be views of the user's parameters (stacked 3-D forms) or copies made
+    once at compile time (per-expert module forms).
+    """
+
+    w_in_EDF: torch.Tensor
+    w_out_EFD: torch.Tensor
+    w_gate_EDF: torch.Tensor | None = None
+    b_in_EF: torch.Tensor | None = None
+    b_gate_EF: torch.Tensor | None = None
+    b_out_ED: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "w_in_EDF": self.w_in_EDF,
+            "w_gate_EDF": self.w_gate_EDF,
+            "b_in_EF": self.b_in_EF,
+            "b_gate_EF": self.b_gate_EF,
+            "w_out_EFD": self.w_out_EFD,
+            "b_out_ED": self.b_out_ED,
+        }
+
+
+@dataclass
+class WeightSource:
+    """Where the stacked weights come from, so they can be rebuilt when a parameter changes.
+
+    `params` are the user's live parameters; `stack` builds ExpertWeights from them.
+    The backend calls `stack` once at compile time and again only if some parameter's
+    in-place version counter moved (e.g. after `load_state_dict`).
+    """
+
+    params: list[torch.Tensor]
+    stack: Callable[[], ExpertWeights]
+
+
+@dataclass
+class Routing:
+    """Token -> expert assignment as graph nodes.
+
+    Either top-k form (`ids_TK` int64 expert ids, `weights_TK` their combine weights) or
+    dense form (`combine_TE`: weight of expert e for token t, zero where not routed, and
+    `top_k`, an upper bound on the non-zeros per row). Slots whose weight is zero are
+    computed but contribute nothing, exactly as a dropped token contributes nothing.
+    """
+
+    ids_TK: fx.Node | None = None
+    weights_TK: fx.Node | None = None
+    combine_TE: fx.Node | None = None
+    top_k: int = 1
+
+
+@dataclass
+class MoERegion:
+    """One MoE layer's dispatch / experts / combine, as found in a Dynamo graph."""
+
+    module: str  # qualified name of the module holding the experts, e.g. "encoder.block.1.layer.1.mlp"
+    form: str  # which recogniser matched, e.g. "module_loop/index_add", "stacked/grouped_mm"
+    num_experts: int
+    top_k: int
+    d_model: int
+    d_ff: int
+    activation: str  # "relu", "gelu", "gelu_tanh", "silu", ...
+    gated: bool
+    has_bias: bool
+    dtype: torch.dtype
+    capacity: str | None  # human description of a capacity limit kept from the model, None if none
+    tokens_TD: fx.Node | None = None
+    routing: Routing | None = None
+    output_TD: fx.Node | None = None  # node whose value the rewrite replaces
+    erase: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite (side-effecting ones too)
+    weights: WeightSource | None = None
+    capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
+    status: str = "recognised"  # -> "rewritten" | "skipped"
+    reason: str = ""
+    world_size: int = 1
+
+    def skip(self, reason: str) -> "MoERegion":
+        self.status, self.reason = "skipped", reason
+        return self
+
+
+def gate_up_columns(layout: str, d_ff: int) -> tuple[slice, slice]:
+    """(gate, up) column slices of a fused gate_up projection of width 2 * d_ff."""
+    return {
+        "concat_gate_first": (slice(0, d_ff), slice(d_ff, 2 * d_ff)),
+        "concat_up_first": (slice(d_ff, 2 * d_ff), slice(0, d_ff)),
+        "interleaved": (slice(0, 2 * d_ff, 2), slice(1, 2 * d_ff, 2)),
+    }[layout]
