@@ -1,10 +1,18 @@
 """Capture shims: let Dynamo trace HF experts that loop over a data-dependent `nonzero()`.
 
 HF Switch, NLLB-MoE and transformers' `eager` experts implementation iterate over
-`expert_hit = (...).nonzero()`, which Dynamo cannot unroll (a graph break, even with
-fullgraph=True). Each shim replaces that loop by a static `for e in range(E)` with the same
-arithmetic, and only while Dynamo traces (`torch.compiler.is_compiling()`): eager calls run
-the original code untouched. Experts that get no token contribute nothing either way.
+`expert_hit = (...).nonzero()`, which Dynamo cannot unroll (a graph break; with fullgraph=True
+an error). Each shim replaces that loop, only while Dynamo traces
+(`torch.compiler.is_compiling()`; eager calls run the original code untouched), by a static
+loop over range(E) in the dense masked form:
+
+    out = out + where(w_e != 0, expert_e(x) * w_e, 0)      # w_e: [T, 1], 0 where not routed
+
+This form has no data-dependent shape, so it captures as one graph with or without
+fullgraph=True, and moeshard's recogniser turns it into one sparse grouped computation.
+Values equal the original loop: routed tokens get the same products, added in the same
+expert order; unrouted ones add an exact 0. Only a graph the backend does not rewrite (see
+the report) pays for computing every expert on every token.
 """
 
 from __future__ import annotations
@@ -19,26 +27,35 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+def _add_expert(out_TD, y_TD, weight_T1):
+    """out + y * w, adding an exact zero where the token is not routed (w == 0)."""
+    return out_TD + torch.where(weight_T1 != 0, y_TD * weight_T1, 0.0).to(out_TD.dtype)
+
+
 def _switch_experts(self, hidden_states, selected_experts, routing_weights):
-    final_hidden_states = torch.zeros_like(hidden_states)
-    expert_mask = selected_experts.permute(2, 1, 0)  # [E, 1, T]
+    # selected_experts [T, 1, E] one-hot (capacity-masked), routing_weights [T, 1]
+    weights_TE = selected_experts.sum(dim=1) * routing_weights
+    out_TD = torch.zeros_like(hidden_states)
     for expert in range(self.num_experts):
-        slot, token = torch.where(expert_mask[expert])
-        out = self[f"expert_{expert}"](hidden_states[token]) * routing_weights[token, slot, None]
-        final_hidden_states.index_add_(0, token, out.to(hidden_states.dtype))
-    return final_hidden_states
+        y_TD = self[f"expert_{expert}"](hidden_states)
+        out_TD = _add_expert(out_TD, y_TD, weights_TE[:, expert, None])
+    return out_TD
 
 
 def _nllb_experts(self, hidden_states, router_mask, router_probs):
-    final_hidden_states = torch.zeros_like(hidden_states)
-    expert_mask = F.one_hot(router_mask, num_classes=self.num_experts).permute(2, 1, 0)
+    # The original indexes router_probs[token, slot] over `one_hot(router_mask).permute(2, 1, 0)`:
+    # expert e gets, per token, the sum of router_probs[t, j] over the j with router_mask[t, j] == e.
+    expert_mask_TJE = F.one_hot(router_mask, num_classes=self.num_experts)
+    weights_TE = (expert_mask_TJE * router_probs[:, :, None]).sum(dim=1)
+    if self.moe_token_dropout > 0 and not self.training:
+        weights_TE = weights_TE * (1 - self.moe_token_dropout)
+    out_TD = torch.zeros_like(hidden_states)
     for expert in range(self.num_experts):
-        slot, token = torch.where(expert_mask[expert])
-        out = self[f"expert_{expert}"](hidden_states[token]) * router_probs[token, slot, None]
-        if self.moe_token_dropout > 0:
-            out = self.token_dropout(out) if self.training else out * (1 - self.moe_token_dropout)
-        final_hidden_states.index_add_(0, token, out.to(hidden_states.dtype))
-    return final_hidden_states
+        y_TD = self[f"expert_{expert}"](hidden_states)
+        if self.moe_token_dropout > 0 and self.training:
+            y_TD = self.token_dropout(y_TD)
+        out_TD = _add_expert(out_TD, y_TD, weights_TE[:, expert, None])
+    return out_TD
 
 
 def _project(module, x, weight, bias):
@@ -48,24 +65,22 @@ def _project(module, x, weight, bias):
 
 def _stacked_eager_experts(self, hidden_states, top_k_index, top_k_weights):
     """transformers' eager experts loop (integrations/moe.py), over range(E)."""
-    final_hidden_states = torch.zeros_like(hidden_states)
-    expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+    weights_TE = hidden_states.new_zeros(hidden_states.shape[0], self.num_experts + 1, dtype=top_k_weights.dtype)
+    weights_TE = weights_TE.scatter_add(1, top_k_index, top_k_weights)
     has_bias = getattr(self, "has_bias", False)
+    out_TD = torch.zeros_like(hidden_states)
     for expert in range(self.num_experts):
-        slot, token = torch.where(expert_mask[expert])
-        x = hidden_states[token]
         if getattr(self, "has_gate", True):
             bias = self.gate_up_proj_bias[expert] if has_bias else None
-            h = self._apply_gate(_project(self, x, self.gate_up_proj[expert], bias))
+            h = self._apply_gate(_project(self, hidden_states, self.gate_up_proj[expert], bias))
         else:
             bias = self.up_proj_bias[expert] if has_bias else None
-            h = self.act_fn(_project(self, x, self.up_proj[expert], bias))
-        out = _project(self, h, self.down_proj[expert], self.down_proj_bias[expert] if has_bias else None)
+            h = self.act_fn(_project(self, hidden_states, self.up_proj[expert], bias))
+        y_TD = _project(self, h, self.down_proj[expert], self.down_proj_bias[expert] if has_bias else None)
         if getattr(self, "has_post_expert_norm", False):
-            out = self.post_expert_norm(out)
-        out = out * top_k_weights[token, slot, None]
-        final_hidden_states.index_add_(0, token, out.to(final_hidden_states.dtype))
-    return final_hidden_states
+            y_TD = self.post_expert_norm(y_TD)
+        out_TD = _add_expert(out_TD, y_TD, weights_TE[:, expert, None])
+    return out_TD
 
 
 def _eager_experts_interface(self, *args, **kwargs):

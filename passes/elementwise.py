@@ -56,7 +56,7 @@ def evaluate(nodes: list[fx.Node], env: dict[fx.Node, object]) -> None:
 
 def _concrete_shape(node: fx.Node, rows: int) -> tuple[int, ...]:
     """The node's shape with every symbolic size replaced by `rows` (elementwise code ignores them)."""
-    return tuple(s if isinstance(s, int) else rows for s in fake(node).shape)
+    return tuple(s if isinstance(s, int) and s > 0 else rows for s in fake(node).shape)
 
 
 def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
@@ -86,7 +86,7 @@ def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
 
 
 def _candidates(zs: list[torch.Tensor]) -> dict[Elementwise, torch.Tensor]:
-    zs = [z.double().reshape(z.shape[0], -1) if z.dim() > 1 else z.double() for z in zs]  # bmm adds a unit dim
+    zs = [z.double().flatten(1) if z.dim() > 1 else z.double() for z in zs]  # bmm adds a unit dim
     out: dict[Elementwise, torch.Tensor] = {}
     for name, act in ACTIVATIONS.items():
         if len(zs) == 1:

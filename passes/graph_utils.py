@@ -7,12 +7,14 @@ import re
 import torch
 import torch.fx as fx
 
+# The traced function's local the model came in as: L['self'], or L['args'][0] through wrappers.
+_ROOT = re.compile(r"^L\['(?:args|kwargs)'\]\[[^\]]+\]|^L\['[^']+'\]")
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)|\[(\d+)\]")
 
 
 def _qualname(source_name: str) -> str:
     """"L['self']._modules['layers']._modules['0']._parameters['w']" -> "layers.0.w"."""
-    body = source_name.split("]", 1)[1] if source_name.startswith("L[") else source_name
+    body = _ROOT.sub("", source_name)
     return ".".join(next(g for g in m.groups() if g is not None) for m in _SOURCE_PART.finditer(body))
 
 

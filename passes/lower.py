@@ -80,7 +80,7 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
     with graph.inserting_before(_first_user(region)):
         w = add_weights(f"moe{index}_", region.weights)
         if routing.ids_TK is None:
-            routing = _topk_from_combine(emit, routing)
+            routing = _topk_from_combine(emit, routing, E)
         K = routing.top_k
         grouped_mm = torch.ops.moeshard.grouped_mm.default
 
@@ -134,13 +134,18 @@ def _grouped_linear(emit, grouped_mm, x, w, b, offs_E, ids_sorted_S, name: str) 
     return emit.fn(operator.add, y, b_rows, name=f"{name}_biased")
 
 
-def _topk_from_combine(emit: _Emitter, routing):
+def _topk_from_combine(emit: _Emitter, routing, num_experts: int):
     """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row."""
     from passes.region import Routing
 
     combine_TE = routing.combine_TE
     K = routing.top_k
     routed_TE = emit.method("to", emit.fn(operator.ne, combine_TE, 0, name="routed_TE"), torch.float32, name="routed_f")
+    if K < num_experts:
+        # K was proven from the routing code (passes.nnz); check it anyway, without a host sync.
+        count_T = emit.method("sum", routed_TE, -1, name="experts_per_token")
+        within = emit.method("all", emit.fn(operator.le, count_T, K, name="within_k"), name="all_within_k")
+        emit.fn(torch._assert_async, within, f"moeshard: a token was routed to more than top_k={K} experts", name="check_k")
     topk = emit.fn(torch.topk, routed_TE, K, dim=-1, name="topk")
     ids_TK = emit.fn(operator.getitem, topk, 1, name="ids_TK")
     weights_TK = emit.fn(torch.gather, combine_TE, 1, ids_TK, name="weights_TK")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from passes.elementwise import Elementwise, identify
+from passes.nnz import nnz_bound
 from passes.graph_utils import fake, param_name, real_value, static_int, topo_index
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
 
@@ -191,7 +191,9 @@ def _expert_key(ffn: FFN) -> tuple[tuple, int] | None:
     if ref.index is not None:
         return (name + "[*]", ffn.elementwise, len(ffn.first)), ref.index
     parts = name.split(".")
-    for i in range(len(parts) - 1, -1, -1):
+    # The expert index sits in the module path above the linear that owns the weight
+    # ("experts.3.wi.weight", "experts.expert_3.fc1.weight"): skip "<linear>.<param>".
+    for i in range(len(parts) - 3, -1, -1):
         match = _EXPERT_INDEX.match(parts[i])
         if match:
             template = ".".join(parts[:i] + [match.group(1) + "*"] + parts[i + 1 :])
@@ -263,6 +265,8 @@ def _accumulation(y: fx.Node) -> Accumulation | None:
                 constant *= other[0]
             else:
                 return None
+        elif _zero_where_unrouted(user, node, scales):
+            pass  # where(w != 0, y * w, 0): the lowering also adds exact zeros for unrouted tokens
         elif user.target in _TRANSPARENT_METHODS[:4] or (
             user.target is F.dropout and not user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True)
         ):
@@ -284,6 +288,13 @@ def _accumulation(y: fx.Node) -> Accumulation | None:
             return None
         node = user
     return None
+
+
+def _zero_where_unrouted(user: fx.Node, node: fx.Node, scales: list[fx.Node]) -> bool:
+    if user.target is not torch.where or len(user.args) != 3 or user.args[1] is not node or user.args[2] != 0:
+        return False
+    cond = user.args[0]
+    return cond.target in (operator.ne, torch.ne, "ne") and cond.args[0] in scales and cond.args[1] == 0
 
 
 def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:
@@ -498,41 +509,15 @@ def _align(emit, weight: fx.Node, dims: tuple, ndim: int, name: str) -> fx.Node:
 
 
 def _top_k_bound(columns: list[Column], T, num_experts: int) -> int:
-    """An upper bound on the experts per token, proven from how the masks were built.
+    """An upper bound on the experts per token, proven from how the routing was computed.
 
-    Masks built from `one_hot(ids)` or `ids == e` select at most ids.numel() / T experts per
-    token. Anything else gets the safe bound E. The lowering also checks the bound at run time.
+    See passes.nnz: one_hot / ids == e give numel(ids) / T per token, products keep the
+    smaller bound, sums add them; anything unknown gives the safe bound E. The lowering
+    checks the bound again at run time, so a wrong bound fails loudly, never silently.
     """
-    bounds = []
-    for column in columns:
-        source = column.mask if column.mask is not None else column.weight
-        ids = _routing_ids(source)
-        if ids is None or fake(ids) is None:
-            return num_experts
-        numel = fake(ids).numel()
-        per_token = numel // T
-        if not statically_known_true(per_token * T == numel) or static_int(per_token) is None:
-            return num_experts
-        bounds.append(static_int(per_token))
-    return max(1, min(max(bounds, default=num_experts), num_experts))
-
-
-def _routing_ids(node: fx.Node, depth: int = 8) -> fx.Node | None:
-    frontier = [node]
-    for _ in range(depth):
-        next_frontier = []
-        for n in frontier:
-            if not isinstance(n, fx.Node):
-                continue
-            if n.target in (F.one_hot, torch.nn.functional.one_hot):
-                return n.args[0]
-            if n.target in (operator.eq, torch.eq, "eq") and any(static_int(a) is not None for a in n.args[1:2]):
-                return n.args[0]
-            if n.target in (torch.scatter, "scatter", "scatter_"):
-                return n.args[2]
-            next_frontier.extend(n.all_input_nodes)
-        frontier = next_frontier
-    return None
+    sources = [c.mask if c.mask is not None else c.weight for c in columns]
+    bound = max((nnz_bound(s, T, num_experts) for s in sources if s is not None), default=num_experts)
+    return max(1, min(bound, num_experts))
 
 
 # --- weights -------------------------------------------------------------------------------------

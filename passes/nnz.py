@@ -1,0 +1,76 @@
+"""How many experts can one token be routed to? A bound read off the routing computation.
+
+The lowering computes K (token, expert) rows per token; K must bound the non-zeros of each
+row of the combine weights. We propagate a per-token non-zero bound backwards through the
+routing code, by the op that produced each tensor:
+
+    one_hot(ids, E), ids == e      ids.numel() / T   (each id selects one expert)
+    a * b, where(c, a, 0)          min(bound(a), bound(b))
+    a + b                          bound(a) + bound(b)
+    views, casts, sums, indexing   bound(input)
+    anything else                  E                 (always safe)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from passes.graph_utils import fake, static_int
+
+_SELECTORS = (F.one_hot, operator.eq, torch.eq, "eq")
+_PRODUCTS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.and_, torch.logical_and)
+_SUMS = (operator.add, operator.iadd, torch.add, "add", "add_")
+_SAME = (
+    "view", "reshape", "permute", "transpose", "to", "float", "type_as", "contiguous", "sum", "unsqueeze",
+    "squeeze", "bool", "int", "long", "any", operator.getitem, torch.sum, torch.permute, torch.reshape,
+    operator.truediv, operator.itruediv, torch.div, "div",
+)
+
+
+def nnz_bound(node: fx.Node, T, num_experts: int, depth: int = 24) -> int:
+    memo: dict[fx.Node, int] = {}
+
+    def bound(n, d: int) -> int:
+        if not isinstance(n, fx.Node):
+            return num_experts if n not in (0, 0.0, False) else 0
+        if n in memo:
+            return memo[n]
+        result = num_experts
+        if d > 0 and n.op in ("call_function", "call_method"):
+            result = _bound_of_op(n, d, bound, T, num_experts)
+        memo[n] = min(result, num_experts)
+        return memo[n]
+
+    return bound(node, depth)
+
+
+def _bound_of_op(n: fx.Node, d: int, bound, T, num_experts: int) -> int:
+    if n.target in _SELECTORS:
+        if n.target in (operator.eq, torch.eq, "eq") and static_int(n.args[1]) is None:
+            return num_experts
+        return _per_token(n.args[0], T, num_experts)
+    if n.target in _PRODUCTS:
+        return min(bound(n.args[0], d - 1), bound(n.args[1], d - 1))
+    if n.target is torch.where and len(n.args) == 3:
+        return bound(n.args[1], d - 1) + bound(n.args[2], d - 1)
+    if n.target in _SUMS:
+        return bound(n.args[0], d - 1) + bound(n.args[1], d - 1)
+    if n.target in _SAME:
+        return bound(n.args[0], d - 1)
+    return num_experts
+
+
+def _per_token(ids, T, num_experts: int) -> int:
+    value = fake(ids)
+    if value is None:
+        return num_experts
+    numel = value.numel()
+    per_token = numel // T
+    if statically_known_true(per_token * T == numel) and static_int(per_token) is not None:
+        return static_int(per_token)
+    return num_experts
