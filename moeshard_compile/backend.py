@@ -43,6 +43,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if opts.dump_dir:
         _dump(opts.dump_dir, f"graph_{graph_id}_before.py", gm)
 
+    original = gm
     gm = _own_copy(gm)  # Dynamo keeps using its graph after we return: rewrite a copy
     regions = passes.recognise(gm)
     fallback = _fallback_reason(gm, example_inputs)
@@ -52,22 +53,35 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
             if region.status == "recognised":
                 region.skip(fallback)
     feed = WeightFeed(gm)
-    passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
+    try:
+        passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
+        compiled = _lower(gm, list(example_inputs) + feed.tensors(), opts)
+    except Exception as error:  # keep the model working: compile the original graph, say why
+        if not any(r.status == "rewritten" for r in regions):
+            raise
+        reason = f"rewrite failed: {type(error).__name__}: {error}".splitlines()[0]
+        log.warning("moeshard: graph %d compiled unchanged, %s", graph_id, reason)
+        for region in regions:
+            region.skip(reason)
+        report.fallbacks.append({"graph": graph_id, "reason": reason})
+        gm, feed = original, WeightFeed(original)
+        compiled = _lower(original, list(example_inputs), opts)
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
     report.regions += [region_row(graph_id, r) for r in regions]
     report.graph_breaks = _graph_breaks()
-
     if opts.dump_dir:
         _dump(opts.dump_dir, f"graph_{graph_id}_after.py", gm)
         report.write(opts.dump_dir)
-    if opts.inductor:
-        from torch._inductor.compile_fx import compile_fx
+    return feed.bind(compiled)
 
-        inner = compile_fx(gm, list(example_inputs) + feed.tensors())
-    else:
-        inner = gm.forward
-    return feed.bind(inner)
+
+def _lower(gm: fx.GraphModule, inputs: list, opts: Options) -> Callable:
+    if not opts.inductor:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, inputs)
 
 
 def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:

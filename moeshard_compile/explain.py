@@ -13,7 +13,9 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
     """Compile `model` with moeshard, call it once on the given inputs, return the Report.
 
     Runs under torch.no_grad() (the rewrite is for inference). Inductor is skipped, since the
-    report does not depend on it; the model runs once, through the rewritten graph.
+    report does not depend on it; the model runs once, through the rewritten graph. Tracing
+    tries fullgraph=True first (Dynamo then captures data-dependent ops such as `nonzero`),
+    and falls back to allowing graph breaks, which the report lists.
     """
     opts = Options.from_user({**(options or {}), "inductor": False} if not isinstance(options, Options) else options)
     report = Report()
@@ -24,7 +26,10 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
     def backend(gm, example_inputs):
         return compile_graph(gm, example_inputs, opts, report)
 
-    compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
-        compiled(*args, **kwargs)
+        try:
+            torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported:
+            report.__init__()
+            torch.compile(model, backend=backend)(*args, **kwargs)
     return report

@@ -56,12 +56,8 @@ class WeightFeed:
         if not self.sources:
             return inner
 
-        boxed = getattr(inner, "_boxed_call", False)
-
-        def run(*args):
+        def run(*args):  # Dynamo calls a backend's result unboxed, and so do we
             self.refresh()
-            if boxed:
-                return inner([*args, *self.tensors()])
             return inner(*args, *self.tensors())
 
         return run

@@ -92,7 +92,10 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
         order_S = emit.fn(operator.getitem, sort, 1, name="order_S")
         token_S = emit.fn(torch.floor_divide, order_S, K, name="token_S")
         x_SD = emit.fn(torch.index_select, region.tokens_TD, 0, token_S, name="x_SD")
-        counts_E = emit.fn(torch.bincount, ids_S, minlength=E, name="counts_E")
+        # bincount's output size depends on the data; a scatter into E zeros does not
+        zeros_E = emit.method("new_zeros", ids_S, E, name="zeros_E")
+        ones_S = emit.fn(torch.ones_like, ids_S, name="ones_S")
+        counts_E = emit.fn(torch.scatter_add, zeros_E, 0, ids_S, ones_S, name="counts_E")
         offs_E = emit.method("cumsum", counts_E, 0, name="offs_E")
 
         # experts: one grouped matmul, activation (and gate), one grouped matmul
