@@ -1,0 +1,92 @@
+"""The rewritten graph's structure: one grouped computation per region, no per-expert work left."""
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+import hf_tiny
+import moeshard_compile
+from moe_zoo import MoEBlock, MoEConfig
+
+GROUPED_MM = torch.ops.moeshard.grouped_mm.default
+PER_EXPERT_OPS = {torch.nonzero, torch._C._nn.linear, operator.setitem, "index_add_", "nonzero"}
+
+
+def is_per_expert(node: fx.Node) -> bool:
+    one_arg_where = node.target is torch.where and len(node.args) == 1  # nonzero in disguise
+    return node.target in PER_EXPERT_OPS or one_arg_where
+
+
+def rewritten_graphs(model, *args, dropless=False, **kwargs) -> list[fx.GraphModule]:
+    """Compile with moeshard (no Inductor) and return the rewritten graph of each Dynamo graph."""
+    graphs = []
+    opts = moeshard_compile.Options(inductor=False, dropless=dropless)
+
+    def backend(gm, example_inputs):
+        compiled = moeshard_compile.backend.compile_graph(gm, example_inputs, opts, moeshard_compile.Report())
+        graphs.append(_graph_of(compiled))
+        return compiled
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+    return graphs
+
+
+def _graph_of(compiled) -> fx.GraphModule:
+    """The GraphModule behind the backend's callable (bound method of the rewritten module)."""
+    for cell in compiled.__closure__:
+        inner = cell.cell_contents
+        if hasattr(inner, "__self__") and isinstance(inner.__self__, fx.GraphModule):
+            return inner.__self__
+    raise AssertionError("no GraphModule found")
+
+
+def count(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target == target)
+
+
+@pytest.mark.parametrize("style", ["index", "mask", "dense"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_loop_becomes_one_grouped_computation(style, gated):
+    cfg = MoEConfig(num_experts=8, top_k=2, style=style, gated=gated)
+    (gm,) = rewritten_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model))
+    assert count(gm, GROUPED_MM) == (3 if gated else 2)
+    leftovers = [n for n in gm.graph.nodes if is_per_expert(n)]
+    # the router's linear stays; nothing per expert does
+    assert [n.target for n in leftovers] == [torch._C._nn.linear], leftovers
+    assert count(gm, torch.sort) == 1 and count(gm, torch.index_add) == 1
+
+
+def test_weights_are_graph_inputs_stacked_once():
+    cfg = MoEConfig(num_experts=5, top_k=2, bias=True)
+    model = MoEBlock(cfg).eval()
+    (gm,) = rewritten_graphs(model, torch.randn(2, 3, cfg.d_model))
+    stacked = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("moe0_")]
+    assert sorted(n.name for n in stacked) == ["moe0_b_in_ef", "moe0_b_out_ed", "moe0_w_in_edf", "moe0_w_out_efd"]
+    stacks = [n for n in gm.graph.nodes if n.target in (torch.stack, torch.cat)]
+    stacked_inputs = {a.op for n in stacks for a in n.args[0]}
+    assert "placeholder" not in stacked_inputs  # no per-call stacking of parameters
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_stacked_experts_use_parameter_views(implementation):
+    model = hf_tiny.mixtral(implementation).eval()
+    (gm,) = rewritten_graphs(model, **hf_tiny.inputs(model))
+    assert count(gm, GROUPED_MM) == 2 * 3  # 2 layers x (up, gate, down)
+    assert count(gm, torch.bmm) == 0 and count(gm, torch.nonzero) == 0
+
+
+def test_switch_capacity_mask_kept_and_removed():
+    model = hf_tiny.switch(expert_capacity=3).eval()
+    kwargs = hf_tiny.inputs(model)
+
+    def capacity_compares(gm):
+        return [n for n in gm.graph.nodes if n.target in (operator.le, "le") and n.args[1] == 3]
+
+    (kept,) = rewritten_graphs(model, **kwargs)
+    assert len(capacity_compares(kept)) == 2  # Switch's cumsum(one_hot) <= capacity, per MoE layer
+    torch._dynamo.reset()
+    (dropless,) = rewritten_graphs(model, dropless=True, **kwargs)
+    assert capacity_compares(dropless) == []
