@@ -1,0 +1,1 @@
+"""Benchmarks: run as scripts (`python bench/moe_layer.py`) or modules (`python -m bench.moe_layer`)."""
