@@ -37,6 +37,19 @@ def moeshard_backend(gm: fx.GraphModule, example_inputs: list, options: Any = No
     return compile_graph(gm, example_inputs, opts, report)
 
 
+moeshard_backend._moeshard = True  # lets the capture shims recognise moeshard at trace time
+
+
+def make_backend(opts: Options, report: Report) -> Callable:
+    """A moeshard backend that records into `report` (for explain and tests)."""
+
+    def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        return compile_graph(gm, example_inputs, opts, report)
+
+    backend._moeshard = True
+    return backend
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, report: Report) -> Callable:
     graph_id = report.graphs
     report.graphs += 1

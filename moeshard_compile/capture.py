@@ -10,6 +10,8 @@ loop over range(E) in the dense masked form:
 
 This form has no data-dependent shape, so it captures as one graph with or without
 fullgraph=True, and moeshard's recogniser turns it into one sparse grouped computation.
+Other backends (e.g. plain Inductor) keep tracing HF's own code: the shims check, at trace
+time, that the frame is being compiled for moeshard.
 Values equal the original loop: routed tokens get the same products, added in the same
 expert order; unrouted ones add an exact 0. Only a graph the backend does not rewrite (see
 the report) pays for computing every expert on every token.
@@ -25,6 +27,29 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+@torch._dynamo.assume_constant_result
+def tracing_for_moeshard() -> bool:
+    """True while Dynamo traces a frame that moeshard will compile.
+
+    Evaluated once at trace time and baked into the graph; Dynamo keeps separate cache entries
+    per backend, so a model compiled by another backend traces the original code. If Dynamo's
+    internals cannot be read (another torch version), the shims stay on: correct, never silent.
+    """
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        fn = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # noqa: BLE001 - private API: degrade to "always shim"
+        return True
+    for _ in range(8):  # torch.compile wraps the backend a few times
+        if fn is None:
+            return False
+        if getattr(fn, "_moeshard", False):
+            return True
+        fn = getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None)
+    return False
 
 
 def _add_expert(out_TD, y_TD, weight_T1):
@@ -86,7 +111,7 @@ def _stacked_eager_experts(self, hidden_states, top_k_index, top_k_weights):
 def _eager_experts_interface(self, *args, **kwargs):
     """Registered as transformers' "eager" experts function: the static loop under Dynamo,
     the class's own forward (kept by `use_experts_implementation` as __wrapped__) otherwise."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and tracing_for_moeshard():
         return _stacked_eager_experts(self, *args, **kwargs)
     return type(self).forward.__wrapped__(self, *args, **kwargs)
 
@@ -104,7 +129,7 @@ def _shim_class(cls, static_forward) -> None:
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and tracing_for_moeshard():
             return static_forward(self, *args, **kwargs)
         return original(self, *args, **kwargs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moeshard_compile.backend import compile_graph
+from moeshard_compile.backend import make_backend
 from moeshard_compile.options import Options
 from moeshard_compile.report import Report
 
@@ -23,9 +23,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
 
     counters["graph_break"].clear()
 
-    def backend(gm, example_inputs):
-        return compile_graph(gm, example_inputs, opts, report)
-
+    backend = make_backend(opts, report)
     with torch.no_grad():
         try:
             torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)

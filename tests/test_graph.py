@@ -24,11 +24,14 @@ def rewritten_graphs(model, *args, dropless=False, **kwargs) -> list[fx.GraphMod
     graphs = []
     opts = moeshard_compile.Options(inductor=False, dropless=dropless)
 
+    moeshard = moeshard_compile.backend.make_backend(opts, moeshard_compile.Report())
+
     def backend(gm, example_inputs):
-        compiled = moeshard_compile.backend.compile_graph(gm, example_inputs, opts, moeshard_compile.Report())
+        compiled = moeshard(gm, example_inputs)
         graphs.append(_graph_of(compiled))
         return compiled
 
+    backend._moeshard = True
     with torch.no_grad():
         torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
     return graphs

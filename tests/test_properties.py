@@ -47,9 +47,7 @@ def test_compiled_equals_eager(cfg, dtype, batch, seq, seed):
     report = moeshard_compile.Report()
     opts = moeshard_compile.Options(inductor=False)
 
-    def backend(gm, example_inputs):
-        return moeshard_compile.backend.compile_graph(gm, example_inputs, opts, report)
-
+    backend = moeshard_compile.backend.make_backend(opts, report)
     with torch.no_grad():
         ref = model(x)
         out = torch.compile(model, backend=backend, fullgraph=True)(x)
