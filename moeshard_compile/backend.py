@@ -65,19 +65,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         for region in regions:
             if region.status == "recognised":
                 region.skip(fallback)
-    feed = WeightFeed(gm)
+    feed = WeightFeed(gm, example_inputs)
+    attempted = [r for r in regions if r.status == "recognised"]
     try:
         passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
         compiled = _lower(gm, list(example_inputs) + feed.tensors(), opts)
     except Exception as error:  # keep the model working: compile the original graph, say why
-        if not any(r.status == "rewritten" for r in regions):
-            raise
+        if not attempted:
+            raise  # nothing of ours was involved: a genuine compile error
         reason = f"rewrite failed: {type(error).__name__}: {error}".splitlines()[0]
         log.warning("moeshard: graph %d compiled unchanged, %s", graph_id, reason)
-        for region in regions:
+        for region in attempted:
             region.skip(reason)
         report.fallbacks.append({"graph": graph_id, "reason": reason})
-        gm, feed = original, WeightFeed(original)
+        gm, feed = original, WeightFeed(original, example_inputs)
         compiled = _lower(original, list(example_inputs), opts)
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)

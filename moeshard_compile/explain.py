@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moeshard_compile.backend import make_backend
@@ -17,7 +19,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
     tries fullgraph=True first (Dynamo then captures data-dependent ops such as `nonzero`),
     and falls back to allowing graph breaks, which the report lists.
     """
-    opts = Options.from_user({**(options or {}), "inductor": False} if not isinstance(options, Options) else options)
+    opts = dataclasses.replace(Options.from_user(options), inductor=False)
     report = Report()
     from torch._dynamo.utils import counters
 
@@ -30,4 +32,5 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
         except torch._dynamo.exc.Unsupported:
             report.__init__()
             torch.compile(model, backend=backend)(*args, **kwargs)
+    report.graph_breaks = sorted(counters["graph_break"])  # breaks found after the last graph too
     return report

@@ -37,6 +37,7 @@ def rewrite(gm: fx.GraphModule, regions: list[MoERegion], add_weights: AddWeight
 
     dropless: also remove the routers' capacity limits (changes results where tokens drop).
     """
+    rewritten = False
     for index, region in enumerate(regions):
         if region.status != "recognised":
             continue
@@ -44,11 +45,21 @@ def rewrite(gm: fx.GraphModule, regions: list[MoERegion], add_weights: AddWeight
             remove_capacity_limits(gm.graph, region.capacity_limits)
             region.capacity = "removed (dropless=True)"
         lower_region(gm, region, add_weights, index)
-        region.status = "rewritten"
-    prune_dead_asserts(gm.graph)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
+        region.status, rewritten = "rewritten", True
+    if rewritten:
+        prune_dead_asserts(gm.graph)
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+        gm.graph.lint()
     gm.recompile()
+
+
+def is_impure(node: fx.Node) -> bool:
+    """FX's purity test, plus in-place tensor methods (`out.index_add_(...)`), which FX's
+    dead-code elimination would otherwise drop when their result is unused."""
+    if node.is_impure():
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") and not name.startswith("_")
 
 
 def prune_dead_asserts(graph: fx.Graph) -> None:
@@ -59,7 +70,7 @@ def prune_dead_asserts(graph: fx.Graph) -> None:
     `nonzero` calls (each a device sync) that the rewrite replaced.
     """
     live: set[fx.Node] = set()
-    stack = [n for n in graph.nodes if n.op == "output" or (n.is_impure() and n.target not in _ASSERTS)]
+    stack = [n for n in graph.nodes if n.op == "output" or (is_impure(n) and n.target not in _ASSERTS)]
     while stack:
         node = stack.pop()
         if node not in live:

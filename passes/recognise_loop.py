@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from passes.elementwise import Elementwise, identify
 from passes.nnz import nnz_bound
-from passes.graph_utils import fake, param_name, real_value, static_int, topo_index
+from passes.graph_utils import fake, param_name, static_int, topo_index
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
 
 _LINEAR = (torch._C._nn.linear, F.linear)
@@ -43,10 +43,10 @@ class WeightRef:
     index: int | None
     out_in: bool  # True: [out, in] as F.linear takes it; False: [in, out] as x @ w takes it
 
-    def tensor_DO(self) -> torch.Tensor:
-        w = real_value(self.param)
-        w = w[self.index] if self.index is not None else w
-        return w.t() if self.out_in else w
+    @property
+    def out_features(self) -> int:
+        shape = fake(self.param).shape[-2:]
+        return shape[0] if self.out_in else shape[1]
 
 
 @dataclass
@@ -312,7 +312,7 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
     if zeros is None or fake(zeros) is None or fake(zeros).shape != fake(tokens).shape:
         return None
     first = members[0]
-    width = first.first[0].weight.tensor_DO().shape[-1]
+    width = first.first[0].weight.out_features
     gated = first.elementwise.gated
     d_ff = width // 2 if gated and len(first.first) == 1 else width
     module = template.split("*")[0].rstrip(".").rsplit(".", 1)[0] if "*" in template else template
@@ -326,7 +326,7 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
         activation=first.elementwise.activation,
         gated=gated,
         has_bias=first.second.bias is not None or first.first[0].bias is not None,
-        dtype=real_value(first.first[0].weight.param).dtype,
+        dtype=fake(first.first[0].weight.param).dtype,
         capacity=None,
         tokens_TD=tokens,
         output_TD=final,
@@ -524,31 +524,46 @@ def _top_k_bound(columns: list[Column], T, num_experts: int) -> int:
 
 
 def _stacked_weights(members: list[FFN]) -> WeightSource:
+    """Stack each expert's weights into [E, ...] tensors (a copy, made once per change)."""
     first = members[0]
     gated, fused = first.elementwise.gated, len(first.first) == 1 and first.elementwise.gated
-    params = []
-    for m in members:
-        for lin in (*m.first, m.second):
-            params.append(real_value(lin.weight.param))
-            if lin.bias is not None:
-                params.append(real_value(lin.bias))
+    inputs: list[fx.Node] = []
 
-    def bias_EO(lin_per_expert: list[Linear]) -> torch.Tensor | None:
-        if lin_per_expert[0].bias is None:
-            return None
-        return torch.stack([real_value(lin.bias) for lin in lin_per_expert])
+    def slot(node: fx.Node) -> int:
+        if node not in inputs:
+            inputs.append(node)
+        return inputs.index(node)
 
-    def stack() -> ExpertWeights:
-        w_first = [torch.stack([m.first[i].weight.tensor_DO() for m in members]) for i in range(len(first.first))]
-        b_first = [bias_EO([m.first[i] for m in members]) for i in range(len(first.first))]
-        w_out_EFD = torch.stack([m.second.weight.tensor_DO() for m in members])
-        b_out_ED = bias_EO([m.second for m in members])
+    # per linear position (first..., second): per expert (input slot of weight, index, out_in, bias slot)
+    layout = [
+        [(slot(lin.weight.param), lin.weight.index, lin.weight.out_in, None if lin.bias is None else slot(lin.bias))
+         for lin in (*m.first, m.second)]
+        for m in members
+    ]
+    num_first = len(first.first)
+
+    def stack(tensors: list[torch.Tensor]) -> ExpertWeights:
+        def weight_EDO(position: int) -> torch.Tensor:
+            per_expert = []
+            for expert in layout:
+                w_slot, index, out_in, _ = expert[position]
+                w = tensors[w_slot] if index is None else tensors[w_slot][index]
+                per_expert.append(w.t() if out_in else w)
+            return torch.stack(per_expert)
+
+        def bias_EO(position: int) -> torch.Tensor | None:
+            if layout[0][position][3] is None:
+                return None
+            return torch.stack([tensors[expert[position][3]] for expert in layout])
+
+        w_first = [weight_EDO(i) for i in range(num_first)]
+        b_first = [bias_EO(i) for i in range(num_first)]
+        w_out_EFD, b_out_ED = weight_EDO(num_first), bias_EO(num_first)
         if not gated:
             return ExpertWeights(w_in_EDF=w_first[0], w_out_EFD=w_out_EFD, b_in_EF=b_first[0], b_out_ED=b_out_ED)
         if not fused:
             return ExpertWeights(w_first[0], w_out_EFD, w_first[1], b_first[0], b_first[1], b_out_ED)
-        F2 = w_first[0].shape[-1]
-        gate, up = gate_up_columns(first.elementwise.gate_layout, F2 // 2)
+        gate, up = gate_up_columns(first.elementwise.gate_layout, w_first[0].shape[-1] // 2)
         b = b_first[0]
         return ExpertWeights(
             w_in_EDF=w_first[0][..., up].contiguous(),
@@ -559,4 +574,4 @@ def _stacked_weights(members: list[FFN]) -> WeightSource:
             b_out_ED=b_out_ED,
         )
 
-    return WeightSource(params=params, stack=stack)
+    return WeightSource(inputs=inputs, stack=stack)

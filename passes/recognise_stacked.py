@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from passes.elementwise import Elementwise, identify
-from passes.graph_utils import fake, module_paths, param_name, real_value
+from passes.graph_utils import fake, module_paths, param_name
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,13 @@ def _derives_from(node: fx.Node, source: fx.Node, depth: int = 4) -> bool:
 
 
 def _weight_source(up, down, biases, transposed: bool, elementwise: Elementwise, F: int) -> WeightSource:
-    up_p, down_p = real_value(up), real_value(down)
-    up_bias, down_bias = (real_value(b) if b is not None else None for b in biases)
+    inputs = [up, down] + [b for b in biases if b is not None]
+    has_up_bias, has_down_bias = biases[0] is not None, biases[1] is not None
 
-    def stack() -> ExpertWeights:
+    def stack(tensors: list[torch.Tensor]) -> ExpertWeights:
+        up_p, down_p, *rest = tensors
+        up_bias = rest.pop(0) if has_up_bias else None
+        down_bias = rest.pop(0) if has_down_bias else None
         up_EDO = up_p if transposed else up_p.transpose(1, 2)  # views: no copy of the user's weights
         down_EFD = down_p if transposed else down_p.transpose(1, 2)
         if not elementwise.gated:
@@ -170,4 +173,4 @@ def _weight_source(up, down, biases, transposed: bool, elementwise: Elementwise,
             b_out_ED=down_bias,
         )
 
-    return WeightSource(params=[t for t in (up_p, down_p, up_bias, down_bias) if t is not None], stack=stack)
+    return WeightSource(inputs=inputs, stack=stack)

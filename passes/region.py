@@ -45,13 +45,13 @@ class ExpertWeights:
 class WeightSource:
     """Where the stacked weights come from, so they can be rebuilt when a parameter changes.
 
-    `params` are the user's live parameters; `stack` builds ExpertWeights from them.
-    The backend calls `stack` once at compile time and again only if some parameter's
-    in-place version counter moved (e.g. after `load_state_dict`).
+    `inputs` are the graph placeholders of the user's parameters; `stack` builds ExpertWeights
+    from their current values (in that order). The backend stacks once at compile time and
+    again only when a parameter was replaced or modified in place (e.g. `load_state_dict`).
     """
 
-    params: list[torch.Tensor]
-    stack: Callable[[], ExpertWeights]
+    inputs: list[fx.Node]
+    stack: Callable[[list[torch.Tensor]], ExpertWeights]
 
 
 @dataclass
