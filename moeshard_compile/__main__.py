@@ -1,0 +1,3 @@
+from moeshard_compile.demo import main
+
+main()
