@@ -90,6 +90,10 @@ def build_layer(args: argparse.Namespace) -> SwitchTransformersSparseMLP:
     )
     with torch.device(args.device):
         layer = SwitchTransformersSparseMLP(config)
+        # Spread the router's logits (std ~1): HF rounds the probabilities to the model dtype before
+        # its argmax, and near-uniform bf16 probabilities tie often; eager and compiled kernels break
+        # ties differently, which would show up as a routing difference, not an arithmetic one.
+        torch.nn.init.normal_(layer.router.classifier.weight, std=args.d_model**-0.5)
     return layer.to(DTYPES[args.dtype]).eval()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 
 import torch
@@ -67,19 +68,66 @@ def _switch_experts(self, hidden_states, selected_experts, routing_weights):
     return out_TD
 
 
+def _switch_router_logits(self, hidden_states):
+    """The router's linear in its own dtype, without HF's `self.classifier = self.classifier.to(...)`:
+    that module mutation builds new Parameters, which Dynamo cannot trace (a graph break that
+    would cut the routing off from the experts). The cast weights hold the same values."""
+    self.input_dtype = hidden_states.dtype
+    weight = self.classifier.weight.to(self.dtype)
+    bias = self.classifier.bias.to(self.dtype) if self.classifier.bias is not None else None
+    return F.linear(hidden_states.to(self.dtype), weight, bias)
+
+
+def _switch_router_argmax(self, hidden_states):
+    """transformers >= 5.2x SwitchTransformersTop1Router.forward (eval mode)."""
+    router_logits = _switch_router_logits(self, hidden_states)
+    router_probs = F.softmax(router_logits, dim=-1, dtype=self.dtype).to(self.input_dtype)
+    expert_index = F.one_hot(torch.argmax(router_probs, dim=-1), num_classes=self.num_experts)
+    token_priority = torch.cumsum(expert_index, dim=-2)
+    expert_index = expert_index * (token_priority <= self.expert_capacity)
+    router_probs = torch.max(router_probs, dim=-1).values.unsqueeze(-1)
+    return expert_index, router_probs, router_logits
+
+
+def _switch_router_max_keepdim(self, hidden_states):
+    """transformers 5.17 SwitchTransformersTop1Router.forward (eval mode)."""
+    router_logits = _switch_router_logits(self, hidden_states)
+    router_probs = F.softmax(router_logits, dim=-1, dtype=self.dtype).to(self.input_dtype)
+    router_logits, expert_index = torch.max(router_probs, dim=-1, keepdim=True)
+    expert_index = F.one_hot(expert_index, num_classes=self.num_experts)
+    token_priority = torch.cumsum(expert_index, dim=-2)
+    expert_index = expert_index * (token_priority <= self.expert_capacity)
+    router_probs = torch.max(router_probs, dim=-1).values.unsqueeze(-1)
+    return router_probs, expert_index, router_logits
+
+
+# Router versions we reimplement, told apart by a line only that version's source has.
+_SWITCH_ROUTERS = {
+    "expert_index = torch.argmax(router_probs, dim=-1)": _switch_router_argmax,
+    "router_logits, expert_index = torch.max(router_probs, dim=-1, keepdim=True)": _switch_router_max_keepdim,
+}
+
+
+def _switch_router_shim(cls):
+    """The reimplementation matching this transformers' router, or None (then HF's code runs)."""
+    try:
+        source = inspect.getsource(getattr(cls.forward, "_moeshard_original", cls.forward))
+    except (OSError, TypeError):
+        return None
+    matches = [shim for line, shim in _SWITCH_ROUTERS.items() if line in source]
+    return matches[0] if len(matches) == 1 else None
+
+
 def _nllb_experts(self, hidden_states, router_mask, router_probs):
     # The original indexes router_probs[token, slot] over `one_hot(router_mask).permute(2, 1, 0)`:
     # expert e gets, per token, the sum of router_probs[t, j] over the j with router_mask[t, j] == e.
     expert_mask_TJE = F.one_hot(router_mask, num_classes=self.num_experts)
     weights_TE = (expert_mask_TJE * router_probs[:, :, None]).sum(dim=1)
-    if self.moe_token_dropout > 0 and not self.training:
+    if self.moe_token_dropout > 0:  # eval mode: a fixed scale (the shims never run in training)
         weights_TE = weights_TE * (1 - self.moe_token_dropout)
     out_TD = torch.zeros_like(hidden_states)
     for expert in range(self.num_experts):
-        y_TD = self[f"expert_{expert}"](hidden_states)
-        if self.moe_token_dropout > 0 and self.training:
-            y_TD = self.token_dropout(y_TD)
-        out_TD = _add_expert(out_TD, y_TD, weights_TE[:, expert, None])
+        out_TD = _add_expert(out_TD, self[f"expert_{expert}"](hidden_states), weights_TE[:, expert, None])
     return out_TD
 
 
@@ -111,14 +159,16 @@ def _stacked_eager_experts(self, hidden_states, top_k_index, top_k_weights):
 def _eager_experts_interface(self, *args, **kwargs):
     """Registered as transformers' "eager" experts function: the static loop under Dynamo,
     the class's own forward (kept by `use_experts_implementation` as __wrapped__) otherwise."""
-    if torch.compiler.is_compiling() and tracing_for_moeshard():
+    if torch.compiler.is_compiling() and tracing_for_moeshard() and not self.training:
         return _stacked_eager_experts(self, *args, **kwargs)
     return type(self).forward.__wrapped__(self, *args, **kwargs)
 
 
+_SWITCH = "transformers.models.switch_transformers.modeling_switch_transformers"
 _CLASS_SHIMS = {
-    "transformers.models.switch_transformers.modeling_switch_transformers": ("SwitchTransformersExperts", _switch_experts),
-    "transformers.models.nllb_moe.modeling_nllb_moe": ("NllbMoeExperts", _nllb_experts),
+    (_SWITCH, "SwitchTransformersExperts"): _switch_experts,
+    (_SWITCH, "SwitchTransformersTop1Router"): _switch_router_shim,  # picked by transformers version
+    ("transformers.models.nllb_moe.modeling_nllb_moe", "NllbMoeExperts"): _nllb_experts,
 }
 
 
@@ -129,7 +179,7 @@ def _shim_class(cls, static_forward) -> None:
 
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling() and tracing_for_moeshard():
+        if torch.compiler.is_compiling() and tracing_for_moeshard() and not self.training:
             return static_forward(self, *args, **kwargs)
         return original(self, *args, **kwargs)
 
@@ -140,11 +190,15 @@ def _shim_class(cls, static_forward) -> None:
 def install() -> list[str]:
     """Install every shim whose transformers class exists; returns what was patched."""
     installed = []
-    for module_name, (class_name, static_forward) in _CLASS_SHIMS.items():
+    for (module_name, class_name), static_forward in _CLASS_SHIMS.items():
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError) as error:
             log.debug("moeshard: no capture shim for %s.%s (%s)", module_name, class_name, error)
+            continue
+        static_forward = static_forward(cls) if static_forward is _switch_router_shim else static_forward
+        if static_forward is None:
+            log.info("moeshard: %s of this transformers version is not known; it is traced as it is", class_name)
             continue
         _shim_class(cls, static_forward)
         installed.append(class_name)

@@ -106,3 +106,22 @@ def test_eager_behaviour_untouched_by_capture_shims():
     with torch.no_grad(), RecordOps() as recorded:
         model(**hf_tiny.inputs(model))
     assert torch.ops.aten.nonzero in recorded.ops  # HF's `expert_hit = (...).nonzero()`
+
+
+def test_switch_router_shim_matches_this_transformers_router():
+    """The router reimplementation (no module mutation under Dynamo) equals HF's own forward."""
+    from moeshard_compile import capture
+    from transformers.models.switch_transformers import modeling_switch_transformers as switch_module
+
+    router_cls = switch_module.SwitchTransformersTop1Router
+    shim = capture._switch_router_shim(router_cls)
+    assert shim is not None, "this transformers' Switch router is not one moeshard knows"
+    torch.manual_seed(0)
+    router = hf_tiny.switch(expert_capacity=3).encoder.block[1].layer[-1].mlp.router.eval().to(torch.bfloat16)
+    hidden_BSD = torch.randn(2, 7, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours = shim(router, hidden_BSD)
+        assert router.classifier.weight.dtype == torch.bfloat16  # the shim leaves the module alone
+        theirs = router_cls.forward._moeshard_original(router, hidden_BSD)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
