@@ -27,6 +27,12 @@ class Elementwise:
     gate_input: int = 0  # for two separate matmuls: which input is the gate (0 or 1)
 
 
+def _is_sentinel_fill(node: fx.Node) -> bool:
+    """`x.masked_fill(mask, 0)`: transformers zeroes expert-parallel sentinel rows this way; the
+    mask is all False outside expert parallelism (and in the rewritten graph, where ids < E)."""
+    return node.target in ("masked_fill", torch.masked_fill) and len(node.args) == 3 and node.args[2] == 0
+
+
 def nodes_between(sources: list[fx.Node], sink: fx.Node) -> list[fx.Node] | None:
     """Nodes on paths from `sources` to `sink` (topological order), or None if `sink` depends on
     anything else than the sources and constants (then it is not a pure elementwise chain)."""
@@ -39,7 +45,7 @@ def nodes_between(sources: list[fx.Node], sink: fx.Node) -> list[fx.Node] | None
         if node.op not in ("call_function", "call_method"):
             return None
         seen[node] = None
-        stack.extend(node.all_input_nodes)
+        stack.extend(node.args[:1] if _is_sentinel_fill(node) else node.all_input_nodes)
     order = {n: i for i, n in enumerate(sink.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
 
@@ -47,6 +53,9 @@ def nodes_between(sources: list[fx.Node], sink: fx.Node) -> list[fx.Node] | None
 def evaluate(nodes: list[fx.Node], env: dict[fx.Node, object]) -> None:
     """Run `nodes` in order on concrete values; `env` maps their inputs and receives results."""
     for node in nodes:
+        if _is_sentinel_fill(node):
+            env[node] = env[node.args[0]]
+            continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
         if node.op == "call_function":
             env[node] = node.target(*args, **kwargs)

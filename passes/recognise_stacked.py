@@ -73,15 +73,15 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     transposed = _is_transposed(up, D)
     up_EOD = fake(up).transpose(1, 2) if transposed else fake(up)  # [E, out, D]
     region.d_ff = up_EOD.shape[1] // (2 if region.gated else 1)
+    extra = sorted({module_paths(n)[-1] for n in body if module_paths(n)} - {module, f"{module}.act_fn"})
+    if extra:
+        return region.skip(f"unsupported submodules inside the experts: {extra}")
     elementwise = _identify_between_projections(body, up, down)
     if elementwise is None:
         return region.skip("could not identify the activation between the two expert projections")
     if elementwise.gated != region.gated:
         return region.skip(f"gating in the graph ({elementwise.gated}) disagrees with the weights ({up_name})")
     region.activation = elementwise.activation
-    if any(module_paths(n)[-1] not in (module, f"{module}.act_fn") for n in body if module_paths(n)):
-        extra = sorted({module_paths(n)[-1] for n in body} - {module, f"{module}.act_fn"})
-        return region.skip(f"unsupported submodules inside the experts: {extra}")
     bias = {k: params.get(f"{module}.{k}") for k in (f"{up_name.rsplit('.', 1)[1]}_bias", "down_proj_bias")}
     region.weights = _weight_source(up, down, list(bias.values()), transposed, elementwise, region.d_ff)
     return region
