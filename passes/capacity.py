@@ -14,10 +14,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.graph_utils import static_int
+from passes.graph_utils import spellings, static_int
 from passes.region import MoERegion
 
-_COMPARE = (operator.le, operator.lt, torch.le, torch.lt, "le", "lt")
+_COMPARE = spellings("le") + spellings("lt")
 _STOP = (torch._C._nn.linear, F.linear, operator.matmul, torch.matmul)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -72,3 +73,13 @@ def is_call(node, *targets) -> bool:
 
 def topo_index(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def spellings(name: str, inplace: bool = False) -> tuple:
+    """Every target under which Dynamo may record tensor op `name` (varies with torch version):
+    operator.<name>, torch.<name>, and the methods <name> / __<name>__ (plus in-place forms)."""
+    base = name.rstrip("_")
+    found = [getattr(operator, name, None), getattr(torch, base, None), base, f"__{base}__"]
+    if inplace:
+        found += [getattr(operator, f"i{base}", None), f"{base}_", f"__i{base}__"]
+    return tuple(t for t in found if t is not None)

@@ -20,15 +20,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from passes.graph_utils import fake, static_int
+from passes.graph_utils import fake, spellings, static_int
 
-_SELECTORS = (F.one_hot, operator.eq, torch.eq, "eq")
-_PRODUCTS = (operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.and_, torch.logical_and)
-_SUMS = (operator.add, operator.iadd, torch.add, "add", "add_")
+_EQ = spellings("eq")
+_SELECTORS = (F.one_hot, *_EQ)
+_PRODUCTS = (*spellings("mul", inplace=True), *spellings("and_", inplace=True), torch.logical_and, torch.bitwise_and)
+_SUMS = spellings("add", inplace=True)
 _SAME = (
     "view", "reshape", "permute", "transpose", "to", "float", "type_as", "contiguous", "sum", "unsqueeze",
     "squeeze", "bool", "int", "long", "any", operator.getitem, torch.sum, torch.permute, torch.reshape,
-    operator.truediv, operator.itruediv, torch.div, "div",
+    *spellings("truediv", inplace=True), torch.div, "div",
 )
 
 
@@ -51,7 +52,7 @@ def nnz_bound(node: fx.Node, T, num_experts: int, depth: int = 24) -> int:
 
 def _bound_of_op(n: fx.Node, d: int, bound, T, num_experts: int) -> int:
     if n.target in _SELECTORS:
-        if n.target in (operator.eq, torch.eq, "eq") and static_int(n.args[1]) is None:
+        if n.target in _EQ and static_int(n.args[1]) is None:
             return num_experts
         return _per_token(n.args[0], T, num_experts)
     if n.target in _PRODUCTS:

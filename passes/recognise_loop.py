@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from passes.elementwise import Elementwise, identify
 from passes.nnz import nnz_bound
-from passes.graph_utils import fake, param_name, static_int, topo_index
+from passes.graph_utils import fake, param_name, spellings, static_int, topo_index
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
 
 _LINEAR = (torch._C._nn.linear, F.linear)
@@ -245,8 +245,8 @@ def _selection(x: fx.Node) -> Selection:
     return Selection("dense", x, None, [])
 
 
-_MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
-_ADD = (operator.add, operator.iadd, torch.add, "add", "add_")
+_MUL = spellings("mul", inplace=True)
+_ADD = spellings("add", inplace=True)
 
 
 def _accumulation(y: fx.Node) -> Accumulation | None:
@@ -294,7 +294,7 @@ def _zero_where_unrouted(user: fx.Node, node: fx.Node, scales: list[fx.Node]) ->
     if user.target is not torch.where or len(user.args) != 3 or user.args[1] is not node or user.args[2] != 0:
         return False
     cond = user.args[0]
-    return cond.target in (operator.ne, torch.ne, "ne") and cond.args[0] in scales and cond.args[1] == 0
+    return cond.target in spellings("ne") and cond.args[0] in scales and cond.args[1] == 0
 
 
 def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:
