@@ -159,7 +159,12 @@ def run_variant(name: str, layer: torch.nn.Module, x_BSD: torch.Tensor, ref_BSD:
     torch._dynamo.reset()  # each variant compiles from scratch: no cache entry leaks across variants
     counters.clear()
     fn = compile_variant(name, layer, dump_dir)  # moeshard's capture shims act for moeshard only
-    out_BSD = fn(x_BSD)
+    try:
+        out_BSD = fn(x_BSD)
+    except Exception as error:  # one broken variant must not cost the others' numbers
+        print(f"{name} failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}", file=sys.stderr)
+        return {"variant": name, "graphs": counters["stats"]["unique_graphs"], "median_ms": float("nan"),
+                "max_rel_err": float("nan")}
     ms = median_ms(lambda: fn(x_BSD), x_BSD.device, args.warmup_ms, args.rep_ms)
     return {
         "variant": name,

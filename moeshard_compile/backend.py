@@ -69,7 +69,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     attempted = [r for r in regions if r.status == "recognised"]
     try:
         passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
-        compiled = _lower(gm, list(example_inputs) + feed.tensors(), opts)
+        compiled = _lower(gm, list(example_inputs) + _static_fakes(example_inputs, feed.tensors()), opts)
     except Exception as error:  # keep the model working: compile the original graph, say why
         if not attempted:
             raise  # nothing of ours was involved: a genuine compile error
@@ -96,6 +96,19 @@ def _lower(gm: fx.GraphModule, inputs: list, opts: Options) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, inputs)
+
+
+def _static_fakes(example_inputs: list, tensors: list[torch.Tensor]) -> list:
+    """Our extra inputs as fake tensors of Dynamo's fake mode with static shapes.
+
+    Given real tensors, AOT would give their sizes fresh symbols that no Dynamo source backs;
+    a guard Inductor puts on such a symbol breaks guard building (seen with torch 2.11)."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return tensors
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:

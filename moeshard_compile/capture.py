@@ -118,6 +118,22 @@ def _switch_router_shim(cls):
     return matches[0] if len(matches) == 1 else None
 
 
+def _nllb_cast_classifier(original):
+    """NLLB's router re-casts its classifier with `Module.to` on every call; under Dynamo that
+    builds Parameters (a graph break between routing and experts) even when nothing changes.
+    Skip the call when the classifier already has the router's dtype, as `.to` would."""
+
+    @functools.wraps(original)
+    def cast_classifier(self):
+        already = all(p.dtype == self.dtype for p in self.classifier.parameters())
+        if already and torch.compiler.is_compiling() and tracing_for_moeshard():
+            return None
+        return original(self)
+
+    cast_classifier._moeshard_original = original
+    return cast_classifier
+
+
 def _nllb_experts(self, hidden_states, router_mask, router_probs):
     # The original indexes router_probs[token, slot] over `one_hot(router_mask).permute(2, 1, 0)`:
     # expert e gets, per token, the sum of router_probs[t, j] over the j with router_mask[t, j] == e.
@@ -202,6 +218,14 @@ def install() -> list[str]:
             continue
         _shim_class(cls, static_forward)
         installed.append(class_name)
+    try:
+        from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+    except ImportError:
+        pass
+    else:
+        if getattr(NllbMoeTop2Router._cast_classifier, "_moeshard_original", None) is None:
+            NllbMoeTop2Router._cast_classifier = _nllb_cast_classifier(NllbMoeTop2Router._cast_classifier)
+            installed.append("NllbMoeTop2Router._cast_classifier")
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     except ImportError as error:
