@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from passes.region import ExpertWeights, WeightSource
+from passes.region import WeightSource
 
 
 class _Stacked:

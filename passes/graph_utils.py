@@ -30,13 +30,6 @@ def param_name(node: fx.Node) -> str | None:
     return _qualname(source.name)
 
 
-def real_value(node: fx.Node) -> torch.Tensor | None:
-    """The real tensor Dynamo lifted into a placeholder (parameters and buffers)."""
-    grapharg = node.meta.get("grapharg")
-    example = getattr(grapharg, "example", None)
-    return example if isinstance(example, torch.Tensor) else None
-
-
 def module_paths(node: fx.Node) -> list[str]:
     """Qualified names of the modules a node was traced inside, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -58,17 +51,6 @@ def static_int(value) -> int | None:
     if isinstance(value, torch.SymInt) and value.node.is_constant():
         return int(value)
     return None
-
-
-def is_call(node, *targets) -> bool:
-    """True if node is a call_function / call_method of one of the targets (functions or method names)."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in targets
-    if node.op == "call_method":
-        return node.target in targets
-    return False
 
 
 def topo_index(graph: fx.Graph) -> dict[fx.Node, int]:

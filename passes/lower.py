@@ -52,7 +52,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 AddWeights = Callable[[str, "WeightSource"], dict[str, fx.Node]]
 
 
-class _Emitter:
+class Emitter:
     """Appends named nodes before an anchor; keeps the lowering below readable."""
 
     def __init__(self, graph: fx.Graph, prefix: str):
@@ -76,8 +76,8 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
     graph = gm.graph
     routing, E = region.routing, region.num_experts
     out_dtype = region.output_TD.meta["example_value"].dtype
-    emit = _Emitter(graph, f"moe{index}_")
-    with graph.inserting_before(_first_user(region)):
+    emit = Emitter(graph, f"moe{index}_")
+    with graph.inserting_before(first_user(region)):
         w = add_weights(f"moe{index}_", region.weights)
         if routing.ids_TK is None:
             routing = _topk_from_combine(emit, routing, E)
@@ -137,7 +137,7 @@ def _grouped_linear(emit, grouped_mm, x, w, b, offs_E, ids_sorted_S, name: str) 
     return emit.fn(operator.add, y, b_rows, name=f"{name}_biased")
 
 
-def _topk_from_combine(emit: _Emitter, routing, num_experts: int):
+def _topk_from_combine(emit: Emitter, routing, num_experts: int):
     """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row."""
     from passes.region import Routing
 
@@ -155,7 +155,7 @@ def _topk_from_combine(emit: _Emitter, routing, num_experts: int):
     return Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)
 
 
-def _first_user(region: MoERegion) -> fx.Node:
+def first_user(region: MoERegion) -> fx.Node:
     """Insertion point: just before the first node that reads the region's output."""
     erase = set(region.erase)
     users = [u for u in region.output_TD.users if u not in erase]

@@ -337,7 +337,7 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
     region.erase = [n for m, s, a in pairs for n in (*s.nodes, *m.nodes, *a.nodes)] + [zeros]
     region.erase = sorted(set(region.erase), key=order.__getitem__)
     columns = []
-    for m, s, a in pairs:
+    for _, s, a in pairs:
         column = _combine_column(s, a)
         if column is None:
             return region.skip(f"could not read the routing weights of expert {len(columns)} ({a.kind} form)")
@@ -460,11 +460,11 @@ def _unindex(scale: fx.Node, mask: fx.Node) -> fx.Node | None:
 
 def _routing(gm: fx.GraphModule, region: MoERegion, columns: list[Column], pairs) -> Routing:
     """Emit combine_TE = stack(c_e) before the region's output is first used."""
-    from passes.lower import _Emitter, _first_user
+    from passes.lower import Emitter, first_user
 
-    emit = _Emitter(gm.graph, f"{region.module.replace('.', '_')}_")
+    emit = Emitter(gm.graph, f"{region.module.replace('.', '_')}_")
     T = fake(region.tokens_TD).shape[0]
-    with gm.graph.inserting_before(_first_user(region)):
+    with gm.graph.inserting_before(first_user(region)):
         cols = [_emit_column(emit, c, e, T) for e, c in enumerate(columns)]
         combine_TE = emit.fn(torch.stack, cols, 1, name="combine_TE")
     return Routing(combine_TE=combine_TE, top_k=_top_k_bound(columns, T, region.num_experts))
