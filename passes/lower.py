@@ -80,7 +80,7 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
     with graph.inserting_before(first_user(region)):
         w = add_weights(f"moe{index}_", region.weights)
         if routing.ids_TK is None:
-            routing = _topk_from_combine(emit, routing, E)
+            routing = _topk_from_combine(emit, routing, E, region.module)
         K = routing.top_k
         grouped_mm = torch.ops.moeshard.grouped_mm.default
 
@@ -137,7 +137,7 @@ def _grouped_linear(emit, grouped_mm, x, w, b, offs_E, ids_sorted_S, name: str) 
     return emit.fn(operator.add, y, b_rows, name=f"{name}_biased")
 
 
-def _topk_from_combine(emit: Emitter, routing, num_experts: int):
+def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
     """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row."""
     from passes.region import Routing
 
@@ -148,7 +148,8 @@ def _topk_from_combine(emit: Emitter, routing, num_experts: int):
         # K was proven from the routing code (passes.nnz); check it anyway, without a host sync.
         count_T = emit.method("sum", routed_TE, -1, name="experts_per_token")
         within = emit.method("all", emit.fn(operator.le, count_T, K, name="within_k"), name="all_within_k")
-        emit.fn(torch._assert_async, within, f"moeshard: a token was routed to more than top_k={K} experts", name="check_k")
+        message = f"moeshard: in {module}, a token was routed to more than top_k={K} experts (the bound proven from the routing code)"
+        emit.fn(torch._assert_async, within, message, name="check_k")
     topk = emit.fn(torch.topk, routed_TE, K, dim=-1, name="topk")
     ids_TK = emit.fn(operator.getitem, topk, 1, name="ids_TK")
     weights_TK = emit.fn(torch.gather, combine_TE, 1, ids_TK, name="weights_TK")

@@ -315,7 +315,7 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
     width = first.first[0].weight.out_features
     gated = first.elementwise.gated
     d_ff = width // 2 if gated and len(first.first) == 1 else width
-    module = template.split("*")[0].rstrip(".").rsplit(".", 1)[0] if "*" in template else template
+    module = template[: template.index("*")].rsplit(".", 1)[0]  # the experts container
     region = MoERegion(
         module=module,
         form=f"module_loop/{pairs[0][1].kind}",

@@ -14,7 +14,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="moesha
 
 # "ci" keeps the whole suite well inside CI's budget (2 cores); "dev" digs deeper.
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=False, print_blob=True,
+    "ci", max_examples=25, deadline=None, derandomize=False, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

@@ -93,3 +93,14 @@ def test_switch_capacity_mask_kept_and_removed():
     torch._dynamo.reset()
     (dropless,) = rewritten_graphs(model, dropless=True, **kwargs)
     assert capacity_compares(dropless) == []
+
+
+def test_a_wrong_top_k_bound_fails_loudly(monkeypatch):
+    """The lowering re-checks the proven bound at run time: a wrong one raises, naming the module."""
+    import passes.recognise_loop
+
+    monkeypatch.setattr(passes.recognise_loop, "nnz_bound", lambda *args: 1)
+    cfg = MoEConfig(num_experts=4, top_k=2, style="dense")
+    model = MoEBlock(cfg).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"in moe\.experts, a token was routed to more than top_k=1"):
+        torch.compile(model, backend="moeshard", fullgraph=True, options={"inductor": False})(torch.randn(2, 3, cfg.d_model))

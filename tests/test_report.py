@@ -13,7 +13,7 @@ from moeshard_compile import Options, Report
 
 # Every value distinct, so a field reported from the wrong source cannot pass by accident.
 CFG = MoEConfig(num_experts=6, top_k=3, d_model=12, d_ff=20, activation="silu", gated=True)
-MODULE = "decoder.0.moe"  # qualified name of the HandWrittenMoE inside Decoder
+MODULE = "decoder.0.moe.experts"  # the experts container of the HandWrittenMoE inside Decoder
 REQUIRED_FIELDS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
     "dtype", "world_size", "status", "reason",
@@ -136,8 +136,8 @@ def test_dumps_per_graph_with_graph_break(tmp_path):
         assert (tmp_path / name).is_file(), f"{name} not written"
     report = json.loads((tmp_path / "report.json").read_text())
     assert [(r["graph"], r["module"], r["status"]) for r in report["regions"]] == [
-        (0, "first.moe", "rewritten"),
-        (1, "second.moe", "rewritten"),
+        (0, "first.moe.experts", "rewritten"),
+        (1, "second.moe.experts", "rewritten"),
     ]
     assert any("graph_break" in reason for reason in report["graph_breaks"]), report["graph_breaks"]
 
