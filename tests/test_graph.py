@@ -97,9 +97,9 @@ def test_switch_capacity_mask_kept_and_removed():
 
 def test_a_wrong_top_k_bound_fails_loudly(monkeypatch):
     """The lowering re-checks the proven bound at run time: a wrong one raises, naming the module."""
-    import passes.recognise_loop
+    import passes.combine_columns
 
-    monkeypatch.setattr(passes.recognise_loop, "nnz_bound", lambda *args: 1)
+    monkeypatch.setattr(passes.combine_columns, "nnz_bound", lambda *args: 1)
     cfg = MoEConfig(num_experts=4, top_k=2, style="dense")
     model = MoEBlock(cfg).eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"in moe\.experts, a token was routed to more than top_k=1"):

@@ -1,0 +1,113 @@
+"""How each expert reads its tokens (dispatch) and adds its output back (combine).
+
+    index:  x_e = x[tok];   out.index_add_(0, tok, y_e * s)      (tok from where(mask_e))
+    mask:   x_e = x[m];     out[m] += y_e * s[m]
+    dense:  x_e = x;        out = out + y_e * s_e                (s_e is 0 off-route)
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from passes.graph_utils import fake, spellings
+
+_TRANSPARENT_METHODS = ("to", "type_as", "float", "contiguous", "reshape", "view")
+
+
+
+@dataclass
+class Selection:
+    kind: str  # "index" | "mask" | "dense"
+    tokens: fx.Node  # the [T, D] tensor all experts read
+    key: fx.Node | None  # token indices or token mask, None for dense
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class Accumulation:
+    kind: str
+    key: fx.Node | None
+    acc_in: fx.Node
+    acc_out: fx.Node  # == acc_in for in-place accumulation
+    scales: list[fx.Node]
+    constant: float
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def _strip(node, nodes: list[fx.Node]):
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _TRANSPARENT_METHODS:
+        nodes.append(node)
+        node = node.args[0]
+    return node
+
+
+def selection(x: fx.Node) -> Selection:
+    nodes: list[fx.Node] = []
+    base = _strip(x, nodes)
+    if base.op == "call_function" and base.target is operator.getitem and isinstance(base.args[0], fx.Node):
+        key = base.args[1]
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is None:
+            key = key[1]
+        if isinstance(key, fx.Node) and fake(key) is not None:
+            kind = "mask" if fake(key).dtype == torch.bool else "index"
+            return Selection(kind, base.args[0], key, nodes + [base])
+    if base.op == "call_function" and base.target is torch.index_select and base.args[1] == 0:
+        return Selection("index", base.args[0], base.args[2], nodes + [base])
+    return Selection("dense", x, None, [])
+
+
+_MUL = spellings("mul", inplace=True)
+_ADD = spellings("add", inplace=True)
+
+
+def accumulation(y: fx.Node) -> Accumulation | None:
+    node, scales, constant, nodes = y, [], 1.0, []
+    for _ in range(12):
+        users = [u for u in node.users]
+        if len(users) != 1:
+            return None
+        user = users[0]
+        nodes.append(user)
+        other = [a for a in (*user.args, *user.kwargs.values()) if a is not node]
+        if user.target in _MUL and len(user.args) == 2:
+            if isinstance(other[0], fx.Node):
+                scales.append(other[0])
+            elif isinstance(other[0], (int, float)):
+                constant *= other[0]
+            else:
+                return None
+        elif _zero_where_unrouted(user, node, scales):
+            pass  # where(w != 0, y * w, 0): the lowering also adds exact zeros for unrouted tokens
+        elif user.target in _TRANSPARENT_METHODS[:4] or (
+            user.target is F.dropout and not user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True)
+        ):
+            pass
+        elif user.target == "index_add_" and user.args[1] == 0 and user.args[3] is node:
+            return Accumulation("index", user.args[2], user.args[0], user.args[0], scales, constant, nodes)
+        elif user.target is torch.index_add and user.args[1] == 0 and user.args[3] is node:
+            return Accumulation("index", user.args[2], user.args[0], user, scales, constant, nodes)
+        elif user.target in _ADD and len(user.args) == 2 and isinstance(other[0], fx.Node):
+            acc = other[0]
+            indexed = acc.target is operator.getitem and len(user.users) == 1
+            setitem = next(iter(user.users)) if indexed else None
+            if indexed and setitem.target is operator.setitem and setitem.args[2] is user and setitem.args[0] is acc.args[0]:
+                key = acc.args[1]
+                kind = "mask" if fake(key) is not None and fake(key).dtype == torch.bool else "index"
+                return Accumulation(kind, key, acc.args[0], acc.args[0], scales, constant, nodes + [acc, setitem])
+            return Accumulation("dense", None, acc, user, scales, constant, nodes)
+        else:
+            return None
+        node = user
+    return None
+
+
+def _zero_where_unrouted(user: fx.Node, node: fx.Node, scales: list[fx.Node]) -> bool:
+    if user.target is not torch.where or len(user.args) != 3 or user.args[1] is not node or user.args[2] != 0:
+        return False
+    cond = user.args[0]
+    return cond.target in spellings("ne") and cond.args[0] in scales and cond.args[1] == 0

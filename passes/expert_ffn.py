@@ -1,0 +1,226 @@
+"""Find the experts' FFNs in a Dynamo graph: y = second(act(first(x)) [* up(x)]).
+
+An FFN is a linear whose input comes, through elementwise nodes only, from one or two linears
+reading the same tensor; the elementwise part is identified numerically (passes.elementwise).
+FFNs of one MoE share a weight-name template with the expert index replaced by "*".
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from passes.elementwise import Elementwise, identify
+from passes.graph_utils import fake, param_name, static_int, topo_index
+from passes.region import ExpertWeights, WeightSource, gate_up_columns
+
+_LINEAR = (torch._C._nn.linear, F.linear)
+_MATMUL = (operator.matmul, torch.matmul)
+_EXPERT_INDEX = re.compile(r"^(\D*?)(\d+)$")
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """A parameter, or slice `param[index]` of a stacked one, used as a linear weight."""
+
+    param: fx.Node
+    index: int | None
+    out_in: bool  # True: [out, in] as F.linear takes it; False: [in, out] as x @ w takes it
+
+    @property
+    def out_features(self) -> int:
+        shape = fake(self.param).shape[-2:]
+        return shape[0] if self.out_in else shape[1]
+
+
+@dataclass
+class Linear:
+    node: fx.Node
+    x: fx.Node
+    weight: WeightRef
+    bias: fx.Node | None
+
+
+@dataclass
+class FFN:
+    """One expert applied in the graph: y = second(act(first(x)) [* up(x)])."""
+
+    x: fx.Node
+    first: list[Linear]  # one (plain or fused gate_up) or two (separate gate and up)
+    second: Linear
+    elementwise: Elementwise
+    nodes: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def y(self) -> fx.Node:
+        return self.second.node
+
+
+def _linear(node: fx.Node) -> Linear | None:
+    if node.op != "call_function":
+        return None
+    if node.target in _LINEAR:
+        x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        ref = _weight_ref(w, out_in=True)
+    elif node.target in _MATMUL:
+        x, w, b = node.args[0], node.args[1], None
+        ref = _weight_ref(w, out_in=False)
+        if ref is None and isinstance(w, fx.Node) and _is_transpose(w):
+            ref = _weight_ref(w.args[0], out_in=True)
+    else:
+        return None
+    if ref is None or not isinstance(x, fx.Node) or (b is not None and not param_name(b)):
+        return None
+    return Linear(node, x, ref, b)
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.target in ("t", torch.t) or (node.target is getattr and node.args[1] == "T"):
+        return True
+    return node.target in ("transpose", torch.transpose) and sorted(a % 2 for a in node.args[1:3]) == [0, 1]
+
+
+def _weight_ref(w, out_in: bool) -> WeightRef | None:
+    if not isinstance(w, fx.Node):
+        return None
+    if param_name(w) and fake(w).dim() == 2:
+        return WeightRef(w, None, out_in)
+    if w.target is operator.getitem and isinstance(w.args[0], fx.Node) and param_name(w.args[0]):
+        index = static_int(w.args[1])
+        if index is not None and fake(w.args[0]).dim() == 3:
+            return WeightRef(w.args[0], index, out_in)
+    return None
+
+
+def find_ffns(gm: fx.GraphModule) -> list[FFN]:
+    linears = {n: lin for n in gm.graph.nodes if (lin := _linear(n)) is not None}
+    ffns = []
+    for second in linears.values():
+        firsts = _producing_linears(second.x, linears)
+        if not firsts or len(firsts) > 2 or len({f.x for f in firsts}) != 1:
+            continue
+        elementwise = identify([f.node for f in firsts], second.x)
+        if elementwise is None or (len(firsts) == 2 and not elementwise.gated):
+            continue
+        if len(firsts) == 2 and elementwise.gate_input == 0:
+            firsts = firsts[::-1]  # canonical order: [up, gate]
+        nodes = _between(firsts[0].x, second.node)
+        ffns.append(FFN(firsts[0].x, firsts, second, elementwise, nodes))
+    return ffns
+
+
+def _producing_linears(start: fx.Node, linears: dict[fx.Node, Linear], depth: int = 24) -> list[Linear] | None:
+    """Linears feeding `start` through non-linear call nodes only; None if a graph input intrudes."""
+    found, frontier, seen = {}, [start], set()
+    for _ in range(depth):
+        next_frontier = []
+        for node in frontier:
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in linears:
+                found[node] = linears[node]
+            elif node.op in ("call_function", "call_method"):
+                next_frontier.extend(node.all_input_nodes)
+            else:
+                return None
+        frontier = next_frontier
+        if not frontier:
+            order = topo_index(start.graph)
+            return sorted(found.values(), key=lambda lin: order[lin.node])
+    return None
+
+
+def _between(source: fx.Node, sink: fx.Node) -> list[fx.Node]:
+    """Nodes that depend on `source` and feed `sink` (inclusive of sink)."""
+    ancestors, stack = set(), [sink]
+    while stack:
+        node = stack.pop()
+        if node not in ancestors and node is not source:
+            ancestors.add(node)
+            stack.extend(node.all_input_nodes)
+    descendants, stack = set(), [source]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in descendants and user in ancestors:
+                descendants.add(user)
+                stack.append(user)
+    return list(descendants)
+
+
+def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
+    """(template shared by all experts of one MoE, this expert's index), from the weight's name."""
+    ref = ffn.first[0].weight
+    name = param_name(ref.param)
+    if ref.index is not None:
+        return (name + "[*]", ffn.elementwise, len(ffn.first)), ref.index
+    parts = name.split(".")
+    # The expert index sits in the module path above the linear that owns the weight
+    # ("experts.3.wi.weight", "experts.expert_3.fc1.weight"): skip "<linear>.<param>".
+    for i in range(len(parts) - 3, -1, -1):
+        match = _EXPERT_INDEX.match(parts[i])
+        if match:
+            template = ".".join(parts[:i] + [match.group(1) + "*"] + parts[i + 1 :])
+            return (template, ffn.elementwise, len(ffn.first)), int(match.group(2))
+    return None
+
+
+def stack_expert_weights(members: list[FFN]) -> WeightSource:
+    """Stack each expert's weights into [E, ...] tensors (a copy, made once per change)."""
+    first = members[0]
+    gated, fused = first.elementwise.gated, len(first.first) == 1 and first.elementwise.gated
+    inputs: list[fx.Node] = []
+
+    def slot(node: fx.Node) -> int:
+        if node not in inputs:
+            inputs.append(node)
+        return inputs.index(node)
+
+    # per linear position (first..., second): per expert (input slot of weight, index, out_in, bias slot)
+    layout = [
+        [(slot(lin.weight.param), lin.weight.index, lin.weight.out_in, None if lin.bias is None else slot(lin.bias))
+         for lin in (*m.first, m.second)]
+        for m in members
+    ]
+    num_first = len(first.first)
+
+    def stack(tensors: list[torch.Tensor]) -> ExpertWeights:
+        def weight_EDO(position: int) -> torch.Tensor:
+            per_expert = []
+            for expert in layout:
+                w_slot, index, out_in, _ = expert[position]
+                w = tensors[w_slot] if index is None else tensors[w_slot][index]
+                per_expert.append(w.t() if out_in else w)
+            return torch.stack(per_expert)
+
+        def bias_EO(position: int) -> torch.Tensor | None:
+            if layout[0][position][3] is None:
+                return None
+            return torch.stack([tensors[expert[position][3]] for expert in layout])
+
+        w_first = [weight_EDO(i) for i in range(num_first)]
+        b_first = [bias_EO(i) for i in range(num_first)]
+        w_out_EFD, b_out_ED = weight_EDO(num_first), bias_EO(num_first)
+        if not gated:
+            return ExpertWeights(w_in_EDF=w_first[0], w_out_EFD=w_out_EFD, b_in_EF=b_first[0], b_out_ED=b_out_ED)
+        if not fused:
+            return ExpertWeights(w_first[0], w_out_EFD, w_first[1], b_first[0], b_first[1], b_out_ED)
+        gate, up = gate_up_columns(first.elementwise.gate_layout, w_first[0].shape[-1] // 2)
+        b = b_first[0]
+        return ExpertWeights(
+            w_in_EDF=w_first[0][..., up].contiguous(),
+            w_out_EFD=w_out_EFD,
+            w_gate_EDF=w_first[0][..., gate].contiguous(),
+            b_in_EF=None if b is None else b[..., up].contiguous(),
+            b_gate_EF=None if b is None else b[..., gate].contiguous(),
+            b_out_ED=b_out_ED,
+        )
+
+    return WeightSource(inputs=inputs, stack=stack)
