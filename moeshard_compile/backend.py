@@ -83,7 +83,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
     report.regions += [region_row(graph_id, r) for r in regions]
-    report.graph_breaks = _graph_breaks()
+    report.note_graph_breaks()
     if opts.dump_dir:
         _dump(opts.dump_dir, f"graph_{graph_id}_after.py", gm)
         report.write(opts.dump_dir)
@@ -135,12 +135,6 @@ def _dropout_active(node: fx.Node) -> bool:
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
     return bool(training) and p != 0
-
-
-def _graph_breaks() -> list[str]:
-    from torch._dynamo.utils import counters
-
-    return sorted(counters["graph_break"])
 
 
 def _dump(directory: str, name: str, gm: fx.GraphModule) -> None:

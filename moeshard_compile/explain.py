@@ -8,7 +8,7 @@ import torch
 
 from moeshard_compile.backend import make_backend
 from moeshard_compile.options import Options
-from moeshard_compile.report import Report
+from moeshard_compile.report import Report, dynamo_breaks
 
 
 def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
@@ -20,17 +20,15 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
     and falls back to allowing graph breaks, which the report lists.
     """
     opts = dataclasses.replace(Options.from_user(options), inductor=False)
-    report = Report()
-    from torch._dynamo.utils import counters
-
-    counters["graph_break"].clear()
-
+    report = Report(breaks_before=dynamo_breaks())  # this call's graph breaks only
     backend = make_backend(opts, report)
     with torch.no_grad():
         try:
             torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
         except torch._dynamo.exc.Unsupported:
-            report.__init__()
+            report.regions.clear()
+            report.fallbacks.clear()
+            report.graphs = 0
             torch.compile(model, backend=backend)(*args, **kwargs)
-    report.graph_breaks = sorted(counters["graph_break"])  # breaks found after the last graph too
+    report.note_graph_breaks()  # breaks found after the last graph too
     return report

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch._dynamo.exc import ShortenTraceback
@@ -29,7 +29,7 @@ class Options:
         Default False: the model's own routing semantics are kept exactly.
     """
 
-    dump_dir: str | None = None
+    dump_dir: str | None = field(default_factory=lambda: os.environ.get("MOESHARD_DUMP_DIR") or None)
     inductor: bool = True
     dropless: bool = False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,12 @@ COLUMNS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
     "dtype", "world_size", "capacity", "status", "reason",
 )
+
+
+def dynamo_breaks() -> Counter:
+    from torch._dynamo.utils import counters
+
+    return Counter(counters["graph_break"])
 
 
 def region_row(graph: int, region: MoERegion) -> dict:
@@ -35,8 +42,14 @@ class Report:
     graph_breaks: list[str] = field(default_factory=list)
     fallbacks: list[dict] = field(default_factory=list)
     graphs: int = 0
+    # Dynamo counts graph breaks per process; those already counted here are left out
+    breaks_before: Counter = field(default_factory=Counter, repr=False)
 
-    def to_dict(self) -> dict:
+    def note_graph_breaks(self) -> None:
+        now = dynamo_breaks()
+        self.graph_breaks = sorted(reason for reason, n in now.items() if n > self.breaks_before.get(reason, 0))
+
+    def to_dict(self) -> dict:  # the fields report.json holds
         return {"regions": self.regions, "graph_breaks": self.graph_breaks, "fallbacks": self.fallbacks}
 
     def table(self) -> str:

@@ -4,10 +4,13 @@ The rewritten graph reads stacked [E, ...] weights. Stacking per call would copy
 weights each forward, so the stacked tensors are made at compile time and passed as extra
 inputs. Each call looks at the parameters Dynamo passes in (a few identity and version-counter
 reads) and restacks if the user replaced or modified one, e.g. with `load_state_dict`.
+Graphs of the same model (recompilations for new shapes, graph breaks) share one stacked copy
+per region, keyed by the parameters it was built from and released with them.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -16,34 +19,61 @@ import torch.fx as fx
 from passes.region import WeightSource
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter; tensors made under inference_mode have none (and cannot change
+    outside it), so they count as never modified."""
+    return -1 if t.is_inference() else t._version
+
+
 class _Stacked:
     """One region's stacked weights and the parameter values they were built from."""
 
-    def __init__(self, source: WeightSource, input_indices: list[int], args: list):
-        self.source, self.input_indices = source, input_indices
-        self.refresh(args, force=True)
+    def __init__(self, source: WeightSource, params: list[torch.Tensor]):
+        self.source = source
+        self.refresh(params, force=True)
 
-    def refresh(self, args, force: bool = False) -> None:
-        params = [args[i] for i in self.input_indices]
-        if not force and all(p is q and p._version == v for p, (q, v) in zip(params, self.built_from)):
+    def refresh(self, params: list[torch.Tensor], force: bool = False) -> None:
+        if not force and all(p is q() and _version(p) == v for p, (q, v) in zip(params, self.built_from)):
             return
         with torch.no_grad():
             weights = self.source.stack([p.detach() for p in params])
         self.names = [name for name, t in weights.tensors().items() if t is not None]
         self.tensors = [weights.tensors()[name] for name in self.names]
-        self.built_from = [(p, p._version) for p in params]  # holding p keeps its id() unique
+        self.built_from = [(weakref.ref(p), _version(p)) for p in params]  # weak: the model may go
+
+
+# id(first parameter) -> {(parameter ids, layout): stack}; an entry dies with that parameter
+# (tensors cannot key a WeakKeyDictionary: their == is elementwise)
+_SHARED: dict[int, dict[tuple, _Stacked]] = {}
+
+
+def _shared_stack(source: WeightSource, params: list[torch.Tensor]) -> _Stacked:
+    if not source.copies:  # views of the parameters: free to make, and they would pin the model
+        return _Stacked(source, params)
+    key = (tuple(id(p) for p in params), source.layout)
+    if id(params[0]) not in _SHARED:
+        _SHARED[id(params[0])] = {}
+        weakref.finalize(params[0], _SHARED.pop, id(params[0]), None)
+    per_param = _SHARED[id(params[0])]
+    stacked = per_param.get(key)
+    if stacked is None:
+        stacked = per_param[key] = _Stacked(source, params)
+    else:
+        stacked.refresh(params)
+    return stacked
 
 
 class WeightFeed:
     def __init__(self, gm: fx.GraphModule, example_inputs: list):
         self.gm, self.example_inputs = gm, list(example_inputs)
         self.input_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.regions: list[_Stacked] = []
+        self.regions: list[tuple[_Stacked, list[int]]] = []
 
     def add_weights(self, prefix: str, source: WeightSource) -> dict[str, fx.Node]:
         """Stack `source` now and append one placeholder per stacked tensor."""
-        stacked = _Stacked(source, [self.input_index[n] for n in source.inputs], self.example_inputs)
-        self.regions.append(stacked)
+        indices = [self.input_index[n] for n in source.inputs]
+        stacked = _shared_stack(source, [self.example_inputs[i] for i in indices])
+        self.regions.append((stacked, indices))
         names = stacked.names
         graph = self.gm.graph
         last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -55,15 +85,15 @@ class WeightFeed:
 
     def tensors(self) -> list[torch.Tensor]:
         """Current stacked tensors in placeholder order."""
-        return [t for region in self.regions for t in region.tensors]
+        return [t for stacked, _ in self.regions for t in stacked.tensors]
 
     def bind(self, inner: Callable) -> Callable:
         if not self.regions:
             return inner
 
         def run(*args):  # Dynamo calls a backend's result unboxed, and so do we
-            for region in self.regions:
-                region.refresh(args)
+            for stacked, indices in self.regions:
+                stacked.refresh([args[i] for i in indices])
             return inner(*args, *self.tensors())
 
         return run

@@ -223,4 +223,5 @@ def stack_expert_weights(members: list[FFN]) -> WeightSource:
             b_out_ED=b_out_ED,
         )
 
-    return WeightSource(inputs=inputs, stack=stack)
+    layout_key = ("loop", tuple(map(tuple, layout)), first.elementwise)
+    return WeightSource(inputs=inputs, stack=stack, layout=layout_key, copies=True)

@@ -59,14 +59,10 @@ class Emitter:
         self.graph, self.prefix = graph, prefix
 
     def fn(self, target, *args, name: str, **kwargs) -> fx.Node:
-        node = self.graph.call_function(target, args, kwargs)
-        node.name = self.graph._graph_namespace.create_name(f"{self.prefix}{name}", node)
-        return node
+        return self.graph.create_node("call_function", target, args, kwargs, name=f"{self.prefix}{name}")
 
     def method(self, target: str, *args, name: str, **kwargs) -> fx.Node:
-        node = self.graph.call_method(target, args, kwargs)
-        node.name = self.graph._graph_namespace.create_name(f"{self.prefix}{name}", node)
-        return node
+        return self.graph.create_node("call_method", target, args, kwargs, name=f"{self.prefix}{name}")
 
 
 def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights, index: int) -> None:

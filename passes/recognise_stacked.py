@@ -173,4 +173,5 @@ def _weight_source(up, down, biases, transposed: bool, elementwise: Elementwise,
             b_out_ED=down_bias,
         )
 
-    return WeightSource(inputs=inputs, stack=stack)
+    layout = ("stacked", transposed, elementwise, F, has_up_bias, has_down_bias)
+    return WeightSource(inputs=inputs, stack=stack, layout=layout)

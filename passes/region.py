@@ -52,6 +52,8 @@ class WeightSource:
 
     inputs: list[fx.Node]
     stack: Callable[[list[torch.Tensor]], ExpertWeights]
+    layout: tuple = ()  # what `stack` does with the inputs (hashable): equal layouts stack equally
+    copies: bool = False  # `stack` copies (share one stack between graphs) rather than making views
 
 
 @dataclass
