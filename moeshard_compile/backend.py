@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import passes
+from passes.graph_utils import module_paths
 from moeshard_compile.options import OptionError, Options
 from moeshard_compile.report import Report, region_row
 from moeshard_compile.weights import WeightFeed
@@ -127,7 +128,8 @@ def _fallback_reason(gm: fx.GraphModule, example_inputs: list) -> str | None:
         )
     for node in gm.graph.nodes:
         if node.target is F.dropout and _dropout_active(node):
-            return f"dropout is active in {node.name} (model in training mode): call model.eval() for the rewrite"
+            where = (module_paths(node) or [node.name])[-1] or "the model"
+            return f"dropout is active in {where} (model in training mode): call model.eval() for the rewrite"
     return None
 
 

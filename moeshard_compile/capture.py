@@ -231,7 +231,9 @@ def install() -> list[str]:
     except ImportError as error:
         log.debug("moeshard: no transformers experts interface (%s)", error)
     else:
-        if "eager" not in ALL_EXPERTS_FUNCTIONS:
+        if ALL_EXPERTS_FUNCTIONS.get("eager") in (None, _eager_experts_interface):
             ALL_EXPERTS_FUNCTIONS["eager"] = _eager_experts_interface
-        installed.append("experts_implementation=eager")
+            installed.append("experts_implementation=eager")
+        else:
+            log.info("moeshard: transformers' 'eager' experts function is already overridden; not shimmed")
     return installed

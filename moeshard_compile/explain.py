@@ -25,7 +25,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
     with torch.no_grad():
         try:
             torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):  # not one graph
             report.regions.clear()
             report.fallbacks.clear()
             report.graphs = 0
