@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.region import MoERegion, WeightSource
+from passes.region import MoERegion, Routing, WeightSource
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
@@ -135,8 +135,6 @@ def _grouped_linear(emit, grouped_mm, x, w, b, offs_E, ids_sorted_S, name: str) 
 
 def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
     """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row."""
-    from passes.region import Routing
-
     combine_TE = routing.combine_TE
     K = routing.top_k
     routed_TE = emit.method("to", emit.fn(operator.ne, combine_TE, 0, name="routed_TE"), torch.float32, name="routed_f")
