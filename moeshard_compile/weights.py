@@ -37,8 +37,8 @@ class _Stacked:
             return
         with torch.no_grad():
             weights = self.source.stack([p.detach() for p in params])
-        self.names = [name for name, t in weights.tensors().items() if t is not None]
-        self.tensors = [weights.tensors()[name] for name in self.names]
+        stacked = {name: t for name, t in weights.tensors().items() if t is not None}
+        self.names, self.tensors = list(stacked), list(stacked.values())
         self.built_from = [(weakref.ref(p), _version(p)) for p in params]  # weak: the model may go
 
 

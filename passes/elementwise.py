@@ -36,18 +36,23 @@ def _is_sentinel_fill(node: fx.Node) -> bool:
 def nodes_between(sources: list[fx.Node], sink: fx.Node) -> list[fx.Node] | None:
     """Nodes on paths from `sources` to `sink` (topological order), or None if `sink` depends on
     anything else than the sources and constants (then it is not a pure elementwise chain)."""
-    seen: dict[fx.Node, None] = {}
-    stack = [sink]
+    order: list[fx.Node] = []  # post-order of a DFS from the sink: inputs before users
+    state: dict[fx.Node, bool] = {}  # False while on the stack, True once emitted
+    stack = [(sink, False)]
     while stack:
-        node = stack.pop()
-        if node in seen or node in sources:
+        node, inputs_done = stack.pop()
+        if inputs_done:
+            state[node] = True
+            order.append(node)
+            continue
+        if node in state or node in sources:
             continue
         if node.op not in ("call_function", "call_method"):
             return None
-        seen[node] = None
-        stack.extend(node.args[:1] if _is_sentinel_fill(node) else node.all_input_nodes)
-    order = {n: i for i, n in enumerate(sink.graph.nodes)}
-    return sorted(seen, key=order.__getitem__)
+        state[node] = False
+        stack.append((node, True))
+        stack.extend((n, False) for n in (node.args[:1] if _is_sentinel_fill(node) else node.all_input_nodes))
+    return order
 
 
 def evaluate(nodes: list[fx.Node], env: dict[fx.Node, object]) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.elementwise import Elementwise, identify
+from passes.elementwise import Elementwise, identify, nodes_between
 from passes.graph_utils import fake, param_name, static_int, topo_index
 from passes.region import ExpertWeights, WeightSource, gate_up_columns
 
@@ -101,8 +101,10 @@ def _weight_ref(w, out_in: bool) -> WeightRef | None:
 def find_ffns(gm: fx.GraphModule) -> list[FFN]:
     linears = {n: lin for n in gm.graph.nodes if (lin := _linear(n)) is not None}
     ffns = []
+    order = topo_index(gm.graph)
     for second in linears.values():
         firsts = _producing_linears(second.x, linears)
+        firsts = sorted(firsts, key=lambda lin: order[lin.node]) if firsts else firsts
         if not firsts or len(firsts) > 2 or len({f.x for f in firsts}) != 1:
             continue
         elementwise = identify([f.node for f in firsts], second.x)
@@ -110,7 +112,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
             continue
         if len(firsts) == 2 and elementwise.gate_input == 0:
             firsts = firsts[::-1]  # canonical order: [up, gate]
-        nodes = _between(firsts[0].x, second.node)
+        nodes = [*(f.node for f in firsts), *nodes_between([f.node for f in firsts], second.x), second.node]
         ffns.append(FFN(firsts[0].x, firsts, second, elementwise, nodes))
     return ffns
 
@@ -132,27 +134,8 @@ def _producing_linears(start: fx.Node, linears: dict[fx.Node, Linear], depth: in
                 return None
         frontier = next_frontier
         if not frontier:
-            order = topo_index(start.graph)
-            return sorted(found.values(), key=lambda lin: order[lin.node])
+            return list(found.values())
     return None
-
-
-def _between(source: fx.Node, sink: fx.Node) -> list[fx.Node]:
-    """Nodes that depend on `source` and feed `sink` (inclusive of sink)."""
-    ancestors, stack = set(), [sink]
-    while stack:
-        node = stack.pop()
-        if node not in ancestors and node is not source:
-            ancestors.add(node)
-            stack.extend(node.all_input_nodes)
-    descendants, stack = set(), [source]
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            if user not in descendants and user in ancestors:
-                descendants.add(user)
-                stack.append(user)
-    return list(descendants)
 
 
 def expert_key(ffn: FFN) -> tuple[tuple, int] | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.fx as fx
 
@@ -12,8 +10,6 @@ from passes.lower import AddWeights, lower_region
 from passes.recognise_loop import recognise_loops
 from passes.recognise_stacked import recognise_stacked
 from passes.region import MoERegion
-
-log = logging.getLogger(__name__)
 
 _ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
 

@@ -14,16 +14,12 @@ the first and the second projection (passes.elementwise).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.fx as fx
 
 from passes.elementwise import Elementwise, identify
 from passes.graph_utils import fake, module_paths, param_name
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
-
-log = logging.getLogger(__name__)
 
 _UP_NAMES = ("gate_up_proj", "up_proj")
 
@@ -51,11 +47,10 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     inputs = [a for a in inputs if not param_name(a)]
     outputs = [n for n in body if any(u not in body_set for u in n.users)]
     region = MoERegion(
-        module=module, form="stacked", num_experts=E, top_k=0, d_model=0, d_ff=0, activation="?",
+        module=module, form=f"stacked/{_implementation(body)}", num_experts=E, top_k=0, d_model=0, d_ff=0, activation="?",
         gated=up_name.endswith("gate_up_proj"), has_bias=f"{module}.down_proj_bias" in params,
         dtype=fake(down).dtype, capacity=None,
     )
-    region.form = f"stacked/{_implementation(body)}"
     tokens = [a for a in inputs if fake(a).is_floating_point() and fake(a).dim() == 2 and fake(a).shape[-1] in fake(down).shape[1:]]
     ids = [a for a in inputs if not fake(a).is_floating_point() and fake(a).dim() == 2]
     weights = [a for a in inputs if fake(a).is_floating_point() and fake(a).dim() == 2 and a not in tokens]
@@ -64,7 +59,7 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     if len(outputs) != 1:
         return region.skip(f"expected one output tensor, found {len(outputs)}")
     region.tokens_TD, region.output_TD = tokens[0], outputs[0]
-    region.routing = Routing(ids_TK=ids[0], weights_TK=weights[0], top_k=_static(fake(ids[0]).shape[1]))
+    region.routing = Routing(ids_TK=ids[0], weights_TK=weights[0], top_k=int(fake(ids[0]).shape[1]))
     region.top_k = region.routing.top_k
     D = fake(tokens[0]).shape[-1]
     region.d_model = D
@@ -85,10 +80,6 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     bias = {k: params.get(f"{module}.{k}") for k in (f"{up_name.rsplit('.', 1)[1]}_bias", "down_proj_bias")}
     region.weights = _weight_source(up, down, list(bias.values()), transposed, elementwise, region.d_ff)
     return region
-
-
-def _static(size) -> int:
-    return int(size)
 
 
 def _implementation(body: list[fx.Node]) -> str:
