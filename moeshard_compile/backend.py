@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import passes
-from passes.graph_utils import module_paths
+from passes.graph_utils import dropout_args, module_paths
 from moeshard_compile.options import OptionError, Options
 from moeshard_compile.report import Report, region_row
 from moeshard_compile.weights import WeightFeed
@@ -70,7 +70,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     attempted = [r for r in regions if r.status == "recognised"]
     try:
         passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
-        compiled = _lower(gm, list(example_inputs) + _static_fakes(example_inputs, feed.tensors()), opts)
+        compiled = _lower(gm, example_inputs, feed.tensors(), opts)
     except Exception as error:  # keep the model working: compile the original graph, say why
         if not attempted:
             raise  # nothing of ours was involved: a genuine compile error
@@ -80,7 +80,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
             region.skip(reason)
         report.fallbacks.append({"graph": graph_id, "reason": reason})
         gm, feed = original, WeightFeed(original, example_inputs)
-        compiled = _lower(original, list(example_inputs), opts)
+        compiled = _lower(original, example_inputs, [], opts)
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
     report.regions += [region_row(graph_id, r) for r in regions]
@@ -91,12 +91,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     return feed.bind(compiled)
 
 
-def _lower(gm: fx.GraphModule, inputs: list, opts: Options) -> Callable:
+def _lower(gm: fx.GraphModule, example_inputs: list, weights: list[torch.Tensor], opts: Options) -> Callable:
+    """Inductor (or the FX graph as is) over the graph's inputs followed by the stacked weights."""
     if not opts.inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, inputs)
+    return compile_fx(gm, list(example_inputs) + _static_fakes(example_inputs, weights))
 
 
 def _static_fakes(example_inputs: list, tensors: list[torch.Tensor]) -> list:
@@ -127,16 +128,11 @@ def _fallback_reason(gm: fx.GraphModule, example_inputs: list) -> str | None:
             "(call the model under torch.no_grad() or torch.inference_mode())"
         )
     for node in gm.graph.nodes:
-        if node.target is F.dropout and _dropout_active(node):
+        p, training = dropout_args(node) if node.target is F.dropout else (0, False)
+        if training and p != 0:
             where = (module_paths(node) or [node.name])[-1] or "the model"
             return f"dropout is active in {where} (model in training mode): call model.eval() for the rewrite"
     return None
-
-
-def _dropout_active(node: fx.Node) -> bool:
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-    return bool(training) and p != 0
 
 
 def _dump(directory: str, name: str, gm: fx.GraphModule) -> None:

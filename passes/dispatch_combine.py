@@ -14,9 +14,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.graph_utils import fake, spellings
+from passes.graph_utils import dropout_args, fake, spellings
 
-_TRANSPARENT_METHODS = ("to", "type_as", "float", "contiguous", "reshape", "view")
+_CASTS = ("to", "type_as", "float", "contiguous")
+_TRANSPARENT_METHODS = (*_CASTS, "reshape", "view")  # on the dispatch side, reshapes keep the rows
 
 
 
@@ -68,7 +69,7 @@ _ADD = spellings("add", inplace=True)
 def accumulation(y: fx.Node) -> Accumulation | None:
     node, scales, constant, nodes = y, [], 1.0, []
     for _ in range(12):
-        users = [u for u in node.users]
+        users = list(node.users)
         if len(users) != 1:
             return None
         user = users[0]
@@ -83,9 +84,7 @@ def accumulation(y: fx.Node) -> Accumulation | None:
                 return None
         elif _zero_where_unrouted(user, node, scales):
             pass  # where(w != 0, y * w, 0): the lowering also adds exact zeros for unrouted tokens
-        elif user.target in _TRANSPARENT_METHODS[:4] or (
-            user.target is F.dropout and not user.kwargs.get("training", user.args[2] if len(user.args) > 2 else True)
-        ):
+        elif user.target in _CASTS or (user.target is F.dropout and not dropout_args(user)[1]):
             pass
         elif user.target == "index_add_" and user.args[1] == 0 and user.args[3] is node:
             return Accumulation("index", user.args[2], user.args[0], user.args[0], scales, constant, nodes)

@@ -65,3 +65,10 @@ def spellings(name: str, inplace: bool = False) -> tuple:
     if inplace:
         found += [getattr(operator, f"i{base}", None), f"{base}_", f"__i{base}__"]
     return tuple(t for t in found if t is not None)
+
+
+def dropout_args(node: fx.Node) -> tuple[float, bool]:
+    """(p, training) of an F.dropout call, with F.dropout's defaults."""
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p, bool(training)
