@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import passes
 from passes.graph_utils import dropout_args, module_paths
+from moeshard_compile import distributed
 from moeshard_compile.options import OptionError, Options
 from moeshard_compile.report import Report, region_row
 from moeshard_compile.weights import WeightFeed
@@ -59,6 +60,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
 
     original = gm
     gm = _own_copy(gm)  # Dynamo keeps using its graph after we return: rewrite a copy
+    plan, group = distributed.resolve(opts)
     regions = passes.recognise(gm)
     fallback = _fallback_reason(gm, example_inputs)
     if fallback:
@@ -66,10 +68,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         for region in regions:
             if region.status == "recognised":
                 region.skip(fallback)
+    if plan is not None:
+        distributed.check_fits(regions, plan)
     feed = WeightFeed(gm, example_inputs)
     attempted = [r for r in regions if r.status == "recognised"]
     try:
-        passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless)
+        passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless, plan=plan)
         compiled = _lower(gm, example_inputs, feed.tensors(), opts)
     except Exception as error:  # keep the model working: compile the original graph, say why
         if not attempted:
@@ -81,6 +85,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         report.fallbacks.append({"graph": graph_id, "reason": reason})
         gm, feed = original, WeightFeed(original, example_inputs)
         compiled = _lower(original, example_inputs, [], opts)
+    feed.describe([r for r in regions if r.status == "rewritten"])
+    if opts.release_unsharded and plan is not None:
+        feed.release_unsharded()
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
     report.regions += [region_row(graph_id, r) for r in regions]
@@ -88,7 +95,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if opts.dump_dir:
         _dump(opts.dump_dir, f"graph_{graph_id}_after.py", gm)
         report.write(opts.dump_dir)
-    return feed.bind(compiled)
+    compiled = feed.bind(compiled)
+    if group is not None and opts.check_inputs and feed.regions:
+        compiled = _checked(compiled, distributed.check_same_inputs(group))
+    return compiled
+
+
+def _checked(compiled: Callable, check: Callable[[tuple], None]) -> Callable:
+    def run(*args):
+        check(args)
+        return compiled(*args)
+
+    return run
 
 
 def _lower(gm: fx.GraphModule, example_inputs: list, weights: list[torch.Tensor], opts: Options) -> Callable:

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch._dynamo.exc import ShortenTraceback
 
+INPUT_MODES = ("data_parallel", "replicated")
+
 
 class OptionError(ShortenTraceback, ValueError):
     """A bad `options=` entry. A ValueError that Dynamo lets through unwrapped."""
@@ -27,11 +29,31 @@ class Options:
     dropless: remove the model's capacity limits (e.g. Switch's expert_capacity), so no token
         is dropped. This CHANGES results wherever the model would have dropped tokens.
         Default False: the model's own routing semantics are kept exactly.
+    world_size: the number of ranks that share every expert (MoEShard). None (default): the
+        size of `group` / `mesh`, else of the default process group when it is initialised,
+        else 1. Given together with a group, it must match the group's size.
+    group: the torch.distributed ProcessGroup to shard over (default: the default group).
+    mesh: a 1-D DeviceMesh to shard over, instead of `group`.
+    input_mode: "data_parallel" (default: every rank brings its own batch; tokens are
+        all-gathered and partial outputs reduce-scattered back) or "replicated" (every rank
+        brings the same batch; partial outputs are all-reduced).
+    release_unsharded: after compiling, free the storage of the user's expert parameters,
+        keeping only this rank's shard (memory / N). The model's experts can no longer run
+        eagerly or be reloaded. Default False: nothing in the user's model is modified.
+    check_inputs: before each call of a sharded graph, compare every rank's input shapes with
+        one small all-gather and raise on every rank if they differ (default True). Ranks with
+        different token counts would otherwise fail inside a collective.
     """
 
     dump_dir: str | None = field(default_factory=lambda: os.environ.get("MOESHARD_DUMP_DIR") or None)
     inductor: bool = True
     dropless: bool = False
+    world_size: int | None = None
+    group: Any = None
+    mesh: Any = None
+    input_mode: str = "data_parallel"
+    release_unsharded: bool = False
+    check_inputs: bool = True
 
     @classmethod
     def from_user(cls, options: "dict[str, Any] | Options | None") -> "Options":
@@ -42,11 +64,34 @@ class Options:
         for key in options:
             if key not in accepted:
                 raise OptionError(f"moeshard: unknown option {key!r}; accepted options are {', '.join(accepted)}")
-        for key in ("inductor", "dropless"):
+        for key in ("inductor", "dropless", "release_unsharded", "check_inputs"):
             if key in options and not isinstance(options[key], bool):
                 raise OptionError(f"moeshard: option {key!r} must be True or False, got {options[key]!r}")
         dump_dir = options.get("dump_dir", os.environ.get("MOESHARD_DUMP_DIR") or None)
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise OptionError(f"moeshard: option 'dump_dir' must be a path (str or os.PathLike), got {dump_dir!r}")
         options["dump_dir"] = os.fspath(dump_dir) if dump_dir is not None else None
+        _check_distributed(options)
         return cls(**options)
+
+
+def _check_distributed(options: dict[str, Any]) -> None:
+    world_size = options.get("world_size")
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+        raise OptionError(f"moeshard: option 'world_size' must be a positive int or None, got {world_size!r}")
+    mode = options.get("input_mode", "data_parallel")
+    if mode not in INPUT_MODES:
+        raise OptionError(f"moeshard: option 'input_mode' must be one of {', '.join(map(repr, INPUT_MODES))}, got {mode!r}")
+    group, mesh = options.get("group"), options.get("mesh")
+    if group is not None and mesh is not None:
+        raise OptionError("moeshard: give either option 'group' or option 'mesh', not both")
+    if group is not None:
+        from torch.distributed import ProcessGroup
+
+        if not isinstance(group, ProcessGroup):
+            raise OptionError(f"moeshard: option 'group' must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+    if mesh is not None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not isinstance(mesh, DeviceMesh) or mesh.ndim != 1:
+            raise OptionError(f"moeshard: option 'mesh' must be a 1-D torch.distributed.DeviceMesh, got {mesh!r}")

@@ -15,6 +15,8 @@ COLUMNS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
     "dtype", "world_size", "capacity", "status", "reason",
 )
+# Sharding fields (the table condenses them into "ffn_block" and "expert weights held").
+SHARD_FIELDS = ("input_mode", "ffn_block", "shard_shapes", "expert_bytes", "expert_bytes_per_rank")
 
 
 def dynamo_breaks() -> Counter:
@@ -24,9 +26,25 @@ def dynamo_breaks() -> Counter:
 
 
 def region_row(graph: int, region: MoERegion) -> dict:
-    row = {name: getattr(region, name) for name in COLUMNS}
+    row = {name: getattr(region, name) for name in COLUMNS + SHARD_FIELDS}
     row["dtype"] = str(region.dtype).removeprefix("torch.")
+    row["ffn_block"] = list(region.ffn_block) if region.ffn_block else None
     return {"graph": graph, **row}
+
+
+def _shard_cells(row: dict) -> list[str]:
+    block = "{}:{}".format(*row["ffn_block"]) if row["ffn_block"] else ""
+    if not row["expert_bytes"]:
+        return [block, ""]
+    return [block, f"{_size(row['expert_bytes_per_rank'])} of {_size(row['expert_bytes'])}"]
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.3g} GiB"
 
 
 @dataclass
@@ -53,8 +71,9 @@ class Report:
         return {"regions": self.regions, "graph_breaks": self.graph_breaks, "fallbacks": self.fallbacks}
 
     def table(self) -> str:
-        rows = [[r[c] for c in ("graph", *COLUMNS)] for r in self.regions]
-        text = tabulate(rows, headers=("graph", *COLUMNS), tablefmt="github") if rows else "(no MoE regions found)"
+        rows = [[r[c] for c in ("graph", *COLUMNS)] + _shard_cells(r) for r in self.regions]
+        headers = ("graph", *COLUMNS, "ffn_block", "expert weights held")
+        text = tabulate(rows, headers=headers, tablefmt="github") if rows else "(no MoE regions found)"
         for fallback in self.fallbacks:
             text += f"\ngraph {fallback['graph']} compiled unchanged: {fallback['reason']}"
         for reason in self.graph_breaks:

@@ -16,7 +16,11 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from passes.region import WeightSource
+from passes.region import MoERegion, WeightSource
+
+
+def _released(t: torch.Tensor) -> bool:
+    return t.numel() > 0 and t.untyped_storage().nbytes() == 0
 
 
 def _version(t: torch.Tensor) -> int:
@@ -35,6 +39,11 @@ class _Stacked:
     def refresh(self, params: list[torch.Tensor], force: bool = False) -> None:
         if not force and all(p is q() and _version(p) == v for p, (q, v) in zip(params, self.built_from)):
             return
+        if any(_released(p) for p in params):
+            raise RuntimeError(
+                "moeshard: the expert parameters were released (option release_unsharded=True) and then "
+                "replaced or modified: build and compile a fresh model to change its weights"
+            )
         with torch.no_grad():
             weights = self.source.stack([p.detach() for p in params])
         stacked = {name: t for name, t in weights.tensors().items() if t is not None}
@@ -82,6 +91,24 @@ class WeightFeed:
             for name in reversed(names):
                 nodes[name] = graph.placeholder(f"{prefix}{name}")
         return nodes
+
+    def describe(self, regions: list[MoERegion]) -> None:
+        """Record on each rewritten region (in lowering order) what it holds: shapes and bytes."""
+        assert len(regions) == len(self.regions), "one stacked set per rewritten region"
+        for region, (stacked, indices) in zip(regions, self.regions):
+            region.shard_shapes = {name: list(t.shape) for name, t in zip(stacked.names, stacked.tensors)}
+            region.expert_bytes_per_rank = sum(t.nbytes for t in stacked.tensors)
+            region.expert_bytes = sum(self.example_inputs[i].nbytes for i in indices)
+
+    def release_unsharded(self) -> None:
+        """Free the storage of the user's expert parameters; the stacked shards stay.
+
+        Shapes and strides are kept (Dynamo's guards read them), so the compiled graphs run on.
+        """
+        for stacked, indices in self.regions:
+            assert stacked.source.copies, "shards are copies: nothing of ours views the originals"
+            for i in indices:
+                self.example_inputs[i].untyped_storage().resize_(0)
 
     def tensors(self) -> list[torch.Tensor]:
         """Current stacked tensors in placeholder order."""

@@ -4,7 +4,7 @@ Before (any recognised form, e.g. a per-expert loop)::
 
     for e in range(E): out.index_add_(0, tok_e, expert_e(x[tok_e]) * w[tok_e, slot_e, None])
 
-After::
+After, on one rank::
 
     ids_sorted_S, order_S = sort(ids_TK.reshape(-1))          # group the (token, slot) rows by expert
     token_S = order_S // K;  x_SD = x_TD[token_S]
@@ -13,8 +13,15 @@ After::
     y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weight_S     # zero-weight slots contribute exactly 0
     out_TD = zeros.index_add(0, token_S, y_SD)
 
-Every recogniser feeds this function, so sharding (collectives between dispatch and
-combine) and faster kernels change this file only.
+Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
+
+    data_parallel: counts_NE = all_gather(counts_E);  x_ND = all_gather(x_SD)      # N*S rows
+                   regroup the rows by expert (their experts follow from counts_NE)
+                   y_ND = grouped computation on block F_r (partial sums)
+                   y_SD = reduce_scatter(y_ND, "sum");  + b_out;  combine as above
+    replicated:    out_TD = all_reduce(combine(grouped computation on block F_r)), b_out on rank 0
+
+Every recogniser feeds this function, so sharding and faster kernels change this file only.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from passes.region import MoERegion, Routing, WeightSource
+from passes.shard import ShardPlan
+
+c10d = torch.ops._c10d_functional
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
@@ -65,22 +76,33 @@ class Emitter:
         return self.graph.create_node("call_method", target, args, kwargs, name=f"{self.prefix}{name}")
 
 
-def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights, index: int) -> None:
-    """Replace `region.output_TD` by the grouped computation and erase the old region."""
+def lower_region(
+    gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights, index: int, plan: ShardPlan | None = None
+) -> None:
+    """Replace `region.output_TD` by the grouped computation and erase the old region.
+
+    With a ShardPlan this rank computes its FFN block of every expert (passes/shard.py) and
+    the collectives of `plan.input_mode` join the partial results.
+    """
     from moeshard_compile import ops  # noqa: F401  (registers torch.ops.moeshard)
 
     graph = gm.graph
     routing, E = region.routing, region.num_experts
     out_dtype = region.output_TD.meta["example_value"].dtype
     emit = Emitter(graph, f"moe{index}_")
+    weights = region.weights
+    if plan is not None:
+        region.ffn_block = plan.ffn_block(region.d_ff)
+        region.world_size, region.input_mode = plan.world_size, plan.input_mode
+        weights = weights.sharded(region.ffn_block)
+    data_parallel = plan is not None and plan.input_mode == "data_parallel"
     with graph.inserting_before(first_user(region)):
-        w = add_weights(f"moe{index}_", region.weights)
+        w = add_weights(f"moe{index}_", weights)
         if routing.ids_TK is None:
             routing = _topk_from_combine(emit, routing, E, region.module)
         K = routing.top_k
-        grouped_mm = torch.ops.moeshard.grouped_mm.default
 
-        # dispatch: group the T*K (token, slot) rows by expert
+        # dispatch: group this rank's T*K (token, slot) rows by expert
         ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
         weight_S = emit.method("reshape", routing.weights_TK, -1, name="weight_S")
         sort = emit.fn(torch.sort, ids_S, stable=True, name="sort")
@@ -92,19 +114,26 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
         zeros_E = emit.method("new_zeros", ids_S, E, name="zeros_E")
         ones_S = emit.fn(torch.ones_like, ids_S, name="ones_S")
         counts_E = emit.fn(torch.scatter_add, zeros_E, 0, ids_S, ones_S, name="counts_E")
-        offs_E = emit.method("cumsum", counts_E, 0, name="offs_E")
+
+        if data_parallel:  # every rank's rows, grouped by expert (R = N * S rows)
+            x_RD, ids_R, offs_E, perm_R = _gather_rows(emit, plan, x_SD, counts_E, E)
+        else:
+            x_RD, ids_R, offs_E = x_SD, ids_sorted_S, emit.method("cumsum", counts_E, 0, name="offs_E")
 
         # experts: one grouped matmul, activation (and gate), one grouped matmul
-        h_SF = _grouped_linear(emit, grouped_mm, x_SD, w["w_in_EDF"], w.get("b_in_EF"), offs_E, ids_sorted_S, "h_SF")
+        h_RF = _grouped_linear(emit, x_RD, w["w_in_EDF"], w.get("b_in_EF"), offs_E, ids_R, "h_RF")
         act = ACTIVATIONS[region.activation]
         if "w_gate_EDF" in w:
-            g_SF = _grouped_linear(
-                emit, grouped_mm, x_SD, w["w_gate_EDF"], w.get("b_gate_EF"), offs_E, ids_sorted_S, "g_SF"
-            )
-            h_SF = emit.fn(operator.mul, emit.fn(act, g_SF, name="act_SF"), h_SF, name="gated_SF")
+            g_RF = _grouped_linear(emit, x_RD, w["w_gate_EDF"], w.get("b_gate_EF"), offs_E, ids_R, "g_RF")
+            h_RF = emit.fn(operator.mul, emit.fn(act, g_RF, name="act_RF"), h_RF, name="gated_RF")
         else:
-            h_SF = emit.fn(act, h_SF, name="act_SF")
-        y_SD = _grouped_linear(emit, grouped_mm, h_SF, w["w_out_EFD"], w.get("b_out_ED"), offs_E, ids_sorted_S, "y_SD")
+            h_RF = emit.fn(act, h_RF, name="act_RF")
+        y_SD = _grouped_linear(emit, h_RF, w["w_out_EFD"], None, offs_E, ids_R, "y_RD")
+        if data_parallel:  # sum the ranks' partial outputs; keep this rank's rows
+            y_SD = _scatter_rows(emit, plan, y_SD, perm_R)
+        if "b_out_ED" in w and (plan is None or data_parallel or plan.rank == 0):  # added exactly once
+            b_rows = emit.fn(torch.index_select, w["b_out_ED"], 0, ids_sorted_S, name="y_SD_bias")
+            y_SD = emit.fn(operator.add, y_SD, b_rows, name="y_SD_biased")
 
         # combine: scale by routing weight, back to token order, sum the K slots
         weight_sorted_S1 = emit.method(
@@ -117,6 +146,8 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
         )
         zeros_TD = emit.method("new_zeros", scaled_SD, emit.method("size", region.tokens_TD, name="size"), name="acc_TD")
         acc_TD = emit.fn(torch.index_add, zeros_TD, 0, token_S, scaled_SD, name="sum_TD")
+        if plan is not None and not data_parallel:  # replicated: every rank holds partial sums of the same tokens
+            acc_TD = _collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
         out_TD = emit.method("to", acc_TD, out_dtype, name="out_TD")
 
     _replace_uses_after(region, out_TD)
@@ -125,11 +156,46 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights,
             graph.erase_node(node)
 
 
-def _grouped_linear(emit, grouped_mm, x, w, b, offs_E, ids_sorted_S, name: str) -> fx.Node:
-    y = emit.fn(grouped_mm, x, w, offs_E, name=name)
+def _gather_rows(emit: Emitter, plan: ShardPlan, x_SD, counts_E, num_experts: int):
+    """All ranks' expert-sorted rows, regrouped by expert (then by rank): x_RD, ids_R, offs_E, perm_R.
+
+    Only the counts and the rows travel: each rank's block of the gathered rows is sorted by
+    expert, so the expert of every gathered row follows from the gathered counts.
+    """
+    N, E = plan.world_size, num_experts
+    counts_R = _collective(emit, c10d.all_gather_into_tensor.default, counts_E, N, plan.group_name, name="counts_NE")
+    counts_NE = emit.method("view", counts_R, N, E, name="counts_NE_view")
+    x_ND = _collective(emit, c10d.all_gather_into_tensor.default, x_SD, N, plan.group_name, name="x_ND")
+    ends_NE = emit.method("cumsum", counts_NE, 1, name="ends_NE")
+    rows = emit.method("size", x_SD, 0, name="rows")
+    row_S = emit.fn(torch.arange, rows, device=emit.fn(getattr, x_SD, "device", name="device"), name="row_S")
+    row_NS = emit.method("repeat", row_S, N, 1, name="row_NS")
+    ids_NS = emit.fn(torch.searchsorted, ends_NE, row_NS, right=True, name="ids_NS")
+    sort = emit.fn(torch.sort, emit.method("reshape", ids_NS, -1, name="ids_N"), stable=True, name="sort_R")
+    ids_R = emit.fn(operator.getitem, sort, 0, name="ids_R")
+    perm_R = emit.fn(operator.getitem, sort, 1, name="perm_R")
+    x_RD = emit.fn(torch.index_select, x_ND, 0, perm_R, name="x_RD")
+    offs_E = emit.method("cumsum", emit.method("sum", counts_NE, 0, name="counts_E_all"), 0, name="offs_E")
+    return x_RD, ids_R, offs_E, perm_R
+
+
+def _scatter_rows(emit: Emitter, plan: ShardPlan, y_RD, perm_R):
+    """Partial outputs back to rank-major order, summed over ranks; this rank's block returns."""
+    zeros_ND = emit.fn(torch.zeros_like, y_RD, name="zeros_ND")
+    y_ND = emit.fn(torch.index_copy, zeros_ND, 0, perm_R, y_RD, name="y_ND")
+    return _collective(emit, c10d.reduce_scatter_tensor.default, y_ND, "sum", plan.world_size, plan.group_name, name="y_SD")
+
+
+def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:
+    """A functional collective and its wait: Inductor sees both and may overlap other work."""
+    return emit.fn(c10d.wait_tensor.default, emit.fn(op, *args, name=f"{name}_start"), name=name)
+
+
+def _grouped_linear(emit, x, w, b, offs_E, ids_sorted, name: str) -> fx.Node:
+    y = emit.fn(torch.ops.moeshard.grouped_mm.default, x, w, offs_E, name=name)
     if b is None:
         return y
-    b_rows = emit.fn(torch.index_select, b, 0, ids_sorted_S, name=f"{name}_bias")
+    b_rows = emit.fn(torch.index_select, b, 0, ids_sorted, name=f"{name}_bias")
     return emit.fn(operator.add, y, b_rows, name=f"{name}_biased")
 
 

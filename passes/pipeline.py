@@ -10,6 +10,7 @@ from passes.lower import AddWeights, lower_region
 from passes.recognise_loop import recognise_loops
 from passes.recognise_stacked import recognise_stacked
 from passes.region import MoERegion
+from passes.shard import ShardPlan
 
 _ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
 
@@ -28,10 +29,17 @@ def recognise(gm: fx.GraphModule) -> list[MoERegion]:
     return sorted(regions, key=lambda r: order.get(r.output_TD, len(order)))
 
 
-def rewrite(gm: fx.GraphModule, regions: list[MoERegion], add_weights: AddWeights, dropless: bool = False) -> None:
+def rewrite(
+    gm: fx.GraphModule,
+    regions: list[MoERegion],
+    add_weights: AddWeights,
+    dropless: bool = False,
+    plan: ShardPlan | None = None,
+) -> None:
     """Lower every region still marked "recognised"; leave skipped ones as they are.
 
     dropless: also remove the routers' capacity limits (changes results where tokens drop).
+    plan: shard every region's experts over plan.world_size ranks (None: one rank).
     """
     rewritten = False
     for index, region in enumerate(regions):
@@ -40,7 +48,7 @@ def rewrite(gm: fx.GraphModule, regions: list[MoERegion], add_weights: AddWeight
         if dropless and region.capacity_limits:
             remove_capacity_limits(gm.graph, region.capacity_limits)
             region.capacity = "removed (dropless=True)"
-        lower_region(gm, region, add_weights, index)
+        lower_region(gm, region, add_weights, index, plan)
         region.status, rewritten = "rewritten", True
     if rewritten:
         prune_dead_asserts(gm.graph)

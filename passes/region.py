@@ -55,6 +55,15 @@ class WeightSource:
     layout: tuple = ()  # what `stack` does with the inputs (hashable): equal layouts stack equally
     copies: bool = False  # `stack` copies (share one stack between graphs) rather than making views
 
+    def sharded(self, block: tuple[int, int]) -> "WeightSource":
+        """The same weights, keeping only FFN columns [start, stop) of every expert (passes.shard)."""
+        from passes.shard import shard_weights
+
+        full = self.stack
+        return WeightSource(
+            self.inputs, lambda params: shard_weights(full(params), block), (*self.layout, ("ffn_block", *block)), copies=True
+        )
+
 
 @dataclass
 class Routing:
@@ -96,6 +105,11 @@ class MoERegion:
     status: str = "recognised"  # -> "rewritten" | "skipped"
     reason: str = ""
     world_size: int = 1
+    input_mode: str = ""  # "data_parallel" | "replicated" when sharded over world_size > 1 ranks
+    ffn_block: tuple[int, int] | None = None  # this rank's [start, stop) of d_ff when sharded
+    shard_shapes: dict[str, list[int]] = field(default_factory=dict)  # stacked tensors this rank holds
+    expert_bytes: int = 0  # bytes of the user's expert parameters (all experts, unsharded)
+    expert_bytes_per_rank: int = 0  # bytes of the stacked (sharded) expert weights this rank holds
 
     def skip(self, reason: str) -> "MoERegion":
         self.status, self.reason = "skipped", reason

@@ -200,11 +200,11 @@ def _failing_lower_region(monkeypatch, fail_on_call: int):
     real = passes.lower.lower_region
     calls = []
 
-    def lower_region(gm, region, add_weights, index):
+    def lower_region(gm, region, add_weights, index, plan=None):
         calls.append(index)
         if len(calls) - 1 == fail_on_call:
             raise RuntimeError("boom")
-        return real(gm, region, add_weights, index)
+        return real(gm, region, add_weights, index, plan)
 
     monkeypatch.setattr(passes.lower, "lower_region", lower_region)
     monkeypatch.setattr(passes.pipeline, "lower_region", lower_region)

@@ -1,0 +1,61 @@
+"""MoEShard's placement: rank r of N holds block r of every expert's FFN dimension F.
+
+    tensor          rank r holds              why
+    w_in_EDF        [:, :, F_r]  column block  h_r = act(x @ w_in[:, F_r]) needs no other rank
+    w_gate_EDF      [:, :, F_r]  column block  the gate multiplies h elementwise, same block
+    b_in_EF         [:, F_r]                   and b_gate_EF likewise
+    w_out_EFD       [:, F_r, :]  row block     y = sum_r h_r @ w_out[F_r]: partial sums, reduced
+    b_out_ED        whole                      added once, after the partial sums are reduced
+
+Because the activation (and gate) act elementwise on F, the N partial products sum exactly to
+the unsharded expert. Blocks are as even as possible: the first F % N ranks hold one more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from passes.region import ExpertWeights
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """How the lowering shards a region: this rank, the group, and where the tokens live.
+
+    input_mode "data_parallel": each rank brings its own tokens (all-gather, reduce-scatter);
+    "replicated": every rank brings the same tokens (one all-reduce).
+    """
+
+    rank: int
+    world_size: int
+    group_name: str
+    input_mode: str = "data_parallel"
+
+    def ffn_block(self, d_ff: int) -> tuple[int, int]:
+        """[start, stop) of this rank's block of the FFN dimension."""
+        return ffn_block(d_ff, self.rank, self.world_size)
+
+
+def ffn_block(d_ff: int, rank: int, world_size: int) -> tuple[int, int]:
+    base, extra = divmod(d_ff, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard_weights(weights: ExpertWeights, block: tuple[int, int]) -> ExpertWeights:
+    """This rank's copy of its block (contiguous, owning its memory: the originals can go)."""
+    f = slice(*block)
+
+    def own(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.clone(memory_format=torch.contiguous_format)
+
+    return ExpertWeights(
+        w_in_EDF=own(weights.w_in_EDF[:, :, f]),
+        w_out_EFD=own(weights.w_out_EFD[:, f, :]),
+        w_gate_EDF=None if weights.w_gate_EDF is None else own(weights.w_gate_EDF[:, :, f]),
+        b_in_EF=None if weights.b_in_EF is None else own(weights.b_in_EF[:, f]),
+        b_gate_EF=None if weights.b_gate_EF is None else own(weights.b_gate_EF[:, f]),
+        b_out_ED=own(weights.b_out_ED),
+    )
