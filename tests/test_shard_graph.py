@@ -1,0 +1,201 @@
+"""The sharded graph's structure, on one process with a fake process group of 8 ranks.
+
+The fake group lets one process trace and rewrite exactly as rank 3 of 8 would; its collectives
+carry no data, so the rewritten graphs are inspected, not run (the gloo tests run them).
+"""
+
+import operator
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+import hf_tiny
+import moeshard_compile
+from moe_zoo import MoEBlock, MoEConfig
+from passes.shard import ffn_block
+
+WORLD, RANK = 8, 3
+c10d = torch.ops._c10d_functional
+ALL_GATHER, REDUCE_SCATTER = c10d.all_gather_into_tensor.default, c10d.reduce_scatter_tensor.default
+ALL_REDUCE, WAIT = c10d.all_reduce.default, c10d.wait_tensor.default
+GROUPED_MM = torch.ops.moeshard.grouped_mm.default
+
+
+@pytest.fixture
+def fake_world():
+    dist.init_process_group("fake", store=FakeStore(), rank=RANK, world_size=WORLD)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_graphs(model, *args, **kwargs) -> tuple[list[fx.GraphModule], moeshard_compile.Report]:
+    """Rewrite every Dynamo graph as rank RANK would; run the original graphs instead."""
+    options = {"inductor": False, **kwargs.pop("options", {})}
+    report = moeshard_compile.Report()
+    moeshard = moeshard_compile.backend.make_backend(moeshard_compile.Options.from_user(options), report)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(_graph_module_in(moeshard(gm, example_inputs)))
+        return gm.forward
+
+    backend._moeshard = True
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+    return graphs, report
+
+
+def _graph_module_in(fn) -> fx.GraphModule:
+    """The rewritten GraphModule behind the backend's (wrapped) callable."""
+    if isinstance(getattr(fn, "__self__", None), fx.GraphModule):
+        return fn.__self__
+    for cell in fn.__closure__ or ():
+        if callable(cell.cell_contents):
+            try:
+                return _graph_module_in(cell.cell_contents)
+            except LookupError:
+                pass
+    raise LookupError("no GraphModule found")
+
+
+def count(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target == target)
+
+
+@pytest.mark.parametrize("num_experts", [2, 16])
+def test_data_parallel_inserts_two_gathers_one_reduce_scatter_per_layer(fake_world, num_experts):
+    """A fixed number of collectives per MoE layer, whatever the number of experts."""
+    cfg = MoEConfig(num_experts=num_experts, top_k=2, d_ff=24, gated=True)
+    (gm,), report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model))
+    assert [r["status"] for r in report.regions] == ["rewritten"]
+    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, ALL_REDUCE), count(gm, WAIT)) == (2, 1, 0, 3)
+    assert count(gm, GROUPED_MM) == 3
+    gathered = [n.args[0].name for n in gm.graph.nodes if n.target == ALL_GATHER]
+    assert gathered == ["moe0_counts_E", "moe0_x_SD"]  # counts, then the expert-sorted tokens
+    for node in gm.graph.nodes:
+        if node.target in (ALL_GATHER, REDUCE_SCATTER):
+            assert WORLD in node.args and dist.group.WORLD.group_name in node.args
+
+
+def test_replicated_inserts_one_all_reduce_per_layer(fake_world):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=24, bias=True)
+    (gm,), report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model), options={"input_mode": "replicated"})
+    assert report.regions[0]["input_mode"] == "replicated"
+    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, ALL_REDUCE), count(gm, WAIT)) == (0, 0, 1, 1)
+    # the second bias is added on rank 0 only: rank 3's graph reads no b_out
+    assert not [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.endswith("b_out_ed") and n.users]
+
+
+def test_uneven_ffn_blocks_and_shard_shapes(fake_world):
+    """d_ff 20 over 8 ranks: blocks of 3, 3, 3, 3, 2, 2, 2, 2; rank 3 holds columns 9:12."""
+    cfg = MoEConfig(num_experts=5, top_k=1, d_model=8, d_ff=20, gated=True, bias=True)
+    _, report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(1, 4, cfg.d_model))
+    (region,) = report.regions
+    assert (region["world_size"], region["ffn_block"]) == (WORLD, [9, 12])
+    assert region["shard_shapes"] == {
+        "w_in_EDF": [5, 8, 3], "w_gate_EDF": [5, 8, 3], "b_in_EF": [5, 3], "b_gate_EF": [5, 3],
+        "w_out_EFD": [5, 3, 8], "b_out_ED": [5, 8],
+    }
+    blocks = [ffn_block(20, r, WORLD) for r in range(WORLD)]
+    assert [b - a for a, b in blocks] == [3, 3, 3, 3, 2, 2, 2, 2]
+    assert all(blocks[r][1] == blocks[r + 1][0] for r in range(WORLD - 1)) and blocks[-1][1] == 20
+
+
+def test_expert_bytes_per_rank_are_one_nth(fake_world):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=64, gated=True)
+    _, report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 3, cfg.d_model))
+    (region,) = report.regions
+    assert region["expert_bytes"] == 4 * 3 * 8 * 64 * 4  # E x (in, gate, out) x D x F x fp32
+    assert region["expert_bytes_per_rank"] == region["expert_bytes"] // WORLD
+
+
+def test_switch_encoder_and_stacked_mixtral(fake_world):
+    switch = hf_tiny.switch().eval()
+    (gm,), report = sharded_graphs(switch, **hf_tiny.inputs(switch))
+    assert [r["status"] for r in report.regions] == ["rewritten"] * 2
+    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER)) == (4, 2)
+    torch._dynamo.reset()
+    mixtral = hf_tiny.mixtral("grouped_mm").eval()
+    (gm,), report = sharded_graphs(mixtral, **hf_tiny.inputs(mixtral))
+    assert [r["ffn_block"] for r in report.regions] == [list(ffn_block(24, RANK, WORLD))] * 2
+    assert report.regions[0]["shard_shapes"]["w_in_EDF"] == [4, 16, 3]
+    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, GROUPED_MM)) == (4, 2, 6)
+
+
+def test_group_and_mesh_options(fake_world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cfg = MoEConfig(num_experts=3, top_k=1, d_ff=16)
+    x = torch.randn(1, 4, cfg.d_model)
+    _, report = sharded_graphs(MoEBlock(cfg).eval(), x, options={"group": dist.group.WORLD, "world_size": WORLD})
+    assert report.regions[0]["world_size"] == WORLD
+    torch._dynamo.reset()
+    _, report = sharded_graphs(MoEBlock(cfg).eval(), x, options={"mesh": init_device_mesh("cpu", (WORLD,))})
+    assert report.regions[0]["world_size"] == WORLD
+
+
+def test_model_without_moe_gets_no_collectives(fake_world):
+    model = hf_tiny.bert().eval()
+    (gm,), report = sharded_graphs(model, **hf_tiny.inputs(model))
+    assert report.regions == []
+    assert not [n for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "_c10d_functional"]
+
+
+# --- errors: raised identically on every rank, before any collective ----------------------------
+
+
+def _compile_and_call(options, cfg=MoEConfig(num_experts=3, top_k=1, d_ff=16)):
+    with torch.no_grad():
+        torch.compile(MoEBlock(cfg).eval(), backend="moeshard", fullgraph=True, options={"inductor": False, **options})(
+            torch.randn(1, 4, cfg.d_model)
+        )
+
+
+def test_world_size_not_matching_the_group(fake_world):
+    with pytest.raises(ValueError, match=r"world_size=4 does not match the default group, which has 8 ranks"):
+        _compile_and_call({"world_size": 4})
+
+
+def test_world_size_larger_than_ffn(fake_world):
+    with pytest.raises(ValueError, match=r"world_size=8 is larger than the FFN size d_ff=4 of the experts in moe\.experts"):
+        _compile_and_call({}, MoEConfig(num_experts=3, top_k=1, d_ff=4))
+
+
+def test_world_size_without_initialised_group():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"world_size=2 but torch.distributed is not initialised"):
+        _compile_and_call({"world_size": 2})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"world_size": 0}, "'world_size' must be a positive int"),
+        ({"world_size": True}, "'world_size' must be a positive int"),
+        ({"input_mode": "tensor_parallel"}, "'input_mode' must be one of 'data_parallel', 'replicated'"),
+        ({"group": "world"}, "'group' must be a torch.distributed.ProcessGroup"),
+        ({"mesh": object()}, "'mesh' must be a 1-D torch.distributed.DeviceMesh"),
+        ({"release_unsharded": 1}, "'release_unsharded' must be True or False"),
+        ({"check_inputs": "no"}, "'check_inputs' must be True or False"),
+    ],
+)
+def test_bad_distributed_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        moeshard_compile.Options.from_user(options)
+
+
+def test_two_dimensional_mesh_is_refused(fake_world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with pytest.raises(ValueError, match="1-D"):
+        moeshard_compile.Options.from_user({"mesh": init_device_mesh("cpu", (2, 4))})
+
+
+def test_group_and_mesh_together_are_refused(fake_world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with pytest.raises(ValueError, match="either option 'group' or option 'mesh'"):
+        moeshard_compile.Options.from_user({"group": dist.group.WORLD, "mesh": init_device_mesh("cpu", (WORLD,))})
