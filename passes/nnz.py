@@ -67,11 +67,14 @@ def _bound_of_op(n: fx.Node, d: int, bound, T, num_experts: int) -> int:
 
 
 def _per_token(ids, T, num_experts: int) -> int:
+    """numel(ids) / T when provably an integer; the slot count is usually ids' static last dim,
+    which also works when T is symbolic (dynamic shapes), where the quotient would not simplify."""
     value = fake(ids)
     if value is None:
         return num_experts
     numel = value.numel()
-    per_token = numel // T
-    if statically_known_true(per_token * T == numel) and static_int(per_token) is not None:
-        return static_int(per_token)
+    candidates = [static_int(numel // T)] + ([static_int(value.shape[-1])] if value.dim() else [])
+    for per_token in candidates:
+        if per_token is not None and statically_known_true(per_token * T == numel):
+            return per_token
     return num_experts

@@ -104,3 +104,17 @@ def test_a_wrong_top_k_bound_fails_loudly(monkeypatch):
     model = MoEBlock(cfg).eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"in moe\.experts, a token was routed to more than top_k=1"):
         torch.compile(model, backend="moeshard", fullgraph=True, options={"inductor": False})(torch.randn(2, 3, cfg.d_model))
+
+
+@pytest.mark.parametrize("style", ["index", "mask", "dense"])
+def test_top_k_bound_survives_dynamic_shapes(style):
+    """The recompiled graph (symbolic token count) keeps the proven K, not the dense bound E."""
+    cfg = MoEConfig(num_experts=5, top_k=2, style=style)
+    model = MoEBlock(cfg).eval()
+    report = moeshard_compile.Report()
+    backend = moeshard_compile.backend.make_backend(moeshard_compile.Options(inductor=False), report)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for shape in [(2, 5), (3, 4)]:
+            compiled(torch.randn(*shape, cfg.d_model))
+    assert [r["top_k"] for r in report.regions] == [2, 2]
