@@ -1,3 +1,4 @@
 from moeshard_compile.demo import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -1,23 +1,64 @@
-"""The demo: a Switch encoder compiled with moeshard, checked against eager, timed.
+"""The demo: a Switch encoder sharded over ranks with moeshard, checked against eager, timed.
 
-    python -m moeshard_compile                          # small default, about a minute on 2 CPU cores
+    python -m moeshard_compile                          # 2 ranks on CPU, about a minute on 2 cores
+    python -m moeshard_compile --world-size 1           # one process, no torch.distributed
     python -m moeshard_compile --config switch-base-64  # the paper's shapes (random weights)
     python -m moeshard_compile --pretrained PATH        # local HF weights (e.g. google/switch-base-8)
+    torchrun --nproc-per-node 4 -m moeshard_compile     # ranks started by torchrun
+
+Every rank builds the same model (--seed), holds 1/N of every expert (MoEShard) and calls the
+compiled model on a batch of --batch x --seq tokens: its own (seed + rank) with --input-mode
+data_parallel, the same on every rank with replicated. Each rank checks against eager on its
+own batch; rank 0 prints the report, every rank's error and every rank's timings.
+
+Launch: without torchrun the demo spawns --world-size processes itself, joined by gloo on
+127.0.0.1 with a free port (nccl with one GPU per rank on CUDA); on CPU the ranks share the
+cores (torch threads = cores // N). Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins
+torchrun's ranks: nccl on cuda:LOCAL_RANK, gloo on CPU. Only rank 0 prints; if a rank fails
+the demo exits non-zero with that rank's error (collectives give up after 120 s). --dump-dir
+receives rank 0's dumps (the other ranks' differ in their FFN block).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
 
 import moeshard_compile
+from moeshard_compile.options import INPUT_MODES
 
 PAPER_EXPERTS = (8, 16, 32, 64, 128, 256)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+TIMEOUT = timedelta(seconds=120)  # a rank stuck in a collective after a peer failed gives up
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process runs; only rank 0 prints, so N ranks do not interleave."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def step(self, message: str) -> float:
+        self.say(f"[moeshard demo] {message}")
+        return time.perf_counter()
 
 
 def switch_config(name: str) -> SwitchTransformersConfig:
@@ -40,73 +81,186 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default="small", choices=["small"] + [f"switch-base-{e}" for e in PAPER_EXPERTS],
                         help="model shape, random weights (default: small)")
     parser.add_argument("--pretrained", metavar="PATH", help="load SwitchTransformersEncoderModel weights from PATH")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per call (default 8)")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="ranks to spawn (default: 2 on CPU, one per GPU on CUDA, torchrun's under torchrun); "
+                             "1 runs in this process without torch.distributed")
+    parser.add_argument("--input-mode", default="data_parallel", choices=INPUT_MODES,
+                        help="data_parallel (default): each rank its own batch; replicated: the same batch")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per call and rank (default 8)")
     parser.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda; with several ranks rank r uses cuda:r (cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--no-inductor", action="store_true", help="run the rewritten graph without Inductor")
     parser.add_argument("--dropless", action="store_true", help="remove Switch's capacity limit (changes results)")
-    parser.add_argument("--dump-dir", help="write graph dumps and report.txt/json here")
+    parser.add_argument("--dump-dir", default=os.environ.get("MOESHARD_DUMP_DIR") or None,
+                        help="write rank 0's graph dumps and report.txt/json here (default: $MOESHARD_DUMP_DIR)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.world_size = _world_size(parser, args)
+    return args
 
 
-def step(message: str) -> float:
-    print(f"[moeshard demo] {message}", flush=True)
-    return time.perf_counter()
+def _world_size(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--world-size, defaulted and checked against torchrun and the GPUs."""
+    cuda = torch.device(args.device).type == "cuda"
+    if _under_torchrun():
+        launched = int(os.environ["WORLD_SIZE"])
+        if args.world_size not in (None, launched):
+            parser.error(f"--world-size {args.world_size}, but torchrun started {launched} ranks")
+        return launched
+    world = args.world_size if args.world_size is not None else torch.cuda.device_count() if cuda else 2
+    if world < 1:
+        parser.error(f"--world-size must be at least 1, got {world}")
+    if cuda and world > 1 and world > torch.cuda.device_count():
+        parser.error(f"--world-size {world} needs one GPU per rank; {torch.cuda.device_count()} visible")
+    return world
 
 
-def median_ms(fn, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _under_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_ENV)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    dtype = DTYPES[args.dtype]
-    if args.pretrained:
-        t0 = step(f"loading {args.pretrained}")
-        model = SwitchTransformersEncoderModel.from_pretrained(args.pretrained, torch_dtype=dtype)
+    if _under_torchrun():
+        _torchrun_rank(args)
+    elif args.world_size == 1:
+        run(args, Rank(0, 1, torch.device(args.device)))
     else:
-        t0 = step(f"building {args.config} (random weights)")
-        model = SwitchTransformersEncoderModel(switch_config(args.config)).to(dtype)
-    model = model.eval().to(args.device)
-    cfg = model.config
-    print(f"  d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_layers} layers, {cfg.num_experts} experts, "
-          f"capacity {cfg.expert_capacity}; {time.perf_counter() - t0:.1f}s")
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        _spawn(args)
 
-    options = {"inductor": not args.no_inductor, "dropless": args.dropless}
-    if args.dump_dir:
-        options["dump_dir"] = args.dump_dir
+
+def _spawn(args: argparse.Namespace) -> None:
+    """Start the ranks here; the first rank to fail ends the others and the demo, with its error."""
+    # The store listens before the ranks start: no other process can take its port in between.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+    print(f"[moeshard demo] spawning {args.world_size} ranks ({_backend(torch.device(args.device))} "
+          f"on 127.0.0.1:{store.port})", flush=True)
+    try:
+        mp.spawn(_spawned_rank, args=(args, store.port), nprocs=args.world_size)
+    except ProcessException as error:
+        header = f"[moeshard demo] rank {error.error_index} failed, the other ranks were stopped:"
+        sys.exit(f"{header}\n{str(error).strip()}")
+
+
+def _spawned_rank(rank: int, args: argparse.Namespace, port: int) -> None:
+    where = _rank(rank, args.world_size, rank, args.device)
+    _join(where, args.world_size, dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT))
+    run(args, where)
+    dist.destroy_process_group()
+
+
+def _torchrun_rank(args: argparse.Namespace) -> None:
+    where = _rank(int(os.environ["RANK"]), args.world_size, int(os.environ["LOCAL_RANK"]), args.device)
+    _join(where, int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size)))
+    run(args, where)
+    dist.destroy_process_group()
+
+
+def _rank(rank: int, world: int, local_rank: int, device: str) -> Rank:
+    """One GPU per rank on CUDA."""
+    kind = torch.device(device).type
+    return Rank(rank, world, torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind))
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _join(where: Rank, local_world: int, store: dist.Store | None = None) -> None:
+    """Join the default process group (through `store`, else torchrun's env://); on CPU split
+    the cores between this host's ranks."""
+    if where.device.type == "cuda":
+        torch.cuda.set_device(where.device)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local_world))
+    dist.init_process_group(_backend(where.device), store=store, rank=where.rank, world_size=where.world,
+                            timeout=TIMEOUT, device_id=where.device if where.device.type == "cuda" else None)
+
+
+def run(args: argparse.Namespace, where: Rank) -> None:
+    """The demo's steps on one rank: build, eager, compile, check, time."""
+    model = build_model(args, where)
+    inputs = make_batch(args, model.config, where)
+    options = {"inductor": not args.no_inductor, "dropless": args.dropless, "input_mode": args.input_mode,
+               "dump_dir": args.dump_dir if where.rank == 0 else None}
     report = moeshard_compile.Report()
     compiled = torch.compile(model, backend=moeshard_compile.backend.make_backend(
         moeshard_compile.Options.from_user(options), report))
     with torch.no_grad():
-        t0 = step("eager forward")
+        t0 = where.step("eager forward")
         reference = model(**inputs).last_hidden_state
-        print(f"  {time.perf_counter() - t0:.1f}s")
-        t0 = step(f"compiling with moeshard ({'Inductor' if options['inductor'] else 'no Inductor'}) and first call")
+        where.say(f"  {time.perf_counter() - t0:.1f}s")
+        t0 = where.step(f"compiling with moeshard ({'Inductor' if options['inductor'] else 'no Inductor'}) "
+                        "and first call")
         out = compiled(**inputs).last_hidden_state
-        print(f"  {time.perf_counter() - t0:.1f}s")
-        if args.dump_dir:
-            report.write(args.dump_dir)
-        print(report)
+        where.say(f"  {time.perf_counter() - t0:.1f}s")
+        if options["dump_dir"]:
+            report.write(options["dump_dir"])
+        where.say(str(report))
         error = (out.double() - reference.double()).abs().max().item()
         scale = reference.double().abs().max().item()
-        print(f"max |compiled - eager| = {error:.3g} (max |eager| = {scale:.3g}, {args.dtype})")
-        t0 = step(f"timing, median of {args.repeats} calls, {args.batch}x{args.seq} tokens on {args.device}")
-        eager_ms = median_ms(lambda: model(**inputs), args.repeats, args.device)
-        compiled_ms = median_ms(lambda: compiled(**inputs), args.repeats, args.device)
-    print(f"eager {eager_ms:.1f} ms | moeshard {compiled_ms:.1f} ms | speedup {eager_ms / compiled_ms:.2f}x")
+        for rank, (e, s) in enumerate(gather((error, scale))):
+            where.say(f"rank {rank}: max |compiled - eager| = {e:.3g} (max |eager| = {s:.3g}, {args.dtype})")
+        where.step(f"timing, median of {args.repeats} calls, {args.batch}x{args.seq} tokens per rank on "
+                   f"{where.device.type}, {where.world} rank(s)")
+        eager_ms = median_ms(lambda: model(**inputs), args.repeats, where.device)
+        compiled_ms = median_ms(lambda: compiled(**inputs), args.repeats, where.device)
+    for rank, (e, c) in enumerate(gather((eager_ms, compiled_ms))):
+        where.say(f"rank {rank}: eager {e:.1f} ms | moeshard {c:.1f} ms | speedup {e / c:.2f}x")
+
+
+def build_model(args: argparse.Namespace, where: Rank) -> SwitchTransformersEncoderModel:
+    """The same weights on every rank: the same seed before building."""
+    torch.manual_seed(args.seed)
+    dtype = DTYPES[args.dtype]
+    if args.pretrained:
+        t0 = where.step(f"loading {args.pretrained}")
+        model = SwitchTransformersEncoderModel.from_pretrained(args.pretrained, torch_dtype=dtype)
+    else:
+        t0 = where.step(f"building {args.config} (random weights)")
+        model = SwitchTransformersEncoderModel(switch_config(args.config)).to(dtype)
+    model = model.eval().to(where.device)
+    cfg = model.config
+    where.say(f"  d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_layers} layers, {cfg.num_experts} experts, "
+              f"capacity {cfg.expert_capacity}; {time.perf_counter() - t0:.1f}s")
+    return model
+
+
+def make_batch(args: argparse.Namespace, cfg: SwitchTransformersConfig, where: Rank) -> dict:
+    """data_parallel: each rank its own tokens (seed + rank); replicated: the same tokens on every rank."""
+    seed = args.seed + (where.rank if args.input_mode == "data_parallel" else 0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(where.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def gather(value) -> list:
+    """Every rank's value, in rank order (on every rank, for rank 0 to print)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Ranks start each call together (a barrier), so one rank's timings are not another's idle time."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
