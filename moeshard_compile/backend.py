@@ -61,7 +61,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     original = gm
     gm = _own_copy(gm)  # Dynamo keeps using its graph after we return: rewrite a copy
     plan, group = distributed.resolve(opts)
-    regions = passes.recognise(gm)
+    try:
+        regions = passes.recognise(gm)
+    except Exception as error:  # a graph no recogniser can read must still run, unchanged
+        reason = _first_line("recognition failed", error)
+        log.warning("moeshard: graph %d compiled unchanged, %s", graph_id, reason)
+        report.fallbacks.append({"graph": graph_id, "reason": reason})
+        gm, regions = _own_copy(original), []
     fallback = _fallback_reason(gm, example_inputs)
     if fallback:
         report.fallbacks.append({"graph": graph_id, "reason": fallback})
@@ -78,7 +84,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     except Exception as error:  # keep the model working: compile the original graph, say why
         if not attempted:
             raise  # nothing of ours was involved: a genuine compile error
-        reason = f"rewrite failed: {type(error).__name__}: {error}".splitlines()[0]
+        reason = _first_line("rewrite failed", error)
         log.warning("moeshard: graph %d compiled unchanged, %s", graph_id, reason)
         for region in attempted:
             region.skip(reason)
@@ -99,6 +105,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if group is not None and opts.check_inputs and feed.regions:
         compiled = _checked(compiled, distributed.check_same_inputs(group))
     return compiled
+
+
+def _first_line(what: str, error: Exception) -> str:
+    return f"{what}: {type(error).__name__}: {error}".splitlines()[0]
 
 
 def _checked(compiled: Callable, check: Callable[[tuple], None]) -> Callable:

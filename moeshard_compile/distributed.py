@@ -78,15 +78,10 @@ def check_same_inputs(group: "dist.ProcessGroup") -> Callable[[tuple], None]:
 
 
 def _input_shapes(args: tuple) -> list[tuple[int, ...]]:
-    """Shapes of the graph's inputs that vary per call: tensors other than parameters, and ints
-    (Dynamo passes dynamic sizes as ints)."""
-    shapes = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and not isinstance(arg, torch.nn.Parameter):
-            shapes.append(tuple(arg.shape))
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            shapes.append((arg,))
-    return shapes
+    """Shapes of the graph's tensor inputs other than parameters (the batch, buffers). The ints
+    Dynamo passes for dynamic sizes are left out: they repeat these shapes, and a rank running a
+    static graph and one running a dynamic graph of the same model must compare equal."""
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
 
 
 def _describe(row: list[int]) -> str:

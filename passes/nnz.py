@@ -73,7 +73,9 @@ def _per_token(ids, T, num_experts: int) -> int:
     if value is None:
         return num_experts
     numel = value.numel()
-    candidates = [static_int(numel // T)] + ([static_int(value.shape[-1])] if value.dim() else [])
+    candidates = [static_int(value.shape[-1])] if value.dim() else []
+    if not statically_known_true(T == 0):  # an empty batch (T = 0) has no quotient
+        candidates.append(static_int(numel // T))
     for per_token in candidates:
         if per_token is not None and statically_known_true(per_token * T == numel):
             return per_token

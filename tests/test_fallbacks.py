@@ -9,6 +9,7 @@ import torch.nn as nn
 from helpers import assert_close_to_eager
 from moe_zoo import MoEBlock, MoEConfig
 
+import passes
 import passes.lower
 import passes.pipeline
 
@@ -239,3 +240,30 @@ def test_lowering_failure_in_second_region_keeps_original_graph(monkeypatch, tmp
     model = nn.Sequential(MoEBlock(MoEConfig()), MoEBlock(MoEConfig())).eval()
     _check_fallback(tmp_path, model, torch.randn(2, 5, 8), num_regions=2)
     assert len(calls) == 2
+
+
+def test_recognition_failure_keeps_original_graph(monkeypatch, tmp_path):
+    """A recogniser that raises must not break the model: the graph compiles unchanged."""
+
+    def recognise(gm):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(passes, "recognise", recognise)
+    torch.manual_seed(0)
+    model = MoEBlock(MoEConfig()).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert_close_to_eager(_compile(model, tmp_path)(x), model(x))
+    report = _report(tmp_path)
+    assert report["regions"] == []
+    assert report["fallbacks"] == [{"graph": 0, "reason": "recognition failed: RuntimeError: boom"}]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_empty_batch(tmp_path, style):
+    """T = 0 tokens: rewritten, and the (empty) output has eager's shape."""
+    model = MoEBlock(MoEConfig(style=style)).eval()
+    x = torch.randn(0, 5, 8)
+    with torch.no_grad():
+        assert_close_to_eager(_compile(model, tmp_path)(x), model(x))
+    assert [r["status"] for r in _report(tmp_path)["regions"]] == ["rewritten"]
