@@ -6,6 +6,7 @@ with the routing computed by the layer itself (several routers, optional Switch 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ class MoEConfig:
     gated: bool = False
     bias: bool = False
     style: str = "index"  # "index" (where + index_add), "mask" (boolean indexing), "dense"
-    container: str = "list"  # "list" (nn.ModuleList) or "dict" (nn.ModuleDict)
+    container: str = "list"  # "list" (nn.ModuleList), "dict" (nn.ModuleDict), "stacked" (3-D parameters, w[e])
     router: str = "softmax_topk"  # "softmax_topk", "softmax_topk_renorm", "topk_softmax", "switch"
     capacity: int = 0  # Switch router only: tokens past it are dropped
     skew: str = "none"  # "none", "hot" (every token to expert 0), "empty" (only the first k experts used)
@@ -57,6 +58,25 @@ class ExpertFFN(nn.Module):
         return self.w_out(h)
 
 
+class StackedExperts(nn.Module):
+    """All experts' weights in 3-D parameters; the loop reads expert e's slices w[e]."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if cfg.bias:
+            raise ValueError("StackedExperts has no biases: draw bias=False with container='stacked'")
+        E, D, F = cfg.num_experts, cfg.d_model, cfg.d_ff
+        self.act = ACTIVATIONS[cfg.activation]
+        self.w_in_EDF = nn.Parameter(torch.randn(E, D, F) / D**0.5)
+        self.w_gate_EDF = nn.Parameter(torch.randn(E, D, F) / D**0.5) if cfg.gated else None
+        self.w_out_EFD = nn.Parameter(torch.randn(E, F, D) / F**0.5)
+
+    def expert(self, e: int, x_TD: torch.Tensor) -> torch.Tensor:
+        h_TF = x_TD @ self.w_in_EDF[e]
+        h_TF = self.act(x_TD @ self.w_gate_EDF[e]) * h_TF if self.w_gate_EDF is not None else self.act(h_TF)
+        return h_TF @ self.w_out_EFD[e]
+
+
 class HandWrittenMoE(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -68,6 +88,9 @@ class HandWrittenMoE(nn.Module):
         elif cfg.skew == "empty":
             skew[cfg.top_k :] = -30.0
         self.register_buffer("skew", skew)
+        if cfg.container == "stacked":
+            self.experts = StackedExperts(cfg)
+            return
         experts = [ExpertFFN(cfg) for _ in range(cfg.num_experts)]
         if cfg.container == "dict":
             self.experts = nn.ModuleDict({f"expert_{e}": ex for e, ex in enumerate(experts)})
@@ -75,6 +98,8 @@ class HandWrittenMoE(nn.Module):
             self.experts = nn.ModuleList(experts)
 
     def expert_list(self):
+        if isinstance(self.experts, StackedExperts):
+            return [functools.partial(self.experts.expert, e) for e in range(self.cfg.num_experts)]
         return list(self.experts.values()) if isinstance(self.experts, nn.ModuleDict) else list(self.experts)
 
     def route(self, x_TD):

@@ -146,11 +146,21 @@ def rank_disjoint_experts():
     return _sharded_regions(report, "data_parallel", count=1)
 
 
+HF_MODELS = {  # name -> (builder, MoE layers)
+    "switch": (lambda: hf_tiny.switch(expert_capacity=2), 2),
+    "nllb_moe": (hf_tiny.nllb_moe, 3),
+    "mixtral_grouped_mm": (lambda: hf_tiny.mixtral("grouped_mm"), 2),
+    "mixtral_batched_mm": (lambda: hf_tiny.mixtral("batched_mm"), 2),
+    "mixtral_eager": (lambda: hf_tiny.mixtral("eager"), 2),
+    "qwen2_moe": (hf_tiny.qwen2_moe, 2),
+}
+
+
 def rank_hf_model(name: str):
     """A tiny HF model, data_parallel: each rank its own token ids."""
+    build, layers = HF_MODELS[name]
     torch.manual_seed(0)
-    model = {"switch": lambda: hf_tiny.switch(expert_capacity=2), "mixtral": lambda: hf_tiny.mixtral("grouped_mm")}[name]()
-    model = model.eval()
+    model = build().eval()
     kwargs = hf_tiny.inputs(model, batch=2, seq=6, seed=dist.get_rank())
     report = Report()
     with torch.no_grad():
@@ -158,7 +168,7 @@ def rank_hf_model(name: str):
         out_BSD = _compile(model, report)(**kwargs)[0]
     _check_close(out_BSD, ref_BSD, report)
     forms = sorted({r["form"] for r in report.regions})
-    return _sharded_regions(report, "data_parallel", count=2), forms
+    return _sharded_regions(report, "data_parallel", count=layers), forms
 
 
 def rank_through_inductor():
@@ -275,6 +285,7 @@ def sharded_cases(draw, world_size: int) -> dict:
     """A hand-written MoE, dtype, batch, seed and input mode; d_ff >= world_size, often not a multiple."""
     router = draw(st.sampled_from(["softmax_topk", "softmax_topk_renorm", "topk_softmax", "switch"]))
     num_experts = draw(st.integers(1, 16))
+    container = draw(st.sampled_from(["list", "dict", "stacked"]))  # stacked: 3-D parameters read as w[e]
     remainder = draw(st.integers(0, world_size - 1) | st.integers(1, world_size - 1))  # mostly non-zero
     cfg = MoEConfig(
         num_experts=num_experts,
@@ -283,9 +294,9 @@ def sharded_cases(draw, world_size: int) -> dict:
         d_ff=draw(st.integers(1, 3)) * world_size + remainder,
         activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
         gated=draw(st.booleans()),
-        bias=draw(st.booleans()),
+        bias=draw(st.booleans()) if container != "stacked" else False,
         style=draw(st.sampled_from(["index", "mask", "dense"])),
-        container=draw(st.sampled_from(["list", "dict"])),
+        container=container,
         router=router,
         capacity=draw(st.integers(1, 6)),
         skew=draw(st.sampled_from(["none", "hot", "empty"])),
@@ -334,9 +345,20 @@ def test_ranks_route_to_disjoint_experts(world_2):
     assert_blocks_tile(world_2.run(rank_disjoint_experts))
 
 
-@pytest.mark.parametrize(("name", "form"), [("switch", "module_loop/dense"), ("mixtral", "stacked/grouped_mm")])
+@pytest.mark.parametrize(
+    ("name", "form"),
+    [
+        ("switch", "module_loop/dense"),
+        ("nllb_moe", "module_loop/dense"),
+        ("mixtral_grouped_mm", "stacked/grouped_mm"),
+        ("mixtral_batched_mm", "stacked/batched_mm"),
+        ("mixtral_eager", "stacked/eager"),
+        ("qwen2_moe", "stacked/grouped_mm"),
+    ],
+)
 def test_hf_model_data_parallel(world_2, name, form):
-    """Unmodified HF models: Switch's per-expert loop with capacity drops, Mixtral's stacked experts."""
+    """Unmodified HF models: Switch's per-expert loop with capacity drops, NLLB-MoE's encoder and
+    decoder prefill, transformers' stacked experts under every implementation, Qwen2's shared expert."""
     blocks_by_rank, forms_by_rank = zip(*world_2.run(rank_hf_model, name=name))
     assert all(forms == [form] for forms in forms_by_rank), forms_by_rank
     assert_blocks_tile(list(blocks_by_rank))

@@ -15,6 +15,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 def moe_configs(draw):
     router = draw(st.sampled_from(["softmax_topk", "softmax_topk_renorm", "topk_softmax", "switch"]))
     num_experts = draw(st.integers(1, 16))
+    container = draw(st.sampled_from(["list", "dict", "stacked"]))  # stacked: 3-D parameters read as w[e]
     top_k = 1 if router == "switch" else draw(st.integers(1, min(4, num_experts)))
     return MoEConfig(
         num_experts=num_experts,
@@ -23,9 +24,9 @@ def moe_configs(draw):
         d_ff=draw(st.sampled_from([4, 8, 20])),
         activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
         gated=draw(st.booleans()),
-        bias=draw(st.booleans()),
+        bias=draw(st.booleans()) if container != "stacked" else False,
         style=draw(st.sampled_from(["index", "mask", "dense"])),
-        container=draw(st.sampled_from(["list", "dict"])),
+        container=container,
         router=router,
         capacity=draw(st.integers(1, 6)),
         skew=draw(st.sampled_from(["none", "hot", "empty"])),
