@@ -128,9 +128,9 @@ def lower_region(
             h_RF = emit.fn(operator.mul, emit.fn(act, g_RF, name="act_RF"), h_RF, name="gated_RF")
         else:
             h_RF = emit.fn(act, h_RF, name="act_RF")
-        y_SD = _grouped_linear(emit, h_RF, w["w_out_EFD"], None, offs_E, ids_R, "y_RD")
-        if data_parallel:  # sum the ranks' partial outputs; keep this rank's rows
-            y_SD = _scatter_rows(emit, plan, y_SD, perm_R)
+        y_RD = _grouped_linear(emit, h_RF, w["w_out_EFD"], None, offs_E, ids_R, "y_RD")
+        # data_parallel: sum the ranks' partial outputs, keep this rank's rows
+        y_SD = _scatter_rows(emit, plan, y_RD, perm_R) if data_parallel else y_RD
         if "b_out_ED" in w and (plan is None or data_parallel or plan.rank == 0):  # added exactly once
             b_rows = emit.fn(torch.index_select, w["b_out_ED"], 0, ids_sorted_S, name="y_SD_bias")
             y_SD = emit.fn(operator.add, y_SD, b_rows, name="y_SD_biased")
@@ -163,27 +163,30 @@ def _gather_rows(emit: Emitter, plan: ShardPlan, x_SD, counts_E, num_experts: in
     expert, so the expert of every gathered row follows from the gathered counts.
     """
     N, E = plan.world_size, num_experts
-    counts_R = _collective(emit, c10d.all_gather_into_tensor.default, counts_E, N, plan.group_name, name="counts_NE")
-    counts_NE = emit.method("view", counts_R, N, E, name="counts_NE_view")
-    x_ND = _collective(emit, c10d.all_gather_into_tensor.default, x_SD, N, plan.group_name, name="x_ND")
+    counts_NxE = _collective(emit, c10d.all_gather_into_tensor.default, counts_E, N, plan.group_name, name="counts_NxE")
+    counts_NE = emit.method("view", counts_NxE, N, E, name="counts_NE")
+    # rank-major: rank n's S rows, sorted by expert, are rows n*S:(n+1)*S
+    gathered_RD = _collective(emit, c10d.all_gather_into_tensor.default, x_SD, N, plan.group_name, name="gathered_RD")
     ends_NE = emit.method("cumsum", counts_NE, 1, name="ends_NE")
     rows = emit.method("size", x_SD, 0, name="rows")
     row_S = emit.fn(torch.arange, rows, device=emit.fn(getattr, x_SD, "device", name="device"), name="row_S")
     row_NS = emit.method("repeat", row_S, N, 1, name="row_NS")
     ids_NS = emit.fn(torch.searchsorted, ends_NE, row_NS, right=True, name="ids_NS")
-    sort = emit.fn(torch.sort, emit.method("reshape", ids_NS, -1, name="ids_N"), stable=True, name="sort_R")
+    sort = emit.fn(torch.sort, emit.method("reshape", ids_NS, -1, name="ids_rank_major_R"), stable=True, name="sort_R")
     ids_R = emit.fn(operator.getitem, sort, 0, name="ids_R")
     perm_R = emit.fn(operator.getitem, sort, 1, name="perm_R")
-    x_RD = emit.fn(torch.index_select, x_ND, 0, perm_R, name="x_RD")
+    x_RD = emit.fn(torch.index_select, gathered_RD, 0, perm_R, name="x_RD")
     offs_E = emit.method("cumsum", emit.method("sum", counts_NE, 0, name="counts_E_all"), 0, name="offs_E")
     return x_RD, ids_R, offs_E, perm_R
 
 
 def _scatter_rows(emit: Emitter, plan: ShardPlan, y_RD, perm_R):
     """Partial outputs back to rank-major order, summed over ranks; this rank's block returns."""
-    zeros_ND = emit.fn(torch.zeros_like, y_RD, name="zeros_ND")
-    y_ND = emit.fn(torch.index_copy, zeros_ND, 0, perm_R, y_RD, name="y_ND")
-    return _collective(emit, c10d.reduce_scatter_tensor.default, y_ND, "sum", plan.world_size, plan.group_name, name="y_SD")
+    zeros_RD = emit.fn(torch.zeros_like, y_RD, name="zeros_RD")
+    rank_major_RD = emit.fn(torch.index_copy, zeros_RD, 0, perm_R, y_RD, name="rank_major_RD")
+    return _collective(
+        emit, c10d.reduce_scatter_tensor.default, rank_major_RD, "sum", plan.world_size, plan.group_name, name="y_SD"
+    )
 
 
 def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:
