@@ -1,0 +1,164 @@
+"""The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine.
+
+    h_RF    = moeshard::gather_grouped_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF?, b_in_EF?, b_gate_EF?, activation)
+    out_YD' = moeshard::grouped_ffn_out_scatter(h_RF, offs_E, w_out_EFD, b_out_ED?, dest_R, scale_R?, out_YD, accumulate)
+
+Row r belongs to expert e when offs_E[e-1] <= r < offs_E[e] (offs_E an int cumsum, offs_E[-1] == R
+in the lowering). Rows past offs_E[-1] are not computed: h is zero there in the reference and
+unspecified in the kernel; they add nothing to out.
+
+Path selection, inside each op (so torch.compile traces the choice away):
+  CUDA tensors in fp32/bf16/fp16 and triton importable -> the Triton kernels (grouped_ffn.py),
+    called through wrap_triton so that Inductor sees and schedules them;
+  anything else (CPU, float64, no triton)             -> the `*_reference` op: plain torch,
+    one matmul per non-empty expert, opaque to the compiler (it reads offs_E on the host).
+The ops are `triton_op`s when triton is importable and plain `custom_op`s otherwise (triton is
+not a runtime dependency); either way the op body doubles as its fake implementation.
+
+Dtypes: h and out keep their dtype; matmuls accumulate in fp32 (the reference rounds y to h's
+dtype before scaling, the kernel does not). `accumulate=True` adds into an fp32 copy of out and
+rounds once (both paths), so bf16 outputs see one rounding per token whatever K is.
+`accumulate=False` stores: dest_R must then be free of repeats among computed rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from passes.lower import ACTIVATIONS
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from moeshard_compile.kernels.grouped_ffn import launch_ffn_in, launch_ffn_out
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """The Triton path runs on CUDA tensors of a dtype tl.dot takes, when triton is importable."""
+    return HAS_TRITON and all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
+
+
+def _op(name: str):
+    """triton_op where triton imports (Inductor sees the kernels), else custom_op; body = fake."""
+
+    def define(fn):
+        if HAS_TRITON:
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+
+    return define
+
+
+def _experts(offs_E: torch.Tensor):
+    """(expert, start, end) of every non-empty group; reads offs_E on the host."""
+    start = 0
+    for expert, end in enumerate(offs_E.tolist()):
+        if end > start:
+            yield expert, start, end
+        start = end
+
+
+def _linear(x_ND: torch.Tensor, w_DF: torch.Tensor, b_EF: torch.Tensor | None, e: int) -> torch.Tensor:
+    return x_ND @ w_DF if b_EF is None else torch.addmm(b_EF[e], x_ND, w_DF)
+
+
+def _check_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, activation) -> None:
+    torch._check(activation in ACTIVATIONS, lambda: f"gather_grouped_ffn_in: unknown activation {activation!r}")
+    torch._check(x_XD.shape[1] == w_in_EDF.shape[1], lambda: "gather_grouped_ffn_in: x and w_in disagree on D")
+    torch._check(offs_E.shape[0] == w_in_EDF.shape[0], lambda: "gather_grouped_ffn_in: offs_E and w_in disagree on E")
+    torch._check(
+        b_gate_EF is None or w_gate_EDF is not None, lambda: "gather_grouped_ffn_in: b_gate without w_gate"
+    )
+    for w in (w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF):
+        torch._check(w is None or w.dtype == x_XD.dtype, lambda: "gather_grouped_ffn_in: weights and x differ in dtype")
+
+
+@torch.library.custom_op("moeshard::gather_grouped_ffn_in_reference", mutates_args=())
+def gather_grouped_ffn_in_reference(
+    x_XD: torch.Tensor, rows_R: torch.Tensor, offs_E: torch.Tensor, w_in_EDF: torch.Tensor,
+    w_gate_EDF: torch.Tensor | None, b_in_EF: torch.Tensor | None, b_gate_EF: torch.Tensor | None, activation: str,
+) -> torch.Tensor:
+    """Plain torch: one gather and one (or two) matmuls per non-empty expert."""
+    act = ACTIVATIONS[activation]
+    h_RF = x_XD.new_zeros(rows_R.shape[0], w_in_EDF.shape[2])
+    for e, start, end in _experts(offs_E):
+        x_ND = x_XD[rows_R[start:end]]
+        h_NF = _linear(x_ND, w_in_EDF[e], b_in_EF, e)
+        if w_gate_EDF is None:
+            h_RF[start:end] = act(h_NF)
+        else:
+            h_RF[start:end] = act(_linear(x_ND, w_gate_EDF[e], b_gate_EF, e)) * h_NF
+    return h_RF
+
+
+@gather_grouped_ffn_in_reference.register_fake
+def _(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, activation):
+    _check_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, activation)
+    return x_XD.new_empty(rows_R.shape[0], w_in_EDF.shape[2])
+
+
+@_op("moeshard::gather_grouped_ffn_in")
+def gather_grouped_ffn_in(
+    x_XD: torch.Tensor, rows_R: torch.Tensor, offs_E: torch.Tensor, w_in_EDF: torch.Tensor,
+    w_gate_EDF: torch.Tensor | None, b_in_EF: torch.Tensor | None, b_gate_EF: torch.Tensor | None, activation: str,
+) -> torch.Tensor:
+    """h[r] = act(x[rows[r]] @ w_gate[e] + b_gate[e]) * (x[rows[r]] @ w_in[e] + b_in[e]), or act(x[rows[r]] @ w_in[e] + b_in[e])."""
+    args = (x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, activation)
+    _check_ffn_in(*args)
+    if use_triton(x_XD, w_in_EDF):
+        return launch_ffn_in(*args)
+    return torch.ops.moeshard.gather_grouped_ffn_in_reference(*args)
+
+
+def _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD) -> None:
+    torch._check(h_RF.shape[1] == w_out_EFD.shape[1], lambda: "grouped_ffn_out_scatter: h and w_out disagree on F")
+    torch._check(out_YD.shape[1] == w_out_EFD.shape[2], lambda: "grouped_ffn_out_scatter: out and w_out disagree on D")
+    torch._check(offs_E.shape[0] == w_out_EFD.shape[0], lambda: "grouped_ffn_out_scatter: offs_E and w_out disagree on E")
+    torch._check(dest_R.shape[0] == h_RF.shape[0], lambda: "grouped_ffn_out_scatter: dest_R and h disagree on R")
+    for w in (w_out_EFD, b_out_ED):
+        torch._check(w is None or w.dtype == h_RF.dtype, lambda: "grouped_ffn_out_scatter: weights and h differ in dtype")
+    torch._check(scale_R is None or scale_R.shape[0] == h_RF.shape[0], lambda: "grouped_ffn_out_scatter: scale_R and h disagree on R")
+
+
+@torch.library.custom_op("moeshard::grouped_ffn_out_scatter_reference", mutates_args=())
+def grouped_ffn_out_scatter_reference(
+    h_RF: torch.Tensor, offs_E: torch.Tensor, w_out_EFD: torch.Tensor, b_out_ED: torch.Tensor | None,
+    dest_R: torch.Tensor, scale_R: torch.Tensor | None, out_YD: torch.Tensor, accumulate: bool,
+) -> torch.Tensor:
+    """Plain torch: one matmul per non-empty expert, then one index_add (or index_copy) into a copy of out."""
+    groups = list(_experts(offs_E))
+    if not groups:
+        return out_YD.clone()
+    acc_dtype = torch.promote_types(out_YD.dtype, torch.float32)
+    y_ND = torch.cat([_linear(h_RF[start:end], w_out_EFD[e], b_out_ED, e) for e, start, end in groups]).to(acc_dtype)
+    rows_N = torch.cat([torch.arange(start, end, device=h_RF.device) for _, start, end in groups])
+    if scale_R is not None:  # a zero routing weight adds exactly 0, even where y is inf or nan
+        scale_N1 = scale_R[rows_N].to(acc_dtype).unsqueeze(1)
+        y_ND = torch.where(scale_N1 != 0, y_ND * scale_N1, 0.0)
+    if accumulate:
+        return out_YD.to(acc_dtype).index_add(0, dest_R[rows_N], y_ND).to(out_YD.dtype)
+    return out_YD.index_copy(0, dest_R[rows_N], y_ND.to(out_YD.dtype))
+
+
+@grouped_ffn_out_scatter_reference.register_fake
+def _(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD, accumulate):
+    _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD)
+    return torch.empty_like(out_YD)
+
+
+@_op("moeshard::grouped_ffn_out_scatter")
+def grouped_ffn_out_scatter(
+    h_RF: torch.Tensor, offs_E: torch.Tensor, w_out_EFD: torch.Tensor, b_out_ED: torch.Tensor | None,
+    dest_R: torch.Tensor, scale_R: torch.Tensor | None, out_YD: torch.Tensor, accumulate: bool,
+) -> torch.Tensor:
+    """out' = out with y_r = where(scale_r != 0, scale_r * (h[r] @ w_out[e] + b_out[e]), 0) added (or stored) at row dest[r]."""
+    args = (h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD, accumulate)
+    _check_ffn_out(*args[:-1])
+    if use_triton(h_RF, w_out_EFD, out_YD):
+        return launch_ffn_out(*args)
+    return torch.ops.moeshard.grouped_ffn_out_scatter_reference(*args)
