@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -148,3 +149,26 @@ class MoEBlock(nn.Module):
 
     def forward(self, x):
         return x + self.moe(self.norm(x))
+
+
+@st.composite
+def moe_configs(draw, d_ff: st.SearchStrategy[int] = st.sampled_from([4, 8, 20])) -> MoEConfig:
+    """Any hand-written MoE: every router, dispatch spelling, container, activation and skew."""
+    router = draw(st.sampled_from(["softmax_topk", "softmax_topk_renorm", "topk_softmax", "switch"]))
+    num_experts = draw(st.integers(1, 16))
+    container = draw(st.sampled_from(["list", "dict", "stacked"]))  # stacked: 3-D parameters read as w[e]
+    top_k = 1 if router == "switch" else draw(st.integers(1, min(4, num_experts)))
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        d_model=draw(st.sampled_from([4, 8, 12])),
+        d_ff=draw(d_ff),
+        activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
+        gated=draw(st.booleans()),
+        bias=draw(st.booleans()) if container != "stacked" else False,
+        style=draw(st.sampled_from(["index", "mask", "dense"])),
+        container=container,
+        router=router,
+        capacity=draw(st.integers(1, 6)),
+        skew=draw(st.sampled_from(["none", "hot", "empty"])),
+    )

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import hf_tiny
 from gloo_world import GlooPool
 from helpers import assert_close_to_eager
-from moe_zoo import ACTIVATIONS, MoEBlock, MoEConfig
+from moe_zoo import MoEBlock, MoEConfig, moe_configs
 from moeshard_compile import Options, Report
 from moeshard_compile.backend import make_backend
 
@@ -283,24 +283,8 @@ def assert_blocks_tile(blocks_by_rank: list[list[tuple[list[int], int]]]) -> Non
 @st.composite
 def sharded_cases(draw, world_size: int) -> dict:
     """A hand-written MoE, dtype, batch, seed and input mode; d_ff >= world_size, often not a multiple."""
-    router = draw(st.sampled_from(["softmax_topk", "softmax_topk_renorm", "topk_softmax", "switch"]))
-    num_experts = draw(st.integers(1, 16))
-    container = draw(st.sampled_from(["list", "dict", "stacked"]))  # stacked: 3-D parameters read as w[e]
-    remainder = draw(st.integers(0, world_size - 1) | st.integers(1, world_size - 1))  # mostly non-zero
-    cfg = MoEConfig(
-        num_experts=num_experts,
-        top_k=1 if router == "switch" else draw(st.integers(1, min(4, num_experts))),
-        d_model=draw(st.sampled_from([4, 8, 12])),
-        d_ff=draw(st.integers(1, 3)) * world_size + remainder,
-        activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
-        gated=draw(st.booleans()),
-        bias=draw(st.booleans()) if container != "stacked" else False,
-        style=draw(st.sampled_from(["index", "mask", "dense"])),
-        container=container,
-        router=router,
-        capacity=draw(st.integers(1, 6)),
-        skew=draw(st.sampled_from(["none", "hot", "empty"])),
-    )
+    remainder = st.integers(0, world_size - 1) | st.integers(1, world_size - 1)  # mostly non-zero
+    cfg = draw(moe_configs(d_ff=st.builds(lambda q, r: q * world_size + r, st.integers(1, 3), remainder)))
     return dict(
         cfg=cfg,
         dtype=draw(st.sampled_from([torch.float64, torch.float32, torch.float64, torch.float32, torch.bfloat16])),

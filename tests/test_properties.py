@@ -6,31 +6,9 @@ from hypothesis import strategies as st
 
 import moeshard_compile
 from helpers import assert_close_to_eager
-from moe_zoo import ACTIVATIONS, MoEBlock, MoEConfig
+from moe_zoo import MoEBlock, MoEConfig, moe_configs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
-
-
-@st.composite
-def moe_configs(draw):
-    router = draw(st.sampled_from(["softmax_topk", "softmax_topk_renorm", "topk_softmax", "switch"]))
-    num_experts = draw(st.integers(1, 16))
-    container = draw(st.sampled_from(["list", "dict", "stacked"]))  # stacked: 3-D parameters read as w[e]
-    top_k = 1 if router == "switch" else draw(st.integers(1, min(4, num_experts)))
-    return MoEConfig(
-        num_experts=num_experts,
-        top_k=top_k,
-        d_model=draw(st.sampled_from([4, 8, 12])),
-        d_ff=draw(st.sampled_from([4, 8, 20])),
-        activation=draw(st.sampled_from(sorted(ACTIVATIONS))),
-        gated=draw(st.booleans()),
-        bias=draw(st.booleans()) if container != "stacked" else False,
-        style=draw(st.sampled_from(["index", "mask", "dense"])),
-        container=container,
-        router=router,
-        capacity=draw(st.integers(1, 6)),
-        skew=draw(st.sampled_from(["none", "hot", "empty"])),
-    )
 
 
 @given(
