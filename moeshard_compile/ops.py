@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def _can_use_native_grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+def can_use_native_grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     """torch._grouped_mm needs CUDA, bf16 and 16-byte aligned strides."""
     if not (x_SD.is_cuda and x_SD.dtype == torch.bfloat16 and w_EDF.dtype == torch.bfloat16):
         return False
@@ -22,7 +22,7 @@ def _can_use_native_grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 @torch.library.custom_op("moeshard::grouped_mm", mutates_args=())
 def grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """y[rows of group e] = x[rows of group e] @ w[e]; group e is rows offs[e-1]:offs[e]."""
-    if _can_use_native_grouped_mm(x_SD, w_EDF):
+    if can_use_native_grouped_mm(x_SD, w_EDF):
         return torch._grouped_mm(x_SD, w_EDF, offs=offs_E.to(torch.int32))
     y_SF = x_SD.new_zeros(x_SD.shape[0], w_EDF.shape[2])
     start = 0

@@ -1,0 +1,19 @@
+"""Baselines MoEShard is compared against: expert-parallel MoE layers and benchmark routings.
+
+Plain PyTorch modules over any process group (gloo on CPU, NCCL on GPUs), built from the same
+stacked expert weights as a single-device MoE so results can be checked against it.
+"""
+
+from .expert_parallel import (
+    CapacityExpertParallelMoE,
+    DroplessExpertParallelMoE,
+    LayerStats,
+    deepspeed_capacity,
+    load_summary,
+)
+from .routers import model_routing, sample_routing, skew_probs, synthetic_routing, uniform_probs, zipf_probs
+
+__all__ = [
+    "CapacityExpertParallelMoE", "DroplessExpertParallelMoE", "LayerStats", "deepspeed_capacity", "load_summary",
+    "model_routing", "sample_routing", "skew_probs", "synthetic_routing", "uniform_probs", "zipf_probs",
+]

@@ -1,0 +1,453 @@
+"""The expert computation of one MoE layer, five ways side by side, each against its compute floor.
+
+    python bench/expert_kernels.py --measure-peak --json expert_kernels.json   # H100: the `issue` sweep, ~7 min
+    python bench/expert_kernels.py --sweep full --only '/T30000/' --budget-s 0   # a slice of the full sweep
+    python bench/expert_kernels.py --smoke                                     # tiny shapes on CPU, seconds
+
+Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights w_in_EDF
+(w_gate_EDF when gated), w_out_EFD, every variant computes
+    out_TD[t] = sum_k weights_TK[t, k] * ffn_{ids_TK[t, k]}(x_TD[t]),
+    ffn_e(x) = act(x @ w_in[e]) @ w_out[e]   or, gated,   (act(x @ w_gate[e]) * (x @ w_in[e])) @ w_out[e]
+(no router, no biases). Variants:
+    hf_eager                  transformers' eager experts loop (MixtralExperts.forward): one_hot mask,
+                              nonzero() over the experts hit, per expert where/index/matmuls/index_add_
+    sort_grouped_mm           sort the T*K rows by expert, gather, torch._grouped_mm (bf16 on sm90+ CUDA;
+                              elsewhere moeshard::grouped_mm's per-expert loop, said in the `path` column),
+                              activation, grouped matmul, scale, index_add: what passes/lower.py emits, eager
+    sort_grouped_mm_inductor  the same function under torch.compile(mode="max-autotune"), which also
+                              replays it as a CUDA graph (no launch overhead); CPU: default mode
+    moeshard_fused            sort, then moeshard::gather_grouped_ffn_in and moeshard::grouped_ffn_out_scatter
+                              (accumulate into zeros): the fused Triton kernels on CUDA, eager
+    moeshard_fused_inductor   the same function under torch.compile (default mode: no CUDA graph)
+Each variant is checked against a float64 per-expert loop of the same computation (max_rel_err =
+max |out - ref| / max |ref|; `check` says WRONG above the dtype's tolerance) before it is timed
+(bench/moe_layer.py's median_ms: triton's do_bench median on CUDA). A failing variant prints its
+error in the table and the run goes on.
+
+Floors (DESIGN.md section 3): FLOPs = M matmuls x 2*T*K*D*F (M = 2, 3 when gated);
+floor_ms = FLOPs / peak, the peak from --measure-peak (a large matmul on the device) or
+--peak-tflops (default 750: H100 bf16, measured). Every time is also shown as a multiple of its floor,
+and per shape the ratio moeshard_fused / sort_grouped_mm (below 1: the fused kernels are faster).
+
+Shapes (name model/E/T/k/routing; routing from bench/baselines/routers.py: uniform, skew = the
+MoEShard paper's synthetic router, p_i ∝ 1/E + 0.6 for the first 10% of experts, zipf with s = 1):
+    switch-base      D 768,  F 3072,  relu         E 8/64/128, T 4096/16384/30000, k 1/2
+    switch-base-f4   D 768,  F 768,   relu         one rank's shard of every expert at 4 ranks (MoEShard)
+    switch-base-f8   D 768,  F 384,   relu         ... at 8 ranks
+    mixtral          D 4096, F 14336, gated silu   E 8,   k 2, T 4096/16384
+    qwen3-30b-a3b    D 2048, F 768,   gated silu   E 128, k 8, T 4096/16384
+Sweeps (--sweep), run in order; shapes that share everything but the routing share one compile:
+    issue  (default) the issue's target first: switch-base E 64, T 16384, top-1, skew, then uniform
+           and zipf; the f4 and f8 shards; qwen3 and mixtral at T 4096; switch-base top-2, E 8 and
+           128, T 4096 and 30000: 15 shapes, 10 compiles (estimated 6-8 minutes on an H100, most
+           of it max-autotune compiles; --budget-s keeps it inside a 10-minute device call)
+    full   the issue sweep's compiles first, then the rest of the cross product above: 72 shapes,
+           24 compiles (estimated 15-20 minutes: split it over device calls with --only, e.g.
+           --only '^switch-base/E(8|64)/' and --only '^(?!switch-base/E(8|64)/)')
+    smoke  (--smoke) tiny shapes on CPU, every variant (Inductor in its default mode)
+--budget-s (default 400) stops starting new shapes once that many seconds have passed; skipped shapes are
+listed, and --json is rewritten after every shape, so a run cut short keeps what it measured.
+
+Names carry their shape: T tokens, K experts per token, S = T*K rows, D d_model, F d_ff, E experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.moe_layer import (  # noqa: E402
+    DEFAULT_PEAK_TFLOPS, DTYPES, environment, max_rel_error, measure_peak_tflops, median_ms,
+)
+from moeshard_compile.kernels.ops import use_triton  # noqa: E402  (registers the fused ops)
+from moeshard_compile.ops import can_use_native_grouped_mm  # noqa: E402  (registers moeshard::grouped_mm)
+from passes.lower import ACTIVATIONS  # noqa: E402
+
+VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
+TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG
+# model: (D, F, gated, activation)
+MODELS = {
+    "switch-base": (768, 3072, False, "relu"),
+    "switch-base-f4": (768, 768, False, "relu"),
+    "switch-base-f8": (768, 384, False, "relu"),
+    "mixtral": (4096, 14336, True, "silu"),
+    "qwen3-30b-a3b": (2048, 768, True, "silu"),
+    "tiny": (16, 32, False, "relu"),
+    "tiny-gated": (16, 24, True, "silu"),
+}
+ROUTINGS = ("skew", "uniform", "zipf")
+SMOKE = dict(sweep="smoke", device="cpu", dtype="float32", warmup_ms=5.0, rep_ms=20.0)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmarked problem: a model's expert dimensions, E experts, T tokens, top-K, a routing."""
+
+    model: str
+    E: int
+    T: int
+    K: int
+    routing: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/E{self.E}/T{self.T}/k{self.K}/{self.routing}"
+
+    @property
+    def compile_key(self) -> tuple:
+        """Shapes equal but for the routing run the same compiled code (same tensor shapes)."""
+        return (self.model, self.E, self.T, self.K)
+
+
+def _shapes(model: str, experts, tokens, top_ks, routings=ROUTINGS) -> list[Shape]:
+    return [Shape(model, E, T, K, r) for E in experts for T in tokens for K in top_ks for r in routings]
+
+
+def sweeps() -> dict[str, list[Shape]]:
+    """The named sweeps, in run order; shapes of one compile key are adjacent (one compile each)."""
+    issue = [
+        *_shapes("switch-base", [64], [16384], [1]),
+        *_shapes("switch-base-f4", [64], [16384], [1], ["skew"]),
+        *_shapes("switch-base-f8", [64], [16384], [1], ["skew"]),
+        *_shapes("qwen3-30b-a3b", [128], [4096], [8], ["skew", "uniform"]),
+        *_shapes("mixtral", [8], [4096], [2], ["skew", "uniform"]),
+        *_shapes("switch-base", [64], [16384], [2], ["skew", "uniform"]),
+        *_shapes("switch-base", [8, 128], [16384], [1], ["skew"]),
+        *_shapes("switch-base", [64], [4096, 30000], [1], ["skew"]),
+    ]
+    cross = [
+        *_shapes("switch-base", [8, 64, 128], [4096, 16384, 30000], [1, 2]),
+        *_shapes("switch-base-f4", [64], [16384], [1]),
+        *_shapes("switch-base-f8", [64], [16384], [1]),
+        *_shapes("mixtral", [8], [4096, 16384], [2]),
+        *_shapes("qwen3-30b-a3b", [128], [4096, 16384], [8]),
+    ]
+    full = issue + [shape for shape in cross if shape not in issue]
+    first_of_key = {}
+    for index, shape in enumerate(full):
+        first_of_key.setdefault(shape.compile_key, index)
+    full.sort(key=lambda shape: first_of_key[shape.compile_key])  # stable: the issue's rows stay first per key
+    smoke = [*_shapes("tiny", [4], [64], [1], ["skew", "uniform"]), *_shapes("tiny-gated", [8], [48], [2], ["zipf"])]
+    return {"issue": issue, "full": full, "smoke": smoke}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", choices=("issue", "full", "smoke"), default="issue")
+    parser.add_argument("--only", default=None, help="regex: keep the sweep's shapes whose name matches (re.search)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list out of {', '.join(VARIANTS)}")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--budget-s", type=float, default=400.0,
+                        help="start no new shape after this many seconds (0: no limit)")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help="matmul peak for the compute floor (default: H100 bf16, measured)")
+    parser.add_argument("--measure-peak", action="store_true",
+                        help="measure the peak instead: time a large matmul in --dtype on --device")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write every row here (after each shape)")
+    smoke = ", ".join(f"{key}={value}" for key, value in SMOKE.items())
+    parser.add_argument("--smoke", action="store_true", help=f"tiny shapes on CPU ({smoke}); other flags still apply")
+    if parser.parse_known_args(argv)[0].smoke:  # --smoke changes the defaults: parse again with them
+        parser.set_defaults(**SMOKE)
+    args = parser.parse_args(argv)
+    args.variants = args.variants.split(",")
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return args
+
+
+# ---- the variants: fn(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation) -> out_TD
+
+
+def hf_eager(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
+    """transformers' MixtralExperts.forward (5.x) on x @ w[e] weights; gate and up as two matmuls.
+
+    Host syncs as in transformers: nonzero() for the experts hit, the `== E` test and where() per expert.
+    """
+    act, E = ACTIVATIONS[activation], w_in_EDF.shape[0]
+    out_TD = torch.zeros_like(x_TD)
+    with torch.no_grad():
+        expert_mask_EKT = F.one_hot(ids_TK, num_classes=E + 1).permute(2, 1, 0)  # E + 1: transformers' dropped slot
+        expert_hit = torch.greater(expert_mask_EKT.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == E:
+            continue
+        slot_N, token_N = torch.where(expert_mask_EKT[expert_idx])
+        x_ND = x_TD[token_N]
+        h_NF = x_ND @ w_in_EDF[expert_idx]
+        h_NF = act(h_NF) if w_gate_EDF is None else act(x_ND @ w_gate_EDF[expert_idx]) * h_NF
+        y_ND = (h_NF @ w_out_EFD[expert_idx]) * weights_TK[token_N, slot_N, None]
+        out_TD.index_add_(0, token_N, y_ND.to(out_TD.dtype))
+    return out_TD
+
+
+def dispatch(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """order_S, token_S, offs_E: the T*K rows sorted by expert, their tokens, group ends (as lower.py)."""
+    K = ids_TK.shape[1]
+    ids_S = ids_TK.reshape(-1)
+    order_S = torch.sort(ids_S, stable=True).indices
+    counts_E = ids_S.new_zeros(num_experts).scatter_add(0, ids_S, torch.ones_like(ids_S))  # static shape, unlike bincount
+    return order_S, order_S // K, counts_E.cumsum(0)
+
+
+def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str, *,
+                    native: bool) -> torch.Tensor:
+    """Sort, gather, grouped matmul, activation, grouped matmul, scale, index_add (passes/lower.py's graph).
+
+    native: torch._grouped_mm, else moeshard::grouped_mm (its per-expert loop where _grouped_mm can't run).
+    """
+    act = ACTIVATIONS[activation]
+    order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
+    offs_E = offs_E.to(torch.int32)
+    grouped_mm = torch._grouped_mm if native else torch.ops.moeshard.grouped_mm
+    x_SD = x_TD.index_select(0, token_S)
+    h_SF = grouped_mm(x_SD, w_in_EDF, offs_E)
+    h_SF = act(h_SF) if w_gate_EDF is None else act(grouped_mm(x_SD, w_gate_EDF, offs_E)) * h_SF
+    y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weights_TK.reshape(-1)[order_S, None]
+    return torch.zeros_like(x_TD).index_add(0, token_S, y_SD)
+
+
+def moeshard_fused(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
+    """Sort, then the two fused ops: gather + matmul + activation, matmul + scale + scatter-add."""
+    order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
+    h_SF = torch.ops.moeshard.gather_grouped_ffn_in(x_TD, token_S, offs_E, w_in_EDF, w_gate_EDF, None, None, activation)
+    scale_S = weights_TK.reshape(-1)[order_S]
+    return torch.ops.moeshard.grouped_ffn_out_scatter(
+        h_SF, offs_E, w_out_EFD, None, token_S, scale_S, torch.zeros_like(x_TD), True
+    )
+
+
+def reference_TD(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
+    """The same computation in float64, one expert at a time (weights converted per expert to bound memory)."""
+    act = ACTIVATIONS[activation]
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float64, device=x_TD.device)
+    for e in range(w_in_EDF.shape[0]):
+        token_N, slot_N = (ids_TK == e).nonzero(as_tuple=True)
+        x_ND = x_TD[token_N].double()
+        h_NF = x_ND @ w_in_EDF[e].double()
+        if w_gate_EDF is not None:
+            h_NF = act(x_ND @ w_gate_EDF[e].double()) * h_NF
+        else:
+            h_NF = act(h_NF)
+        out_TD.index_add_(0, token_N, (h_NF @ w_out_EFD[e].double()) * weights_TK[token_N, slot_N, None].double())
+    return out_TD
+
+
+# ---- running
+
+
+@dataclass
+class Problem:
+    """One compile key's tensors: tokens and weights (random, unit-ish outputs); routing set per shape."""
+
+    x_TD: torch.Tensor
+    w_in_EDF: torch.Tensor
+    w_gate_EDF: torch.Tensor | None
+    w_out_EFD: torch.Tensor
+    activation: str
+
+
+def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> Problem:
+    """Weights scaled by fan-in; marked static so cudagraphs (max-autotune) don't copy them each call."""
+    D, F_, gated, activation = MODELS[shape.model]
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator, device=device) * std).to(dtype)
+
+    problem = Problem(
+        x_TD=randn(shape.T, D),
+        w_in_EDF=randn(shape.E, D, F_, std=D**-0.5),
+        w_gate_EDF=randn(shape.E, D, F_, std=D**-0.5) if gated else None,
+        w_out_EFD=randn(shape.E, F_, D, std=F_**-0.5),
+        activation=activation,
+    )
+    for t in (problem.x_TD, problem.w_in_EDF, problem.w_gate_EDF, problem.w_out_EFD):
+        if t is not None:
+            torch._dynamo.mark_static_address(t, guard=False)
+    return problem
+
+
+def build_variants(problem: Problem, device: torch.device) -> dict[str, tuple[Callable, str]]:
+    """name -> (callable, path): what each variant runs, said in words for the table."""
+    native = can_use_native_grouped_mm(problem.x_TD, problem.w_in_EDF)
+    mm_path = "torch._grouped_mm" if native else "moeshard::grouped_mm loop (no _grouped_mm: needs bf16, sm90+ CUDA)"
+    triton = use_triton(problem.x_TD, problem.w_in_EDF)
+    fused_path = "Triton kernels" if triton else "reference ops (per-expert torch; Triton needs CUDA)"
+    sorted_fn = functools.partial(sort_grouped_mm, native=native)
+    # CPU: the default mode, to stay fast; moeshard::grouped_mm's loop reads offs_E on the host,
+    # which a CUDA graph cannot capture
+    autotune = None if device.type != "cuda" else "max-autotune" if native else "max-autotune-no-cudagraphs"
+    return {
+        "hf_eager": (hf_eager, "eager, per-expert loop"),
+        "sort_grouped_mm": (sorted_fn, f"eager, {mm_path}"),
+        "sort_grouped_mm_inductor": (torch.compile(sorted_fn, mode=autotune, dynamic=False),
+                                     f"inductor {autotune or 'default'}, {mm_path}"),
+        "moeshard_fused": (moeshard_fused, f"eager, {fused_path}"),
+        "moeshard_fused_inductor": (torch.compile(moeshard_fused, dynamic=False), f"inductor default, {fused_path}"),
+    }
+
+
+def run_variant(name: str, fn: Callable, path: str, inputs: tuple, ref_TD: torch.Tensor, floor_ms: float,
+                args: argparse.Namespace) -> dict:
+    """Call (compiles on the first call), check against the reference, then time; errors become the row."""
+    row = {"variant": name, "path": path, "median_ms": None, "x_floor": None, "max_rel_err": None, "check": None}
+    try:
+        start = time.perf_counter()
+        out_TD = fn(*inputs)
+        row["first_call_s"] = time.perf_counter() - start
+        row["max_rel_err"] = max_rel_error(out_TD, ref_TD)
+        row["check"] = "ok" if row["max_rel_err"] <= TOLERANCE[out_TD.dtype] else "WRONG"
+        del out_TD  # cudagraph replays reuse its memory
+        for _ in range(3):  # cudagraph trees record on a later call: keep that out of do_bench's estimate
+            fn(*inputs)
+        row["median_ms"] = median_ms(lambda: fn(*inputs), ref_TD.device, args.warmup_ms, args.rep_ms)
+        row["x_floor"] = row["median_ms"] / floor_ms
+    except Exception as error:  # one broken variant must not cost the others' numbers
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        row["check"] = f"{type(error).__name__}: {first_line[:200]}"
+        if ref_TD.is_cuda:
+            torch.cuda.empty_cache()
+    return row
+
+
+def expert_flops(shape: Shape) -> int:
+    """M matmuls (3 when gated) of 2*T*K*D*F each."""
+    D, F_, gated, _ = MODELS[shape.model]
+    return (3 if gated else 2) * 2 * shape.T * shape.K * D * F_
+
+
+def run_shape(shape: Shape, problem: Problem, variants: dict, args: argparse.Namespace, peak_tflops: float,
+              device: torch.device) -> list[dict]:
+    """Every selected variant on one shape; prints its table as soon as it is done."""
+    ids_TK, weights_TK = synthetic_routing(shape.routing, shape.T, shape.E, shape.K, seed=args.seed,
+                                           device=device, dtype=problem.x_TD.dtype)
+    inputs = (problem.x_TD, ids_TK, weights_TK, problem.w_in_EDF, problem.w_gate_EDF, problem.w_out_EFD,
+              problem.activation)
+    ref_TD = reference_TD(*inputs)
+    counts_E = torch.bincount(ids_TK.reshape(-1), minlength=shape.E)
+    busiest = (counts_E.max() / counts_E.double().mean()).item()
+    floor_ms = expert_flops(shape) / (peak_tflops * 1e12) * 1e3
+    D, F_, gated, activation = MODELS[shape.model]
+    print(f"\n## {shape.name}: D={D} F={F_} {'gated ' if gated else ''}{activation} | busiest expert "
+          f"{busiest:.2f}x the mean load | floor {expert_flops(shape) / 1e9:.4g} GFLOP = {floor_ms:.4g} ms")
+    rows = []
+    for name in args.variants:
+        fn, path = variants[name]
+        row = run_variant(name, fn, path, inputs, ref_TD, floor_ms, args)
+        rows.append({"shape": shape.name, **asdict(shape), "D": D, "F": F_, "gated": gated, "activation": activation,
+                     "busiest_load": busiest, "floor_ms": floor_ms, **row})
+    columns = ("variant", "median_ms", "x_floor", "max_rel_err", "check", "first_call_s", "path")
+    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github",
+                   floatfmt=("", ".4g", ".3g", ".2e", "", ".3g", ""), missingval="-"))
+    return rows
+
+
+def summary(rows: list[dict], variants: list[str]) -> str:
+    """One line per shape: each variant's 'ms (x floor)', and the fused / sorted ratios."""
+    by_shape: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_shape.setdefault(row["shape"], {})[row["variant"]] = row
+
+    def cell(row: dict | None) -> str:
+        if row is None or row["median_ms"] is None:
+            return "failed" if row else "-"
+        return f"{row['median_ms']:.4g} ({row['x_floor']:.3g}x)" + ("" if row["check"] == "ok" else " WRONG")
+
+    def ratio(shape_rows: dict, num: str, den: str) -> str:
+        a, b = shape_rows.get(num), shape_rows.get(den)
+        if a is None or b is None or a["median_ms"] is None or b["median_ms"] is None:
+            return "-"
+        return f"{a['median_ms'] / b['median_ms']:.3g}"
+
+    def floor(shape_rows: dict) -> str:
+        floor_ms = next(iter(shape_rows.values())).get("floor_ms")
+        return "-" if floor_ms is None else f"{floor_ms:.4g}"
+
+    headers = ["shape", "floor ms", *[f"{v} ms (x floor)" for v in variants],
+               "fused / sort_grouped_mm", "fused_inductor / sort_inductor"]
+    table = [[shape, floor(r), *[cell(r.get(v)) for v in variants],
+              ratio(r, "moeshard_fused", "sort_grouped_mm"),
+              ratio(r, "moeshard_fused_inductor", "sort_grouped_mm_inductor")] for shape, r in by_shape.items()]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # a run cut short still shows every finished shape
+    started = time.perf_counter()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    shapes = [s for s in sweeps()[args.sweep] if args.only is None or re.search(args.only, s.name)]
+    env = {**environment(device), "dtype": args.dtype}
+    print(" | ".join(f"{key} {value}" for key, value in env.items()))
+    if args.measure_peak:
+        peak_tflops, peak_source = measure_peak_tflops(args, device), f"measured, {args.dtype} matmul on {device}"
+    else:
+        peak_tflops = args.peak_tflops
+        peak_source = "--peak-tflops" if peak_tflops != DEFAULT_PEAK_TFLOPS else "default: H100 bf16, measured"
+    print(f"peak {peak_tflops:.4g} TFLOP/s ({peak_source}) | sweep {args.sweep}: {len(shapes)} shapes | "
+          f"do_bench warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms | budget {args.budget_s:g} s")
+
+    rows: list[dict] = []
+
+    def save() -> None:
+        """The JSON so far: every row, and the shapes not (yet) run."""
+        done = {row["shape"] for row in rows}
+        result = {"environment": env, "config": {k: v for k, v in vars(args).items() if k != "json"},
+                  "peak_tflops": peak_tflops, "peak_source": peak_source, "rows": rows,
+                  "not_run": [s.name for s in shapes if s.name not in done]}
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    skipped: list[str] = []
+    key, problem, variants = None, None, None
+    with torch.no_grad():
+        for shape in shapes:
+            if args.budget_s and time.perf_counter() - started > args.budget_s:
+                skipped.append(shape.name)
+                continue
+            try:
+                if shape.compile_key != key:  # new tensor shapes: fresh tensors, fresh compiles
+                    key, problem, variants = None, None, None
+                    torch._dynamo.reset()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    problem = make_problem(shape, dtype, device, args.seed)
+                    variants = build_variants(problem, device)
+                    key = shape.compile_key
+                rows += run_shape(shape, problem, variants, args, peak_tflops, device)
+            except Exception as error:  # the reference or the inputs failed (e.g. out of memory): next shape
+                print(f"\n## {shape.name}: failed before timing: {type(error).__name__}: {error}")
+                rows += [{"shape": shape.name, **asdict(shape), "variant": name, "median_ms": None,
+                          "check": f"shape failed: {type(error).__name__}"} for name in args.variants]
+            if args.json:
+                save()
+
+    print(f"\n# summary ({args.dtype}, {env['device']}, peak {peak_tflops:.4g} TFLOP/s, {peak_source})")
+    print(summary(rows, args.variants))
+    if skipped:
+        print(f"budget of {args.budget_s:g} s spent: skipped {len(skipped)} shapes: {', '.join(skipped)}")
+    if args.json:
+        save()
+    print(f"total {time.perf_counter() - started:.0f} s" + (f"; wrote {args.json}" if args.json else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,29 @@
+"""bench/expert_kernels.py --smoke end to end, so that the script a GPU session runs once cannot rot.
+
+A subprocess, as the GPU session runs it: tiny shapes on CPU, every variant, about 30 s on 2 cores
+with a cold Inductor cache (conftest gives each test run its own).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor"}
+
+
+def test_expert_kernels_smoke_runs_every_variant_correctly(tmp_path):
+    result_path = tmp_path / "smoke.json"
+    result = subprocess.run(
+        [sys.executable, "bench/expert_kernels.py", "--smoke", "--json", str(result_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result_path.read_text())["rows"]
+    by_shape: dict[str, set[str]] = {}
+    for row in rows:
+        by_shape.setdefault(row["shape"], set()).add(row["variant"])
+        assert row["check"] == "ok" and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
+        assert f"| {row['variant']} " in result.stdout
+    assert by_shape and all(variants == VARIANTS for variants in by_shape.values()), by_shape
