@@ -16,7 +16,7 @@ from passes.region import MoERegion
 from passes.shard import ShardPlan
 
 c10d = torch.ops._c10d_functional
-_SIGNATURE_LEN = 64  # input shapes compared per call: a count, then the dims, padded
+_SIGNATURE_LEN = 64  # ints per rank in the per-call shape comparison
 
 
 def resolve(opts: Options) -> tuple[ShardPlan | None, "dist.ProcessGroup | None"]:
@@ -61,13 +61,11 @@ def check_same_inputs(group: "dist.ProcessGroup") -> Callable[[tuple], None]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
     def check(args: tuple) -> None:
-        shapes = _input_shapes(args)
-        flat = [len(shapes)] + [d for shape in shapes for d in (len(shape), *shape)]
-        flat = (flat + [-1] * _SIGNATURE_LEN)[:_SIGNATURE_LEN]
-        mine = torch.tensor(flat, dtype=torch.int64, device=device)
+        signature = _signature(_input_shapes(args))
+        mine = torch.tensor(signature, dtype=torch.int64, device=device)
         every = c10d.wait_tensor(c10d.all_gather_into_tensor(mine, world, group.group_name))
         rows = every.view(world, _SIGNATURE_LEN).tolist()
-        if any(row != flat for row in rows):
+        if any(row != signature for row in rows):
             described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
             raise ValueError(
                 "moeshard: the ranks called the compiled model with inputs of different shapes "
@@ -84,8 +82,18 @@ def _input_shapes(args: tuple) -> list[tuple[int, ...]]:
     return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
 
 
+def _signature(shapes: list[tuple[int, ...]]) -> list[int]:
+    """_SIGNATURE_LEN ints: the shape count and each shape's (ndim, *dims) as far as they fit,
+    padded with -1, then the full length and a hash of it all (ints hash alike in every process),
+    so shapes past the readable head still count."""
+    flat = [len(shapes)] + [d for shape in shapes for d in (len(shape), *shape)]
+    head = flat[: _SIGNATURE_LEN - 2]
+    return head + [-1] * (_SIGNATURE_LEN - 2 - len(head)) + [len(flat), hash(tuple(flat))]
+
+
 def _describe(row: list[int]) -> str:
-    count, rest, shapes = row[0], row[1:], []
+    """The readable head of a signature: the shapes, '...' where they were cut."""
+    count, rest, shapes = row[0], row[1:-2], []
     for _ in range(count):
         if not rest or rest[0] < 0:
             shapes.append("...")

@@ -199,3 +199,15 @@ def test_group_and_mesh_together_are_refused(fake_world):
 
     with pytest.raises(ValueError, match="either option 'group' or option 'mesh'"):
         moeshard_compile.Options.from_user({"group": dist.group.WORLD, "mesh": init_device_mesh("cpu", (WORLD,))})
+
+
+def test_input_signature_sees_shapes_past_its_readable_head():
+    """The per-call check compares a fixed-size signature: a difference in the 40th input still counts."""
+    from moeshard_compile.distributed import _describe, _signature
+
+    shapes = [(i, 3) for i in range(40)]
+    changed = shapes[:-1] + [(39, 4)]
+    assert len(_signature(shapes)) == len(_signature([(2, 5, 8)]))
+    assert _signature(shapes) != _signature(changed)
+    assert _describe(_signature([(2, 5, 8), (7,)])) == "[2, 5, 8], [7]"
+    assert _describe(_signature(shapes)).endswith("...")
