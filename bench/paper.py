@@ -1,0 +1,464 @@
+"""The MoEShard paper's per-MoE-layer comparison (arXiv 2503.08467, Switch-Base) on one GPU: MoEShard
+against DeepSpeed-style capacity expert parallelism and dropless expert parallelism, N ranks simulated.
+
+    python bench/paper.py --measure-peak --sweep headline,skew,experts,batch --budget-s 480 \\
+        --json paper_h100.json --csv paper_h100.csv     # one H100, one call: estimated 2-4 min, not yet run
+    python bench/paper.py --smoke                       # tiny shapes on CPU, seconds
+
+The layer: Switch-Base's expert FFN, y = relu(x @ W_in) @ W_out (d_model 768, d_ff 3072, top-1, no
+biases), E experts, each of N ranks (default 4) bringing its own batch of B sequences x 120 tokens
+(T = 120 B tokens per rank), routing drawn by bench/baselines/routers.py (uniform; skew, the paper's
+router with alpha 0.6 on the first 10% of experts; zipf). The router's own matmul is left out.
+
+Systems (all N ranks' N*T tokens and their routing are drawn on the one device; each rank's work
+is derived from them and run for real; "simulated" marks every figure that models N ranks):
+    moeshard_1rank      measured: one rank does every expert on its own T tokens (sort + grouped
+                        matmuls, bench/expert_kernels.py's sort_grouped_mm: what passes/lower.py emits)
+    moeshard_N          simulated: every rank runs the grouped computation over all N*T gathered rows
+                        on its ceil(F/N) block of every expert (every rank has that shape: run once);
+                        traffic: all-gather of the counts and of the rows, reduce-scatter of the partial
+                        outputs, (N-1)*E*8 + 2*(N-1)*T*K*D*bytes per rank (docs/distributed.md)
+    ep_capacity_cf50    simulated DeepSpeed top-1 (bench/baselines CapacityExpertParallelMoE): capacity
+    ep_capacity_cf1.25  C = deepspeed_capacity(T, E, CF, 4) per expert per source rank, CF = min(E, 50)
+                        as in the paper, or 1.25; each rank fills its [E, C, D] dispatch buffer, runs its
+                        E/N experts over their N*C padded rows (torch.bmm) and gathers its combine;
+                        run for every rank, the max taken; two equal-split all-to-alls of
+                        (N-1)/N of the [E, C, D] buffer each; tokens past capacity are dropped
+    ep_dropless         simulated dropless EP (DroplessExpertParallelMoE): each rank runs the grouped
+                        computation over exactly the rows routed to its E/N experts from all ranks
+                        (max over ranks); variable all-to-alls of the counts, the rows and back
+Latency = the busiest rank's measured compute + modelled communication, serial (no overlap; the JSON
+also gives max(compute, comm), the bound for overlapping). Communication: every collective phase takes
+max over ranks of max(bytes sent, bytes received) / --bandwidth-gbs (default 450 GB/s per direction:
+NVLink 4 nominal on H100 SXM, 900 GB/s bidirectional; NCCL reaches less, so this is optimistic for
+every system alike); no per-collective latency term.
+
+Metrics per row: latency_ms (median: triton's do_bench on CUDA, wall clock on CPU, via
+bench/moe_layer.py's median_ms), x_floor = latency / floor, floor = 2 matmuls * 2*T*K*D*F FLOPs (one
+rank's useful work, the same for every system) / peak (--peak-tflops for bf16, --peak-tflops-fp32 for
+fp32, or --measure-peak: a large matmul per dtype); max_rows and max/mean rows computed over ranks
+(padding included); bytes each rank sends per layer (max over ranks); tokens dropped (all ranks);
+speedups vs ep_capacity_cf50 (the paper's baseline), ep_capacity_cf1.25 and ep_dropless.
+
+Sweeps (--sweep, a comma list run in order; a configuration already run is not run again):
+    headline (default) E 64, batch 250, fp32 (the paper's) and bf16, skew and uniform
+    experts  E 8/16/32/64/128/256, batch 250;  batch  batch 10/100/250/450, E 64;
+    skew     uniform/skew/zipf at E 64, batch 250   (experts, batch, skew: fp32 and skew unless
+             --dtypes / --routings say otherwise)
+    smoke    (--smoke) D 32, F 64, seq 8, batch 2, N 2, E 4/8, on CPU
+A failing system prints its error in its row and the sweep goes on; --json and --csv are rewritten
+after every row; --budget-s stops starting new rows (the rest are listed as not run).
+
+Names carry their shape: N ranks, T tokens per rank, R = N*T tokens of all ranks, K experts per token,
+D d_model, F d_ff, H = ceil(F/N) one rank's FFN block, E experts, El = E/N experts per rank, C capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+from bench.baselines.expert_parallel import COUNT_BYTES, deepspeed_capacity, rank_within_expert  # noqa: E402
+from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.expert_kernels import moeshard_fused, sort_grouped_mm  # noqa: E402
+from bench.moe_layer import DEFAULT_PEAK_TFLOPS, DTYPES, environment, measure_peak_tflops, median_ms  # noqa: E402
+from moeshard_compile.kernels.ops import use_triton  # noqa: E402
+from moeshard_compile.ops import can_use_native_grouped_mm  # noqa: E402
+
+SYSTEMS = ("moeshard_1rank", "moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
+SIMULATED = {"moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
+BASELINES = {"vs_cf50": "ep_capacity_cf50", "vs_cf1.25": "ep_capacity_cf1.25", "vs_dropless": "ep_dropless"}
+TOP_K = 1  # Switch is top-1 (DeepSpeed's capacity layer is top-1 only)
+MIN_CAPACITY = 4  # DeepSpeed's default min_capacity
+PAPER_CF_CAP = 50  # the paper's DeepSpeed baseline: capacity factor min(E, 50)
+DEFAULT_PEAK_TFLOPS_FP32 = 67.0  # H100 SXM fp32 without TF32, datasheet (not measured)
+NVLINK4_GBS = 450.0  # H100 SXM NVLink 4 per direction, nominal
+SWEEPS = {  # name: (experts, batches, default dtypes, default routings)
+    "headline": ([64], [250], ["float32", "bfloat16"], ["skew", "uniform"]),
+    "experts": ([8, 16, 32, 64, 128, 256], [250], ["float32"], ["skew"]),
+    "batch": ([64], [10, 100, 250, 450], ["float32"], ["skew"]),
+    "skew": ([64], [250], ["float32"], ["uniform", "skew", "zipf"]),
+    "smoke": ([4, 8], [2], ["float32", "bfloat16"], ["skew", "zipf"]),  # every routing code path, both dtypes
+}
+SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, ranks=2, warmup_ms=2.0, rep_ms=10.0)
+CSV_FIELDS = ("config", "system", "figure", "E", "batch", "T", "dtype", "routing", "N", "latency_ms", "compute_ms",
+              "comm_ms", "overlapped_ms", "floor_ms", "x_floor", "max_rows", "mean_rows", "rows_max_over_mean",
+              "bytes_per_rank", "dropped", "dropped_pct", "capacity", *BASELINES, "path", "error")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmarked layer: E experts, `batch` sequences per rank, a dtype and a routing."""
+
+    E: int
+    batch: int
+    dtype: str
+    routing: str
+
+    @property
+    def name(self) -> str:
+        return f"E{self.E}/b{self.batch}/{self.dtype}/{self.routing}"
+
+
+@dataclass
+class Problem:
+    """All N ranks' tokens and routing (rank n owns rows n*T:(n+1)*T) and the full expert weights."""
+
+    x_RD: torch.Tensor
+    ids_RK: torch.Tensor
+    weight_RK: torch.Tensor
+    w_in_EDF: torch.Tensor
+    w_out_EFD: torch.Tensor
+    N: int
+    T: int
+
+
+@dataclass
+class Outcome:
+    """What one system did per layer: its busiest rank's measured time, load and modelled traffic."""
+
+    compute_ms: float
+    rows_N: list[int]  # rows each rank multiplied, padding included
+    bytes_per_rank: int  # the most bytes one rank sends per layer
+    comm_ms: float  # modelled, serial sum over the collective phases
+    path: str
+    dropped: int = 0
+    capacity: int | None = None
+
+
+Runner = Callable[[Problem, argparse.Namespace, torch.device], Outcome]  # one system: its Outcome on a Problem
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="headline", help=f"comma list out of {', '.join(SWEEPS)}")
+    parser.add_argument("--dtypes", default=None, help="comma list (float32, bfloat16): override every sweep's")
+    parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
+    parser.add_argument("--kernel", choices=("grouped_mm", "fused"), default="grouped_mm",
+                        help="grouped computation of moeshard_* and ep_dropless: sort + moeshard::grouped_mm "
+                             "(the lowering's) or the fused moeshard ops (Triton on CUDA)")
+    parser.add_argument("--ranks", type=int, default=4, help="N, the simulated ranks")
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=3072)
+    parser.add_argument("--seq", type=int, default=120, help="tokens per sequence")
+    parser.add_argument("--bandwidth-gbs", type=float, default=NVLINK4_GBS,
+                        help="per-direction link bandwidth for the modelled collectives (default: NVLink 4 nominal)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--warmup-ms", type=float, default=25.0)
+    parser.add_argument("--rep-ms", type=float, default=100.0)
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no new row after this many s (0: none)")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS, help="bf16 peak for the floor")
+    parser.add_argument("--peak-tflops-fp32", type=float, default=DEFAULT_PEAK_TFLOPS_FP32,
+                        help="fp32 peak for the floor (default: H100 SXM datasheet, no TF32)")
+    parser.add_argument("--measure-peak", action="store_true", help="measure each dtype's peak: a large matmul")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="every row, rewritten after each")
+    parser.add_argument("--csv", type=Path, default=None, help="every row, rewritten after each")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every system; other flags apply")
+    if parser.parse_known_args(argv)[0].smoke:  # --smoke changes the defaults: parse again with them
+        parser.set_defaults(**SMOKE)
+    args = parser.parse_args(argv)
+    for key, known in (("sweep", SWEEPS), ("systems", SYSTEMS), ("dtypes", DTYPES), ("routings", SWEEPS["skew"][3])):
+        if getattr(args, key) is not None:
+            setattr(args, key, getattr(args, key).split(","))
+            unknown = sorted(set(getattr(args, key)) - set(known))
+            if unknown:
+                parser.error(f"--{key}: unknown {unknown}; choose from {', '.join(known)}")
+    return args
+
+
+def configs(args: argparse.Namespace) -> list[tuple[Config, list[str]]]:
+    """Every configuration of the chosen sweeps in run order, each once, with the sweeps it belongs to."""
+    found: dict[Config, list[str]] = {}
+    for sweep in args.sweep:
+        experts, batches, dtypes, routings = SWEEPS[sweep]
+        for dtype in args.dtypes or dtypes:
+            for routing in args.routings or routings:
+                for E in experts:
+                    for batch in batches:
+                        found.setdefault(Config(E, batch, dtype, routing), []).append(sweep)
+    return list(found.items())
+
+
+def make_problem(config: Config, args: argparse.Namespace, device: torch.device) -> Problem:
+    """Random tokens and weights scaled by fan-in (unit-ish activations), seeded routing of all N*T tokens."""
+    N, T, D, F = args.ranks, config.batch * args.seq, args.d_model, args.d_ff
+    dtype = DTYPES[config.dtype]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def randn(*size: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator, device=device) * std).to(dtype)
+
+    ids_RK, weight_RK = synthetic_routing(config.routing, N * T, config.E, TOP_K, seed=args.seed, device=device,
+                                          dtype=dtype)
+    return Problem(x_RD=randn(N * T, D), ids_RK=ids_RK, weight_RK=weight_RK,
+                   w_in_EDF=randn(config.E, D, F, std=D**-0.5), w_out_EFD=randn(config.E, F, D, std=F**-0.5),
+                   N=N, T=T)
+
+
+def grouped_ffn(kernel: str) -> tuple[Callable, Callable[[torch.Tensor, torch.Tensor], str]]:
+    """(fn(x_TD, ids_TK, weight_TK, w_in_EDF, w_out_EFD) -> out_TD, path(x, w) in words) for --kernel."""
+    if kernel == "fused":
+        def fused(x_TD, ids_TK, weight_TK, w_in_EDF, w_out_EFD):
+            return moeshard_fused(x_TD, ids_TK, weight_TK, w_in_EDF, None, w_out_EFD, "relu")
+
+        return fused, lambda x, w: "fused moeshard ops, " + ("Triton" if use_triton(x, w) else "reference")
+
+    def sorted_mm(x_TD, ids_TK, weight_TK, w_in_EDF, w_out_EFD):
+        native = can_use_native_grouped_mm(x_TD, w_in_EDF)
+        return sort_grouped_mm(x_TD, ids_TK, weight_TK, w_in_EDF, None, w_out_EFD, "relu", native=native)
+
+    return sorted_mm, lambda x, w: "sort + " + (
+        "torch._grouped_mm" if can_use_native_grouped_mm(x, w) else "moeshard::grouped_mm loop")
+
+
+def timed_ms(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> float:
+    """One call first (lazy init, allocator warm-up), then the median of bench/moe_layer.py's median_ms."""
+    fn()
+    return median_ms(fn, device, args.warmup_ms, args.rep_ms)
+
+
+def transfer_ms(phase_bytes: list[int], args: argparse.Namespace) -> float:
+    """Collective phases one after another, each the busiest rank's bytes over the link bandwidth."""
+    return sum(phase_bytes) / (args.bandwidth_gbs * 1e9) * 1e3
+
+
+def moeshard_1rank(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
+    """Rank 0 alone: every whole expert on its own T tokens; no communication."""
+    fn, path = grouped_ffn(args.kernel)
+    x_TD, ids_TK, weight_TK = p.x_RD[: p.T], p.ids_RK[: p.T], p.weight_RK[: p.T]
+    ms = timed_ms(lambda: fn(x_TD, ids_TK, weight_TK, p.w_in_EDF, p.w_out_EFD), device, args)
+    return Outcome(ms, [p.T * TOP_K], 0, 0.0, path(x_TD, p.w_in_EDF))
+
+
+def moeshard_n(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
+    """Rank 0's block (the largest: ceil(F/N)) of every expert over all N*T gathered rows; equal on every rank."""
+    fn, path = grouped_ffn(args.kernel)
+    N, E, F = p.N, p.w_in_EDF.shape[0], p.w_in_EDF.shape[2]
+    H = -(-F // N)
+    w_in_EDH, w_out_EHD = p.w_in_EDF[:, :, :H].contiguous(), p.w_out_EFD[:, :H].contiguous()
+    ms = timed_ms(lambda: fn(p.x_RD, p.ids_RK, p.weight_RK, w_in_EDH, w_out_EHD), device, args)
+    row_bytes = p.x_RD.shape[1] * p.x_RD.element_size()
+    phases = [(N - 1) * E * COUNT_BYTES, (N - 1) * p.T * TOP_K * row_bytes, (N - 1) * p.T * TOP_K * row_bytes]
+    return Outcome(ms, [N * p.T * TOP_K] * N, sum(phases), transfer_ms(phases, args), path(p.x_RD, w_in_EDH))
+
+
+def ep_capacity(capacity_factor: Callable[[int], float]) -> Runner:
+    """DeepSpeed's top-1 capacity layer; capacity_factor(E) gives its CF (the paper's: min(E, 50))."""
+
+    def run(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
+        N, T, (E, D, _) = p.N, p.T, p.w_in_EDF.shape
+        if E % N:
+            raise ValueError(f"{E} experts cannot be split evenly over {N} ranks")
+        El = E // N
+        C = deepspeed_capacity(T, E, capacity_factor(E), MIN_CAPACITY)
+        ids_NT = p.ids_RK[:, 0].view(N, T)
+        slot_NT = torch.stack([rank_within_expert(ids_T, E) for ids_T in ids_NT])  # DeepSpeed's "position" policy
+        kept_NT = slot_NT < C
+        times_ms = [timed_ms(_capacity_rank(p, r, El, C, ids_NT, slot_NT, kept_NT), device, args) for r in range(N)]
+        phase_bytes = (N - 1) * El * C * D * p.x_RD.element_size()
+        return Outcome(max(times_ms), [E * C] * N, 2 * phase_bytes, transfer_ms([phase_bytes] * 2, args), "torch.bmm",
+                       dropped=int((~kept_NT).sum()), capacity=C)
+
+    return run
+
+
+def _capacity_rank(p: Problem, r: int, El: int, C: int, ids_NT, slot_NT, kept_NT) -> Callable[[], torch.Tensor]:
+    """Rank r's work (CapacityExpertParallelMoE.forward less the all-to-alls): fill its own [E, C, D]
+    dispatch buffer, run its El experts on the [El, N*C, D] rows it received, gather its combine."""
+    N, T, D, E = p.N, p.T, p.x_RD.shape[1], p.w_in_EDF.shape[0]
+    x_NTD = p.x_RD.view(N, T, D)
+    recv_EMD = p.x_RD.new_zeros(El, N * C, D)  # M = N*C rows per local expert: slot n*C + c from rank n
+    for n in range(N):
+        local_T = ids_NT[n] - r * El
+        mine_T = kept_NT[n] & (local_T >= 0) & (local_T < El)
+        recv_EMD.view(-1, D)[(local_T * N * C + n * C + slot_NT[n])[mine_T]] = x_NTD[n][mine_T]
+    w_in_EDF, w_out_EFD = p.w_in_EDF[r * El:(r + 1) * El], p.w_out_EFD[r * El:(r + 1) * El]
+    row_T = torch.where(kept_NT[r], ids_NT[r] * C + slot_NT[r], E * C)  # dropped: a spare row past the buffer
+    gate_T = torch.where(kept_NT[r], p.weight_RK.view(N, T)[r], 0)
+
+    def work() -> torch.Tensor:
+        buffer_XD = x_NTD.new_zeros(E * C + 1, D)
+        buffer_XD[row_T] = x_NTD[r]
+        y_EMD = torch.bmm(torch.relu(torch.bmm(recv_EMD, w_in_EDF)), w_out_EFD)  # E*C rows, as the buffer
+        return y_EMD.view(E * C, D)[row_T.clamp(max=E * C - 1)] * gate_T[:, None]
+
+    return work
+
+
+def ep_dropless(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
+    """Each rank's grouped computation over the rows routed to its El experts from all ranks; max over ranks."""
+    fn, path = grouped_ffn(args.kernel)
+    N, T, (E, D, _) = p.N, p.T, p.w_in_EDF.shape
+    if E % N:
+        raise ValueError(f"{E} experts cannot be split evenly over {N} ranks")
+    El = E // N
+    ids_S = p.ids_RK.reshape(-1)
+    owner_S = ids_S // El  # the rank holding each slot's expert
+    source_S = torch.arange(ids_S.numel(), device=ids_S.device) // (T * TOP_K)
+    times_ms, rows_N = [], []
+    for r in range(N):
+        mine_S = owner_S == r
+        x_MD = p.x_RD[mine_S.nonzero()[:, 0] // TOP_K]  # M rows received, in source-rank order
+        ids_M1, weight_M1 = (ids_S[mine_S] - r * El)[:, None], p.weight_RK.reshape(-1)[mine_S][:, None]
+        w_in_EDF, w_out_EFD = p.w_in_EDF[r * El:(r + 1) * El], p.w_out_EFD[r * El:(r + 1) * El]
+        times_ms.append(timed_ms(lambda: fn(x_MD, ids_M1, weight_M1, w_in_EDF, w_out_EFD), device, args))
+        rows_N.append(x_MD.shape[0])
+    offrank_S = owner_S != source_S
+    sent_N = torch.bincount(source_S[offrank_S], minlength=N)  # dispatch; the combine sends back what came in
+    received_N = torch.bincount(owner_S[offrank_S], minlength=N)
+    row_bytes = D * p.x_RD.element_size()
+    phases = [(N - 1) * El * COUNT_BYTES] + [int(torch.maximum(sent_N, received_N).max()) * row_bytes] * 2
+    bytes_per_rank = (N - 1) * El * COUNT_BYTES + int((sent_N + received_N).max()) * row_bytes
+    return Outcome(max(times_ms), rows_N, bytes_per_rank, transfer_ms(phases, args), path(p.x_RD, p.w_in_EDF))
+
+
+RUNNERS: dict[str, Runner] = {
+    "moeshard_1rank": moeshard_1rank, "moeshard_N": moeshard_n,
+    "ep_capacity_cf50": ep_capacity(lambda E: min(E, PAPER_CF_CAP)), "ep_capacity_cf1.25": ep_capacity(lambda E: 1.25),
+    "ep_dropless": ep_dropless,
+}
+
+
+def run_system(system: str, p: Problem, args: argparse.Namespace, device: torch.device, floor_ms: float) -> dict:
+    """One system's row; its error, if any, becomes the row's `error` and the sweep goes on."""
+    row: dict = {"system": system, "figure": "simulated" if system in SIMULATED else "measured",
+                 "simulated": system in SIMULATED, "N": p.N if system in SIMULATED else 1, "error": None}
+    try:
+        out = RUNNERS[system](p, args, device)
+    except Exception as error:  # out of memory, a shape a system refuses: report it, keep going
+        row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+    latency_ms = out.compute_ms + out.comm_ms
+    mean_rows = sum(out.rows_N) / len(out.rows_N)
+    return {**row, "latency_ms": latency_ms, "compute_ms": out.compute_ms, "comm_ms": out.comm_ms,
+            "overlapped_ms": max(out.compute_ms, out.comm_ms), "x_floor": latency_ms / floor_ms,
+            "max_rows": max(out.rows_N), "mean_rows": mean_rows, "rows_max_over_mean": max(out.rows_N) / mean_rows,
+            "bytes_per_rank": out.bytes_per_rank, "dropped": out.dropped,
+            "dropped_pct": 100 * out.dropped / (p.N * p.T * TOP_K), "capacity": out.capacity, "path": out.path}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each row's speedup over each baseline of the same configuration: baseline latency / its latency."""
+    latency = {row["system"]: row.get("latency_ms") for row in rows}
+    for row in rows:
+        for column, baseline in BASELINES.items():
+            ok = row.get("latency_ms") and latency.get(baseline)
+            row[column] = latency[baseline] / row["latency_ms"] if ok else None
+
+
+TABLE = (("system", ""), ("figure", ""), ("latency_ms", ".4g"), ("compute_ms", ".4g"), ("comm_ms", ".4g"),
+         ("x_floor", ".3g"), ("max_rows", ""), ("rows_max_over_mean", ".3g"), ("bytes_per_rank", ".4g"),
+         ("dropped", ""), ("vs_cf50", ".3g"), ("vs_cf1.25", ".3g"), ("vs_dropless", ".3g"), ("error", ""), ("path", ""))
+SUMMARY = ("config", "system", "figure", "latency_ms", "x_floor", "dropped", "vs_cf50", "vs_cf1.25", "vs_dropless",
+           "error")
+
+
+def table(rows: list[dict], columns: tuple[str, ...] = tuple(name for name, _ in TABLE)) -> str:
+    """A github table of rows in the given columns."""
+    formats = dict(TABLE)
+    return tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github",
+                    floatfmt=[formats.get(c, "") for c in columns], missingval="-")
+
+
+def peaks(args: argparse.Namespace, dtypes: list[str], device: torch.device) -> dict[str, tuple[float, str]]:
+    """dtype -> (TFLOP/s, where it comes from) for the compute floor."""
+    if args.measure_peak:
+        return {d: (measure_peak_tflops(argparse.Namespace(dtype=d, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms),
+                                        device), f"measured, {d} matmul on {device}") for d in dtypes}
+    given = {"bfloat16": (args.peak_tflops, "--peak-tflops (default: H100 bf16, measured)"),
+             "float32": (args.peak_tflops_fp32, "--peak-tflops-fp32 (default: H100 SXM datasheet, no TF32)")}
+    return {d: given.get(d, (args.peak_tflops, "--peak-tflops")) for d in dtypes}
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # a run cut short still shows every finished row
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    plan = configs(args)
+    env = environment(device)
+    print(" | ".join(f"{key} {value}" for key, value in env.items()))
+    peak = peaks(args, sorted({config.dtype for config, _ in plan}), device)
+    for dtype, (tflops, source) in peak.items():
+        print(f"peak {dtype}: {tflops:.4g} TFLOP/s ({source})")
+    print(f"Switch-Base expert FFN: D={args.d_model} F={args.d_ff} K={TOP_K} relu, {args.seq} tokens/sequence, "
+          f"N={args.ranks} ranks | communication modelled at {args.bandwidth_gbs:g} GB/s per direction, serial | "
+          f"kernel {args.kernel} | sweeps {','.join(args.sweep)}: {len(plan)} configurations | "
+          f"budget {args.budget_s:g} s\n'simulated' rows: each rank's work run on this one device, max over ranks, "
+          f"plus modelled communication; 'measured': one real rank, no communication.")
+
+    rows: list[dict] = []
+    not_run: list[str] = []
+
+    def save() -> None:
+        """JSON and CSV of every row so far, and what was not run."""
+        if args.json:
+            result = {"environment": env, "config": {k: v for k, v in vars(args).items() if k not in ("json", "csv")},
+                      "peaks": {d: {"tflops": t, "source": s} for d, (t, s) in peak.items()},
+                      "bandwidth_gbs": args.bandwidth_gbs, "bandwidth_source": "--bandwidth-gbs" if
+                      args.bandwidth_gbs != NVLINK4_GBS else "default: NVLink 4 nominal per direction (not measured)",
+                      "rows": rows, "not_run": not_run}
+            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        if args.csv:
+            with args.csv.open("w", newline="") as file:
+                writer = csv.DictWriter(file, CSV_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+    with torch.no_grad():
+        for config, sweeps_of in plan:
+            T = config.batch * args.seq
+            floor_ms = 2 * 2 * T * TOP_K * args.d_model * args.d_ff / (peak[config.dtype][0] * 1e12) * 1e3
+            base = {"config": config.name, **asdict(config), "T": T, "sweeps": sweeps_of, "floor_ms": floor_ms}
+            config_rows: list[dict] = []
+            try:
+                problem = make_problem(config, args, device)
+                counts_E = torch.bincount(problem.ids_RK.reshape(-1), minlength=config.E)
+                busiest = (counts_E.max() / counts_E.double().mean()).item()
+            except Exception as error:  # the inputs themselves failed (e.g. out of memory): next configuration
+                problem, busiest = None, None
+                base["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+            print(f"\n## {config.name} ({', '.join(sweeps_of)}): T={T} tokens per rank, N*T={args.ranks * T} | "
+                  f"busiest expert {busiest or float('nan'):.2f}x the mean load | floor {floor_ms:.4g} ms")
+            for system in args.systems:
+                if args.budget_s and time.perf_counter() - started > args.budget_s:
+                    not_run.append(f"{config.name}/{system}")
+                    continue
+                row = {**base, "busiest_expert_load": busiest}
+                row.update(run_system(system, problem, args, device, floor_ms) if problem else
+                           {"system": system, "figure": "simulated" if system in SIMULATED else "measured"})
+                config_rows.append(row)
+                add_speedups(config_rows)
+                rows.append(row)
+                save()
+            del problem
+            if config_rows:
+                print(table(config_rows))
+
+    for sweep in args.sweep:
+        sweep_rows = [row for row in rows if sweep in row["sweeps"]]
+        if sweep_rows:
+            print(f"\n# {sweep} (latency per MoE layer, ms; simulated rows model {args.ranks} ranks)")
+            print(table(sweep_rows, SUMMARY))
+    if not_run:
+        print(f"budget of {args.budget_s:g} s spent: {len(not_run)} rows not run: {', '.join(not_run)}")
+    save()
+    print(f"total {time.perf_counter() - started:.1f} s" + "".join(f"; wrote {p}" for p in (args.json, args.csv) if p))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
