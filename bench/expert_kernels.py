@@ -70,7 +70,8 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.moe_layer import (  # noqa: E402
-    DEFAULT_PEAK_TFLOPS, DTYPES, environment, max_rel_error, measure_peak_tflops, median_ms,
+    DEFAULT_PEAK_TFLOPS, DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops, median_ms,
+    parse_with_smoke,
 )
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402  (registers the fused ops)
 from moeshard_compile.ops import can_use_native_grouped_mm  # noqa: E402  (registers moeshard::grouped_mm)
@@ -155,22 +156,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=100.0)
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="start no new shape after this many seconds (0: no limit)")
-    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
-                        help="matmul peak for the compute floor (default: H100 bf16, measured)")
-    parser.add_argument("--measure-peak", action="store_true",
-                        help="measure the peak instead: time a large matmul in --dtype on --device")
+    add_peak_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write every row here (after each shape)")
-    smoke = ", ".join(f"{key}={value}" for key, value in SMOKE.items())
-    parser.add_argument("--smoke", action="store_true", help=f"tiny shapes on CPU ({smoke}); other flags still apply")
-    if parser.parse_known_args(argv)[0].smoke:  # --smoke changes the defaults: parse again with them
-        parser.set_defaults(**SMOKE)
-    args = parser.parse_args(argv)
-    args.variants = args.variants.split(",")
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    return args
+    return parse_with_smoke(parser, argv, SMOKE, VARIANTS)
 
 
 # ---- the variants: fn(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation) -> out_TD

@@ -63,23 +63,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list out of {', '.join(VARIANTS)}")
     parser.add_argument("--warmup-ms", type=float, default=100.0)
     parser.add_argument("--rep-ms", type=float, default=500.0)
+    add_peak_args(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parse_with_smoke(parser, argv, SMOKE, VARIANTS)
+    args.capacity = args.seq if args.capacity is None else args.capacity
+    return args
+
+
+def add_peak_args(parser: argparse.ArgumentParser) -> None:
+    """--peak-tflops / --measure-peak: where the compute floor's peak comes from."""
     parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help="matmul peak for the compute floor (default: H100 bf16, measured)")
     parser.add_argument("--measure-peak", action="store_true",
                         help="measure the peak instead: time a large matmul in --dtype on --device")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    smoke = ", ".join(f"{key}={value}" for key, value in SMOKE.items())
-    parser.add_argument("--smoke", action="store_true", help=f"tiny shapes on CPU ({smoke}); other flags still apply")
+
+
+def parse_with_smoke(parser: argparse.ArgumentParser, argv, smoke: dict, variants: tuple) -> argparse.Namespace:
+    """Add --smoke (tiny CPU defaults), parse, and split and check --variants against `variants`."""
+    described = ", ".join(f"{key}={value}" for key, value in smoke.items())
+    parser.add_argument("--smoke", action="store_true", help=f"tiny shapes on CPU ({described}); other flags still apply")
     # --smoke changes the defaults, so parse once to see it and once more with its defaults in place
     if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
+        parser.set_defaults(**smoke)
     args = parser.parse_args(argv)
     args.variants = args.variants.split(",")
-    unknown = sorted(set(args.variants) - set(VARIANTS))
+    unknown = sorted(set(args.variants) - set(variants))
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    args.capacity = args.seq if args.capacity is None else args.capacity
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(variants)}")
     return args
 
 
