@@ -62,8 +62,10 @@ def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
     rows = [None] * args.world_size
     dist.all_gather_object(rows, (rank, region, error))
     if rank == 0:
-        print(table(rows, args))
+        print(table(rows, args), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # gloo's threads sometimes abort in the interpreter's teardown (see moeshard_compile/demo.py)
 
 
 def table(rows: list, args: argparse.Namespace) -> str:
