@@ -15,10 +15,10 @@ After, on one rank::
 
 Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
 
-    data_parallel: counts_NE = all_gather(counts_E);  x_ND = all_gather(x_SD)      # N*S rows
-                   regroup the rows by expert (their experts follow from counts_NE)
-                   y_ND = grouped computation on block F_r (partial sums)
-                   y_SD = reduce_scatter(y_ND, "sum");  + b_out;  combine as above
+    data_parallel: counts_NE = all_gather(counts_E);  gathered_RD = all_gather(x_SD)   # R = N*S rows
+                   x_RD = the rows regrouped by expert (their experts follow from counts_NE)
+                   y_RD = grouped computation on block F_r (partial sums)
+                   y_SD = reduce_scatter(y_RD back in rank-major order, "sum");  + b_out;  combine as above
     replicated:    out_TD = all_reduce(combine(grouped computation on block F_r)), b_out on rank 0
 
 Every recogniser feeds this function, so sharding and faster kernels change this file only.
@@ -131,9 +131,8 @@ def lower_region(
         y_RD = _grouped_linear(emit, h_RF, w["w_out_EFD"], None, offs_E, ids_R, "y_RD")
         # data_parallel: sum the ranks' partial outputs, keep this rank's rows
         y_SD = _scatter_rows(emit, plan, y_RD, perm_R) if data_parallel else y_RD
-        if "b_out_ED" in w and (plan is None or data_parallel or plan.rank == 0):  # added exactly once
-            b_rows = emit.fn(torch.index_select, w["b_out_ED"], 0, ids_sorted_S, name="y_SD_bias")
-            y_SD = emit.fn(operator.add, y_SD, b_rows, name="y_SD_biased")
+        if plan is None or data_parallel or plan.rank == 0:  # b_out is added exactly once
+            y_SD = _plus_bias(emit, y_SD, w.get("b_out_ED"), ids_sorted_S, "y_SD")
 
         # combine: scale by routing weight, back to token order, sum the K slots
         weight_sorted_S1 = emit.method(
@@ -196,6 +195,11 @@ def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:
 
 def _grouped_linear(emit, x, w, b, offs_E, ids_sorted, name: str) -> fx.Node:
     y = emit.fn(torch.ops.moeshard.grouped_mm.default, x, w, offs_E, name=name)
+    return _plus_bias(emit, y, b, ids_sorted, name)
+
+
+def _plus_bias(emit, y, b, ids_sorted, name: str) -> fx.Node:
+    """y + b[expert of each row]; y itself when there is no bias."""
     if b is None:
         return y
     b_rows = emit.fn(torch.index_select, b, 0, ids_sorted, name=f"{name}_bias")
