@@ -17,8 +17,9 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
     sort_grouped_mm_inductor  the same function under torch.compile(mode="max-autotune"), which also
                               replays it as a CUDA graph (no launch overhead); CPU: default mode
     moeshard_fused            sort, then moeshard::gather_grouped_ffn_in and moeshard::grouped_ffn_out_scatter
-                              (accumulate into zeros): the fused Triton kernels on CUDA, eager
-    moeshard_fused_inductor   the same function under torch.compile (default mode: no CUDA graph)
+                              (stored in slot order), the K slots summed: the fused Triton kernels on CUDA, eager
+    moeshard_fused_inductor   the same function under torch.compile, mode reduce-overhead on CUDA (replayed
+                              as a CUDA graph, like the max-autotune variant; nothing to autotune), default on CPU
 Each variant is checked against a float64 per-expert loop of the same computation (max_rel_err =
 max |out - ref| / max |ref|; `check` says WRONG above the dtype's tolerance) before it is timed
 (bench/moe_layer.py's median_ms: triton's do_bench median on CUDA). A failing variant prints its
@@ -216,12 +217,12 @@ def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, a
 
 def moeshard_fused(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
     """Sort, then the two fused ops: gather + matmul + activation, matmul + scale + scatter-add."""
+    T, K = ids_TK.shape
     order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
     h_SF = torch.ops.moeshard.gather_grouped_ffn_in(x_TD, token_S, offs_E, w_in_EDF, w_gate_EDF, None, None, activation)
     scale_S = weights_TK.reshape(-1)[order_S]
-    return torch.ops.moeshard.grouped_ffn_out_scatter(
-        h_SF, offs_E, w_out_EFD, None, token_S, scale_S, torch.zeros_like(x_TD), True
-    )
+    y_SD = torch.ops.moeshard.grouped_ffn_out_scatter(h_SF, offs_E, w_out_EFD, None, order_S, scale_S)  # slot order
+    return y_SD.view(T, K, -1).sum(1) if K > 1 else y_SD
 
 
 def reference_TD(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
@@ -285,13 +286,15 @@ def build_variants(problem: Problem, device: torch.device) -> dict[str, tuple[Ca
     # CPU: the default mode, to stay fast; moeshard::grouped_mm's loop reads offs_E on the host,
     # which a CUDA graph cannot capture
     autotune = None if device.type != "cuda" else "max-autotune" if native else "max-autotune-no-cudagraphs"
+    fused_mode = "reduce-overhead" if triton else None  # CUDA graphs too (no host sync to stop them)
     return {
         "hf_eager": (hf_eager, "eager, per-expert loop"),
         "sort_grouped_mm": (sorted_fn, f"eager, {mm_path}"),
         "sort_grouped_mm_inductor": (torch.compile(sorted_fn, mode=autotune, dynamic=False),
                                      f"inductor {autotune or 'default'}, {mm_path}"),
         "moeshard_fused": (moeshard_fused, f"eager, {fused_path}"),
-        "moeshard_fused_inductor": (torch.compile(moeshard_fused, dynamic=False), f"inductor default, {fused_path}"),
+        "moeshard_fused_inductor": (torch.compile(moeshard_fused, mode=fused_mode, dynamic=False),
+                                    f"inductor {fused_mode or 'default'}, {fused_path}"),
     }
 
 

@@ -51,23 +51,19 @@ class Case:
     b_out_ED: torch.Tensor | None
     dest_R: torch.Tensor
     scale_R: torch.Tensor | None
-    out_YD: torch.Tensor
 
     def ffn_in_args(self, activation: str):
         return (self.x_XD, self.rows_R, self.offs_E, self.w_in_EDF, self.w_gate_EDF, self.b_in_EF, self.b_gate_EF, activation)
 
-    def ffn_out_args(self, h_RF: torch.Tensor, accumulate: bool):
-        return (h_RF, self.offs_E, self.w_out_EFD, self.b_out_ED, self.dest_R, self.scale_R, self.out_YD, accumulate)
+    def ffn_out_args(self, h_RF: torch.Tensor):
+        return (h_RF, self.offs_E, self.w_out_EFD, self.b_out_ED, self.dest_R, self.scale_R)
 
 
-def make_case(counts, *, D=12, F=10, dtype=torch.float32, gated=True, bias=True, scale=True, store=False, seed=0) -> Case:
-    """Random weights of unit-ish output scale; every third row has routing weight 0.
-
-    store=True gives distinct destination rows (a permutation), as storing requires.
-    """
+def make_case(counts, *, D=12, F=10, dtype=torch.float32, gated=True, bias=True, scale=True, seed=0) -> Case:
+    """Random weights of unit-ish output scale; every third row has routing weight 0; dest_R a permutation."""
     g = torch.Generator().manual_seed(seed)
     E, R = len(counts), sum(counts)
-    X = Y = R + 3
+    X = R + 3
 
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
@@ -84,9 +80,8 @@ def make_case(counts, *, D=12, F=10, dtype=torch.float32, gated=True, bias=True,
         b_gate_EF=randn(E, F) if bias and gated else None,
         w_out_EFD=randn(E, F, D, std=F**-0.5),
         b_out_ED=randn(E, D) if bias else None,
-        dest_R=torch.randperm(Y, generator=g)[:R] if store else torch.randint(0, Y, (R,), generator=g),
+        dest_R=torch.randperm(R, generator=g),
         scale_R=scale_R if scale else None,
-        out_YD=randn(Y, D),
     )
 
 
@@ -113,9 +108,10 @@ def ffn_in_float64(case: Case, activation: str) -> torch.Tensor:
     return h_RF
 
 
-def ffn_out_float64(case: Case, h_RF: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    """out_YD' row by row, in float64; a zero routing weight adds exactly 0."""
-    out_YD, E = case.out_YD.double().clone(), case.offs_E.shape[0]
+def ffn_out_float64(case: Case, h_RF: torch.Tensor) -> torch.Tensor:
+    """y_RD row by row, in float64; a zero routing weight gives exactly 0; rows no one stores to stay 0."""
+    E = case.offs_E.shape[0]
+    y_RD = torch.zeros(h_RF.shape[0], case.w_out_EFD.shape[2], dtype=torch.float64)
     for r, dest in enumerate(case.dest_R.tolist()):
         e = expert_of(case.offs_E, r)
         if e == E:
@@ -126,8 +122,8 @@ def ffn_out_float64(case: Case, h_RF: torch.Tensor, accumulate: bool) -> torch.T
         if case.scale_R is not None:
             s = case.scale_R[r].item()
             y_D = y_D * s if s != 0 else torch.zeros_like(y_D)
-        out_YD[dest] = out_YD[dest] + y_D if accumulate else y_D
-    return out_YD
+        y_RD[dest] = y_D
+    return y_RD
 
 
 def with_inf_in_dropped_row(case: Case, h_RF: torch.Tensor) -> torch.Tensor:
@@ -151,13 +147,11 @@ def check_ffn_in(fn, case: Case, activation: str) -> torch.Tensor:
     return h_RF
 
 
-def check_ffn_out(fn, case: Case, h_RF: torch.Tensor, accumulate: bool) -> None:
+def check_ffn_out(fn, case: Case, h_RF: torch.Tensor) -> None:
     h_RF = with_inf_in_dropped_row(case, h_RF)
-    before_YD = case.out_YD.clone()
-    out_YD = fn(*case.ffn_out_args(h_RF, accumulate))
-    assert torch.equal(case.out_YD, before_YD), "the op modified its input out_YD"
-    assert out_YD.shape == case.out_YD.shape and out_YD.dtype == case.out_YD.dtype
-    torch.testing.assert_close(out_YD.double(), ffn_out_float64(case, h_RF, accumulate), **tolerance(out_YD.dtype))
+    y_RD = fn(*case.ffn_out_args(h_RF))
+    assert y_RD.shape == (h_RF.shape[0], case.w_out_EFD.shape[2]) and y_RD.dtype == h_RF.dtype
+    torch.testing.assert_close(y_RD.double(), ffn_out_float64(case, h_RF), **tolerance(y_RD.dtype))
 
 
 # ---------------------------------------------------------------- reference path (CPU)
@@ -168,11 +162,10 @@ def check_ffn_out(fn, case: Case, h_RF: torch.Tensor, accumulate: bool) -> None:
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_reference_matches_per_row_loop(routing, gated, bias, dtype):
     activation = "silu" if gated else "gelu"
-    for accumulate in (True, False):
-        case = make_case(ROUTINGS[routing], dtype=dtype, gated=gated, bias=bias, store=not accumulate)
-        h_RF = check_ffn_in(ffn_in, case, activation)
-        check_ffn_out(ffn_out, case, h_RF, accumulate)
-        check_ffn_out(ffn_out, replace(case, scale_R=None), h_RF, accumulate)
+    case = make_case(ROUTINGS[routing], dtype=dtype, gated=gated, bias=bias)
+    h_RF = check_ffn_in(ffn_in, case, activation)
+    check_ffn_out(ffn_out, case, h_RF)
+    check_ffn_out(ffn_out, replace(case, scale_R=None), h_RF)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
@@ -181,19 +174,19 @@ def test_reference_activations(activation):
         check_ffn_in(ffn_in, make_case(ROUTINGS["random"], gated=gated, dtype=torch.float64), activation)
 
 
-def test_reference_bf16_accumulates_in_fp32():
+def test_reference_bf16():
     case = make_case(ROUTINGS["random"], dtype=torch.bfloat16)
     h_RF = check_ffn_in(ffn_in, case, "relu")
-    check_ffn_out(ffn_out, case, h_RF, accumulate=True)
+    check_ffn_out(ffn_out, case, h_RF)
 
 
 def test_reference_ignores_rows_past_the_last_offset():
-    """Rows past offs_E[-1] belong to no expert: zero in h, no contribution to out."""
+    """Rows past offs_E[-1] belong to no expert: zero in h, nothing stored for them."""
     case = make_case([2, 3])
     case = replace(case, offs_E=torch.tensor([2, 4]))
     h_RF = check_ffn_in(ffn_in, case, "relu")
     assert torch.equal(h_RF[4], torch.zeros_like(h_RF[4]))
-    check_ffn_out(ffn_out, case, h_RF, accumulate=True)
+    check_ffn_out(ffn_out, case, h_RF)
 
 
 def test_fake_rejects_mismatched_shapes():
@@ -206,7 +199,7 @@ def test_fake_rejects_mismatched_shapes():
         with pytest.raises(Exception, match="unknown activation"):
             ffn_in(*case.ffn_in_args("swish"))
         with pytest.raises(Exception, match="disagree on F"):
-            ffn_out(*case.ffn_out_args(torch.empty(case.rows_R.shape[0], 3), True))
+            ffn_out(*case.ffn_out_args(torch.empty(case.rows_R.shape[0], 3)))
 
 
 @pytest.mark.parametrize("routing", ["random", "empty_experts"])
@@ -214,10 +207,9 @@ def test_fake_rejects_mismatched_shapes():
 def test_opcheck(routing, gated_bias_scale):
     # Inference-only ops (no autograd formula, as moeshard::grouped_mm): inputs do not require grad.
     gated, bias, scale = gated_bias_scale
-    accumulate = scale
-    case = make_case(ROUTINGS[routing], gated=gated, bias=bias, scale=scale, store=not accumulate)
+    case = make_case(ROUTINGS[routing], gated=gated, bias=bias, scale=scale)
     h_RF = ffn_in(*case.ffn_in_args("gelu_tanh"))
-    for op, args in [(ffn_in, case.ffn_in_args("gelu_tanh")), (ffn_out, case.ffn_out_args(h_RF, accumulate))]:
+    for op, args in [(ffn_in, case.ffn_in_args("gelu_tanh")), (ffn_out, case.ffn_out_args(h_RF))]:
         result = torch.library.opcheck(op, args)
         assert result == {name: "SUCCESS" for name in result}, result
 
@@ -225,12 +217,12 @@ def test_opcheck(routing, gated_bias_scale):
 def test_ops_under_inductor_on_cpu():
     case = make_case(ROUTINGS["empty_experts"])
 
-    def expert_ffn(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD):
+    def expert_ffn(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, w_out_EFD, b_out_ED, dest_R, scale_R):
         h_RF = ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, "silu")
-        return ffn_out(h_RF * 2, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD, True) + 1
+        return ffn_out(h_RF * 2, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R) + 1
 
     args = (case.x_XD, case.rows_R, case.offs_E, case.w_in_EDF, case.w_gate_EDF, case.b_in_EF, case.b_gate_EF,
-            case.w_out_EFD, case.b_out_ED, case.dest_R, case.scale_R, case.out_YD)
+            case.w_out_EFD, case.b_out_ED, case.dest_R, case.scale_R)
     compiled = torch.compile(expert_ffn, backend="inductor", fullgraph=True)
     torch.testing.assert_close(compiled(*args), expert_ffn(*args))
 
@@ -251,22 +243,6 @@ def test_package_imports_without_triton():
 
 
 # ---------------------------------------------------------------- the tile schedule
-
-
-@given(
-    counts=st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=8),
-    block_m=st.sampled_from([1, 4, 16]),
-)
-def test_tile_schedule(counts, block_m):
-    """Every row of every expert in exactly one tile of that expert; padding tiles say expert E."""
-    grouped_ffn = require_triton()
-    offs_E = torch.tensor(counts).cumsum(0)
-    expert_T, start_T = grouped_ffn.tile_schedule(offs_E, sum(counts), block_m)
-    assert expert_T.shape[0] == sum(counts) // block_m + len(counts)
-    expected = [(e, start) for e, c in enumerate(counts) for start in range(int(offs_E[e]) - c, int(offs_E[e]), block_m)]
-    real = [(e, s) for e, s in zip(expert_T.tolist(), start_T.tolist()) if e < len(counts)]
-    assert real == expected
-    assert expert_T.tolist()[len(real):] == [len(counts)] * (expert_T.shape[0] - len(real))
 
 
 def test_kernel_activations_match_the_lowering():
@@ -313,9 +289,9 @@ def run_self(mode: str, interpret: bool) -> str:
 
 
 def test_triton_kernels_interpreted():
-    """Both kernels under TRITON_INTERPRET=1 on CPU tensors vs the float64 loop (cases: interpret_cases)."""
+    """Both kernels under TRITON_INTERPRET=1 on CPU tensors vs the float64 loop (interpret_cases), and their tile schedule."""
     stdout = run_self("interpret", interpret=True)
-    assert stdout.count("ok ") == len(list(interpret_cases())), stdout
+    assert stdout.count("ok ") == len(list(interpret_cases())) + 1, stdout  # + the schedule
 
 
 def test_triton_kernels_compile_for_sm90():
@@ -325,12 +301,13 @@ def test_triton_kernels_compile_for_sm90():
 
 
 def interpret_cases():
-    """(routing, dtype, gated, bias, activation) covering every routing, dtype and activation."""
+    """(routing, dtype, gated, bias, activation, (D, F)) covering every routing, dtype and activation,
+    with D and F that the 16-wide blocks divide (unmasked loads) and that they do not."""
     activations = list(ACTIVATIONS)
     i = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for routing in ("random", "empty_experts", "one_expert_has_all", "single_expert"):
-            yield routing, dtype, i % 2 == 0, i % 3 != 2, activations[i % len(activations)]
+        for routing in ROUTINGS:
+            yield routing, dtype, i % 2 == 0, i % 3 != 2, activations[i % len(activations)], [(37, 21), (32, 48)][i % 2]
             i += 1
 
 
@@ -350,14 +327,63 @@ def run_interpreted() -> None:
         return create_dot(self, a, b, d, *args)
 
     InterpreterBuilder.create_dot = create_dot_bf16_as_fp32
-    config = TileConfig(block_m=16, block_n=16, block_k=16)
-    for routing, dtype, gated, bias, activation in interpret_cases():
+    config = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2)
+    for routing, dtype, gated, bias, activation, (D, F) in interpret_cases():
         counts = [c * 5 for c in ROUTINGS[routing]]  # 45 rows for one expert: 3 M-tiles
-        for accumulate in (True, False):
-            case = make_case(counts, D=37, F=21, dtype=dtype, gated=gated, bias=bias, store=not accumulate, seed=len(counts))
-            h_RF = check_ffn_in(lambda *a: launch_ffn_in(*a, config=config), case, activation)
-            check_ffn_out(lambda *a: launch_ffn_out(*a, config=config), case, h_RF, accumulate)
-        print("ok", routing, dtype, "gated" if gated else "plain", "bias" if bias else "no bias", activation, flush=True)
+        case = make_case(counts, D=D, F=F, dtype=dtype, gated=gated, bias=bias, seed=len(counts))
+        h_RF = check_ffn_in(lambda *a: launch_ffn_in(*a, config=config), case, activation)
+        check_ffn_out(lambda *a: launch_ffn_out(*a, config=config), case, h_RF)
+        print("ok", routing, dtype, "gated" if gated else "plain", "bias" if bias else "no bias", activation, D, F, flush=True)
+    check_tile_schedule()
+
+
+def check_tile_schedule() -> None:
+    """The in-kernel schedule on random counts: every row of every expert in exactly one tile of
+    that expert, tiles in expert order; the programs past the last real tile say expert E."""
+    import random
+
+    import triton
+
+    from moeshard_compile.kernels.grouped_ffn import num_tiles
+
+    rng = random.Random(0)
+    for trial in range(30):
+        counts = [rng.choice([0, 0, 1, 3, 4, 5, 9, 17]) for _ in range(rng.randint(1, 9))]
+        block_m, num_n = rng.choice([1, 4, 8]), rng.choice([1, 3])
+        E, R = len(counts), sum(counts)
+        programs = num_tiles(R, E, block_m) * num_n
+        expert_P = torch.full((programs,), -1, dtype=torch.int64)
+        m_PM = torch.full((programs, block_m), -2, dtype=torch.int64)
+        offs_E = torch.tensor(counts).cumsum(0)
+        schedule_kernel[(programs,)](offs_E, expert_P, m_PM, R, E, NUM_N=num_n, BLOCK_M=block_m,
+                                     E_POW2=triton.next_power_of_2(E))
+        expert_P, n_P = expert_P // num_n, expert_P % num_n
+        assert n_P.tolist() == [p % num_n for p in range(programs)], counts
+        real = expert_P < E
+        assert not real[real.long().sum():].any(), f"a padding tile before a real one: {counts}"
+        assert (expert_P[~real] >= E).all(), counts
+        for n in range(num_n):
+            tiles = [(e, [r for r in rows if r >= 0])
+                     for e, rows, p in zip(expert_P.tolist(), m_PM.tolist(), range(programs)) if p % num_n == n and e < E]
+            rows_covered = [(e, r) for e, rows in tiles for r in rows]
+            expected = [(e, r) for e in range(E) for r in range(int(offs_E[e]) - counts[e], int(offs_E[e]))]
+            assert rows_covered == expected, (counts, block_m)
+    print("ok schedule", flush=True)
+
+
+if kernel_ops.HAS_TRITON:  # a module-level kernel: the interpreter resolves _tile in this module's globals
+    import triton
+    import triton.language as tl
+
+    from moeshard_compile.kernels.grouped_ffn import _tile
+
+    @triton.jit
+    def schedule_kernel(offs_ptr, expert_ptr, m_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+        """Writes each program's expert * NUM_N + N block, and its rows (-1 where masked)."""
+        expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2)
+        pid = tl.program_id(0)
+        tl.store(expert_ptr + pid, expert * NUM_N + n_block)
+        tl.store(m_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(m_mask, m, -1))
 
 
 def compile_cases():
@@ -365,8 +391,8 @@ def compile_cases():
         for gated, bias, activation in ((True, True, "gelu_tanh"), (False, False, "tanh")):
             yield "ffn_in", dtype, dict(GATED=gated, HAS_B_IN=bias, HAS_B_GATE=bias and gated,
                                         ACTIVATION=kernel_activation(activation), ALLOW_TF32=dtype == "fp32" and gated)
-        for accumulate in (True, False):
-            yield "ffn_out", dtype, dict(HAS_BIAS=True, HAS_SCALE=accumulate, ACCUMULATE=accumulate, ALLOW_TF32=False)
+        for scale in (True, False):
+            yield "ffn_out", dtype, dict(HAS_BIAS=scale, HAS_SCALE=scale, ALLOW_TF32=dtype == "fp32" and scale)
 
 
 def kernel_activation(name: str) -> int:
@@ -382,17 +408,16 @@ def run_compile() -> None:
 
     from moeshard_compile.kernels import grouped_ffn
 
-    config = grouped_ffn.DEFAULT_CONFIG
-    blocks = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-    index_args = {"rows_ptr", "offs_ptr", "expert_ptr", "start_ptr", "dest_ptr"}
+    index_args = {"rows_ptr", "offs_ptr", "dest_ptr"}
     for name, dtype, flags in compile_cases():
+        config = grouped_ffn.default_config(torch.float32 if dtype == "fp32" else torch.bfloat16)
         kernel = getattr(grouped_ffn, f"_{name}_kernel")
-        constexprs = {**flags, **blocks}
-        fp32_args = {"scale_ptr", "out_ptr"} if flags.get("ACCUMULATE") else {"scale_ptr"}
+        constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
+                      "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
         signature = {
             arg: "constexpr" if arg in constexprs
             else "*i64" if arg in index_args
-            else "*fp32" if arg in fp32_args
+            else "*fp32" if arg == "scale_ptr"
             else f"*{dtype}" if arg.endswith("_ptr")
             else "i32"
             for arg in kernel.arg_names

@@ -1,30 +1,28 @@
-"""Triton kernels for the expert FFN on expert-grouped rows, and their tile schedule.
+"""Triton kernels for the expert FFN on expert-grouped rows.
 
-Shape legend: X tokens, R expert-grouped rows, Y output rows, D model dim, F ffn dim,
-E experts, T tiles (a static bound, R // BLOCK_M + E).
+Shape legend: X tokens, R expert-grouped rows, D model dim, F ffn dim, E experts.
 
 Rows are grouped by expert: group e is rows offs_E[e-1]:offs_E[e] (offs_E an int cumsum).
-Every M-tile belongs to exactly one expert, so a program multiplies by a single expert's
-weights. The schedule is computed on the device from offs_E with torch ops of static shape
-(no host sync, no recompilation when the routing changes): tiles past the last real one carry
-expert == E and their programs return at once, so empty experts cost nothing.
+Every M tile belongs to exactly one expert, so a program multiplies by a single expert's
+weights. The grid has a static size, R // BLOCK_M + E tiles (times the N blocks), which bounds
+sum_e ceil(count_e / BLOCK_M) for any routing; each program finds its expert and rows from
+offs_E in registers (`_tile`), so there is no host sync and no recompilation when the routing
+changes. Programs past the last real tile return at once: empty experts cost nothing.
 
 Two kernels, each one launch for all experts:
   ffn_in:  h[r] = act(x[rows[r]] @ w_gate[e] + b_gate[e]) * (x[rows[r]] @ w_in[e] + b_in[e])
            (or act(x[rows[r]] @ w_in[e] + b_in[e])): the token gather is in the x loads and
            activation and gate product are in the epilogue, so neither x[rows] nor the
            pre-activation ever reach memory.
-  ffn_out: y[r] = h[r] @ w_out[e] + b_out[e], scaled by the routing weight (exactly 0 where it
-           is 0), then added (atomically) or stored into out[dest[r]]: the combine back to
-           token order is in the epilogue.
+  ffn_out: y[dest[r]] = (h[r] @ w_out[e] + b_out[e]) * scale[r] (exactly 0 where scale is 0):
+           the routing weight and the return to token (or rank) order are in the epilogue.
 
 Both accumulate in fp32 (tl.dot). fp32 inputs use TF32 only when
 torch.backends.cuda.matmul.allow_tf32 is set, IEEE otherwise; bf16/fp16 inputs are exact
 products with fp32 accumulation either way.
 
 The launchers call the kernels through `torch.library.wrap_triton`, so under torch.compile
-Inductor sees (and schedules) the kernels themselves. BLOCK_M is fixed per launch because the
-schedule depends on it: a later autotuning pass may vary BLOCK_N, BLOCK_K, warps and stages.
+Inductor sees (and schedules) the kernels themselves.
 """
 
 from __future__ import annotations
@@ -44,34 +42,23 @@ ACTIVATION_CODES = {name: code for code, name in enumerate(
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes and launch parameters of one kernel launch (not yet tuned on a GPU)."""
+    """Block sizes and launch parameters of one kernel launch."""
 
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 32
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-DEFAULT_CONFIG = TileConfig()
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def tile_schedule(offs_E: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """expert_T, start_T: each tile's expert (E past the last real tile) and first row.
+def default_config(dtype: torch.dtype) -> TileConfig:
+    """128x128 output tiles, 128-byte K slices (64 bf16/fp16, 32 fp32): fits a gated kernel's 3 stages."""
+    return TileConfig(block_m=128, block_n=128, block_k=128 // dtype.itemsize, num_warps=8, num_stages=3)
 
-    T = num_rows // block_m + E bounds sum_e ceil(count_e / block_m) for any routing, so the
-    grid size is known without reading offs_E on the host.
-    """
-    E = offs_E.shape[0]
-    ends_E = offs_E.to(torch.int64)
-    starts_E = ends_E - torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-    tiles_E = (ends_E - starts_E + block_m - 1) // block_m
-    tile_ends_E = torch.cumsum(tiles_E, 0)
-    tile_T = torch.arange(num_rows // block_m + E, device=offs_E.device)
-    expert_T = torch.searchsorted(tile_ends_E, tile_T, right=True)
-    safe_T = expert_T.clamp(max=E - 1)  # indexable for the padding tiles too
-    start_T = starts_E[safe_T] + (tile_T - (tile_ends_E - tiles_E)[safe_T]) * block_m
-    return expert_T, start_T
+
+def num_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """A static bound on sum_e ceil(count_e / block_m) for any routing: the grid needs no host sync."""
+    return num_rows // block_m + num_experts
 
 
 def _input_precision_tf32(dtype: torch.dtype) -> bool:
@@ -85,6 +72,14 @@ def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    """tl.load, unmasked where the shapes allow it: unmasked loads vectorize and pipeline best."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -115,28 +110,54 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _tile(offs_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """This program's expert (E for a padding tile), its BLOCK_M rows and their mask, its N block.
+
+    Programs are numbered tile-major (the N blocks of one M tile are neighbours, and so are the
+    tiles of one expert), so a tile's rows and an expert's weights are reused from L2. The
+    schedule is read off offs_E in registers: no separate launch, no host sync.
+    """
+    pid = tl.program_id(0)
+    tile = pid // NUM_N
+    e = tl.arange(0, E_POW2)
+    ends = tl.minimum(tl.load(offs_ptr + e, mask=e < E, other=0).to(tl.int32), R)
+    starts = tl.minimum(tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0).to(tl.int32), ends)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = tl.cumsum(tiles, 0)
+    expert = tl.sum((tile_ends <= tile).to(tl.int32), 0)
+    mine = e == expert
+    first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)
+    row_start = tl.sum(tl.where(mine, starts, 0), 0) + (tile - first_tile) * BLOCK_M
+    m = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)
+    m_mask = m < tl.sum(tl.where(mine, ends, 0), 0)
+    return expert, m, m_mask, pid % NUM_N
+
+
+@triton.jit
 def _ffn_in_kernel(
-    x_ptr, rows_ptr, offs_ptr, expert_ptr, start_ptr,
+    x_ptr, rows_ptr, offs_ptr,
     w_in_ptr, w_gate_ptr, b_in_ptr, b_gate_ptr, h_ptr,
-    D, F, E,
+    R, D, F, E,
     stride_xX, stride_xD,
     stride_wE, stride_wD, stride_wF,
     stride_gE, stride_gD, stride_gF,
     stride_bE, stride_bF, stride_bgE, stride_bgF,
     stride_hR, stride_hF,
-    GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R."""
-    tile = tl.program_id(0)
-    expert = tl.load(expert_ptr + tile).to(tl.int64)
+    """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R.
+
+    Rows past the expert's end read token 0 (always in bounds) and are never stored, so the x
+    loads need a mask only on K, and none when BLOCK_K divides D (EVEN_K; EVEN_N likewise for F).
+    """
+    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2)
     if expert >= E:
         return
-    row_end = tl.load(offs_ptr + expert).to(tl.int64)
-    m = tl.load(start_ptr + tile).to(tl.int64) + tl.arange(0, BLOCK_M)
-    m_mask = m < row_end
+    expert = expert.to(tl.int64)
     token = tl.load(rows_ptr + m, mask=m_mask, other=0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < F
     k = tl.arange(0, BLOCK_K)
 
@@ -147,11 +168,11 @@ def _ffn_in_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_mask = k < D - k0
-        a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a = _load(x_ptrs, k_mask[None, :], not EVEN_K)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        acc = _dot(a, tl.load(w_ptrs, mask=w_mask, other=0.0), acc, ALLOW_TF32)
+        acc = _dot(a, _load(w_ptrs, w_mask, not (EVEN_K and EVEN_N)), acc, ALLOW_TF32)
         if GATED:
-            acc_gate = _dot(a, tl.load(g_ptrs, mask=w_mask, other=0.0), acc_gate, ALLOW_TF32)
+            acc_gate = _dot(a, _load(g_ptrs, w_mask, not (EVEN_K and EVEN_N)), acc_gate, ALLOW_TF32)
         x_ptrs += BLOCK_K * stride_xD
         w_ptrs += BLOCK_K * stride_wD
         g_ptrs += BLOCK_K * stride_gD
@@ -170,50 +191,49 @@ def _ffn_in_kernel(
 
 @triton.jit
 def _ffn_out_kernel(
-    h_ptr, offs_ptr, expert_ptr, start_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, out_ptr,
-    D, F, E,
+    h_ptr, offs_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
+    R, D, F, E,
     stride_hR, stride_hF,
     stride_wE, stride_wF, stride_wD,
     stride_bE, stride_bD,
-    stride_oY, stride_oD,
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    stride_yY, stride_yD,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
+    E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of y, scaled and added (or stored) into out at rows dest_R."""
-    tile = tl.program_id(0)
-    expert = tl.load(expert_ptr + tile).to(tl.int64)
+    """One [BLOCK_M, BLOCK_N] tile of y, scaled, stored at rows dest_R of the output.
+
+    Rows past the expert's end read a row of h below R (in bounds) and are never stored, so the
+    h loads need a mask only on K (none when BLOCK_K divides F; EVEN_N likewise for D).
+    """
+    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2)
     if expert >= E:
         return
-    row_end = tl.load(offs_ptr + expert).to(tl.int64)
-    m = tl.load(start_ptr + tile).to(tl.int64) + tl.arange(0, BLOCK_M)
-    m_mask = m < row_end
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert = expert.to(tl.int64)
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < D
     k = tl.arange(0, BLOCK_K)
 
-    h_ptrs = h_ptr + m[:, None] * stride_hR + k[None, :] * stride_hF
+    h_ptrs = h_ptr + tl.minimum(m, R - 1)[:, None] * stride_hR + k[None, :] * stride_hF
     w_ptrs = w_out_ptr + expert * stride_wE + k[:, None] * stride_wF + n[None, :] * stride_wD
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
         k_mask = k < F - k0
-        a = tl.load(h_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _dot(a, tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0), acc, ALLOW_TF32)
+        a = _load(h_ptrs, k_mask[None, :], not EVEN_K)
+        w = _load(w_ptrs, k_mask[:, None] & n_mask[None, :], not (EVEN_K and EVEN_N))
+        acc = _dot(a, w, acc, ALLOW_TF32)
         h_ptrs += BLOCK_K * stride_hF
         w_ptrs += BLOCK_K * stride_wF
 
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + expert * stride_bE + n * stride_bD, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SCALE:
-        # a zero routing weight adds exactly 0, even where y is inf or nan
+        # a zero routing weight gives exactly 0, even where y is inf or nan
         scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         acc = tl.where(scale != 0.0, acc * scale, 0.0)
     dest = tl.load(dest_ptr + m, mask=m_mask, other=0).to(tl.int64)
-    out_ptrs = out_ptr + dest[:, None] * stride_oY + n[None, :] * stride_oD
-    mask = m_mask[:, None] & n_mask[None, :]
-    if ACCUMULATE:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    y_ptrs = y_ptr + dest[:, None] * stride_yY + n[None, :] * stride_yD
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _strides(t: torch.Tensor | None, rank: int) -> tuple[int, ...]:
@@ -230,22 +250,22 @@ def launch_ffn_in(
     x_XD: torch.Tensor, rows_R: torch.Tensor, offs_E: torch.Tensor,
     w_in_EDF: torch.Tensor, w_gate_EDF: torch.Tensor | None,
     b_in_EF: torch.Tensor | None, b_gate_EF: torch.Tensor | None,
-    activation: str, config: TileConfig = DEFAULT_CONFIG,
+    activation: str, config: TileConfig | None = None,
 ) -> torch.Tensor:
     """h_RF of moeshard::gather_grouped_ffn_in with one kernel launch (any device Triton runs on)."""
+    config = config or default_config(x_XD.dtype)
     R, (E, D, F) = rows_R.shape[0], w_in_EDF.shape
     h_RF = x_XD.new_empty(R, F)
-    expert_T, start_T = tile_schedule(offs_E, R, config.block_m)
-    grid = (expert_T.shape[0], triton.cdiv(F, config.block_n))
-    wrap_triton(_ffn_in_kernel)[grid](
-        x_XD, rows_R, offs_E, expert_T, start_T,
+    num_n = triton.cdiv(F, config.block_n)
+    wrap_triton(_ffn_in_kernel)[(num_tiles(R, E, config.block_m) * num_n,)](
+        x_XD, rows_R, offs_E,
         w_in_EDF, _or(w_gate_EDF, w_in_EDF), _or(b_in_EF, w_in_EDF), _or(b_gate_EF, w_in_EDF), h_RF,
-        D, F, E,
+        R, D, F, E,
         *x_XD.stride(), *w_in_EDF.stride(), *_strides(w_gate_EDF, 3),
         *_strides(b_in_EF, 2), *_strides(b_gate_EF, 2), *h_RF.stride(),
         GATED=w_gate_EDF is not None, HAS_B_IN=b_in_EF is not None, HAS_B_GATE=b_gate_EF is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        ALLOW_TF32=_input_precision_tf32(x_XD.dtype),
+        ACTIVATION=ACTIVATION_CODES[activation], ALLOW_TF32=_input_precision_tf32(x_XD.dtype),
+        NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=D % config.block_k == 0, EVEN_N=F % config.block_n == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -254,25 +274,20 @@ def launch_ffn_in(
 
 def launch_ffn_out(
     h_RF: torch.Tensor, offs_E: torch.Tensor, w_out_EFD: torch.Tensor, b_out_ED: torch.Tensor | None,
-    dest_R: torch.Tensor, scale_R: torch.Tensor | None, out_YD: torch.Tensor, accumulate: bool,
-    config: TileConfig = DEFAULT_CONFIG,
+    dest_R: torch.Tensor, scale_R: torch.Tensor | None, config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """out_YD' of moeshard::grouped_ffn_out_scatter with one kernel launch; out_YD is not modified.
-
-    Accumulation adds fp32 values atomically into an fp32 copy of out, rounded once to out's
-    dtype at the end: bf16/fp16 outputs get one rounding however many rows land on a token.
-    """
+    """y_RD of moeshard::grouped_ffn_out_scatter with one kernel launch."""
+    config = config or default_config(h_RF.dtype)
     R, (E, F, D) = h_RF.shape[0], w_out_EFD.shape
-    work_YD = out_YD.to(torch.float32, copy=True) if accumulate else out_YD.clone()
-    expert_T, start_T = tile_schedule(offs_E, R, config.block_m)
-    grid = (expert_T.shape[0], triton.cdiv(D, config.block_n))
-    wrap_triton(_ffn_out_kernel)[grid](
-        h_RF, offs_E, expert_T, start_T, w_out_EFD, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), work_YD,
-        D, F, E,
-        *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *work_YD.stride(),
-        HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ACCUMULATE=accumulate,
-        ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
+    y_RD = h_RF.new_empty(R, D)
+    num_n = triton.cdiv(D, config.block_n)
+    wrap_triton(_ffn_out_kernel)[(num_tiles(R, E, config.block_m) * num_n,)](
+        h_RF, offs_E, w_out_EFD, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), y_RD,
+        R, D, F, E,
+        *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
+        HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
+        NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=F % config.block_k == 0, EVEN_N=D % config.block_n == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return work_YD.to(out_YD.dtype) if accumulate else work_YD
+    return y_RD

@@ -1,11 +1,13 @@
 """The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine.
 
-    h_RF    = moeshard::gather_grouped_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF?, b_in_EF?, b_gate_EF?, activation)
-    out_YD' = moeshard::grouped_ffn_out_scatter(h_RF, offs_E, w_out_EFD, b_out_ED?, dest_R, scale_R?, out_YD, accumulate)
+    h_RF = moeshard::gather_grouped_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF?, b_in_EF?, b_gate_EF?, activation)
+    y_RD = moeshard::grouped_ffn_out_scatter(h_RF, offs_E, w_out_EFD, b_out_ED?, dest_R, scale_R?)
 
 Row r belongs to expert e when offs_E[e-1] <= r < offs_E[e] (offs_E an int cumsum, offs_E[-1] == R
-in the lowering). Rows past offs_E[-1] are not computed: h is zero there in the reference and
-unspecified in the kernel; they add nothing to out.
+in the lowering). Rows past offs_E[-1] are not computed: their h, and the rows of y that no
+computed row is stored to, are zero in the reference and unspecified in the kernel. The
+lowering passes a permutation of range(R) as dest_R, so every row of y is written exactly once
+(no atomics; the K slots of a token are summed afterwards by a reduction Inductor fuses).
 
 Path selection, inside each op (so torch.compile traces the choice away):
   CUDA tensors in fp32/bf16/fp16 and triton importable -> the Triton kernels (grouped_ffn.py),
@@ -15,10 +17,8 @@ Path selection, inside each op (so torch.compile traces the choice away):
 The ops are `triton_op`s when triton is importable and plain `custom_op`s otherwise (triton is
 not a runtime dependency); either way the op body doubles as its fake implementation.
 
-Dtypes: h and out keep their dtype; matmuls accumulate in fp32 (the reference rounds y to h's
-dtype before scaling, the kernel does not). `accumulate=True` adds into an fp32 copy of out and
-rounds once (both paths), so bf16 outputs see one rounding per token whatever K is.
-`accumulate=False` stores: dest_R must then be free of repeats among computed rows.
+Dtypes: h and y have x's dtype; matmuls accumulate in fp32 (the reference rounds y to h's
+dtype before scaling, the kernel does not). dest_R must be free of repeats among computed rows.
 """
 
 from __future__ import annotations
@@ -115,9 +115,8 @@ def gather_grouped_ffn_in(
     return torch.ops.moeshard.gather_grouped_ffn_in_reference(*args)
 
 
-def _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD) -> None:
+def _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R) -> None:
     torch._check(h_RF.shape[1] == w_out_EFD.shape[1], lambda: "grouped_ffn_out_scatter: h and w_out disagree on F")
-    torch._check(out_YD.shape[1] == w_out_EFD.shape[2], lambda: "grouped_ffn_out_scatter: out and w_out disagree on D")
     torch._check(offs_E.shape[0] == w_out_EFD.shape[0], lambda: "grouped_ffn_out_scatter: offs_E and w_out disagree on E")
     torch._check(dest_R.shape[0] == h_RF.shape[0], lambda: "grouped_ffn_out_scatter: dest_R and h disagree on R")
     for w in (w_out_EFD, b_out_ED):
@@ -128,37 +127,36 @@ def _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD) -
 @torch.library.custom_op("moeshard::grouped_ffn_out_scatter_reference", mutates_args=())
 def grouped_ffn_out_scatter_reference(
     h_RF: torch.Tensor, offs_E: torch.Tensor, w_out_EFD: torch.Tensor, b_out_ED: torch.Tensor | None,
-    dest_R: torch.Tensor, scale_R: torch.Tensor | None, out_YD: torch.Tensor, accumulate: bool,
+    dest_R: torch.Tensor, scale_R: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Plain torch: one matmul per non-empty expert, then one index_add (or index_copy) into a copy of out."""
+    """Plain torch: one matmul per non-empty expert, scaled in fp32, then one index_copy."""
+    y_RD = h_RF.new_zeros(h_RF.shape[0], w_out_EFD.shape[2])
     groups = list(_experts(offs_E))
     if not groups:
-        return out_YD.clone()
-    acc_dtype = torch.promote_types(out_YD.dtype, torch.float32)
-    y_ND = torch.cat([_linear(h_RF[start:end], w_out_EFD[e], b_out_ED, e) for e, start, end in groups]).to(acc_dtype)
+        return y_RD
+    y_ND = torch.cat([_linear(h_RF[start:end], w_out_EFD[e], b_out_ED, e) for e, start, end in groups])
     rows_N = torch.cat([torch.arange(start, end, device=h_RF.device) for _, start, end in groups])
-    if scale_R is not None:  # a zero routing weight adds exactly 0, even where y is inf or nan
+    if scale_R is not None:  # a zero routing weight gives exactly 0, even where y is inf or nan
+        acc_dtype = torch.promote_types(y_ND.dtype, torch.float32)
         scale_N1 = scale_R[rows_N].to(acc_dtype).unsqueeze(1)
-        y_ND = torch.where(scale_N1 != 0, y_ND * scale_N1, 0.0)
-    if accumulate:
-        return out_YD.to(acc_dtype).index_add(0, dest_R[rows_N], y_ND).to(out_YD.dtype)
-    return out_YD.index_copy(0, dest_R[rows_N], y_ND.to(out_YD.dtype))
+        y_ND = torch.where(scale_N1 != 0, y_ND.to(acc_dtype) * scale_N1, 0.0).to(h_RF.dtype)
+    return y_RD.index_copy(0, dest_R[rows_N], y_ND)
 
 
 @grouped_ffn_out_scatter_reference.register_fake
-def _(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD, accumulate):
-    _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD)
-    return torch.empty_like(out_YD)
+def _(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R):
+    _check_ffn_out(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R)
+    return h_RF.new_empty(h_RF.shape[0], w_out_EFD.shape[2])
 
 
 @_op("moeshard::grouped_ffn_out_scatter")
 def grouped_ffn_out_scatter(
     h_RF: torch.Tensor, offs_E: torch.Tensor, w_out_EFD: torch.Tensor, b_out_ED: torch.Tensor | None,
-    dest_R: torch.Tensor, scale_R: torch.Tensor | None, out_YD: torch.Tensor, accumulate: bool,
+    dest_R: torch.Tensor, scale_R: torch.Tensor | None,
 ) -> torch.Tensor:
-    """out' = out with y_r = where(scale_r != 0, scale_r * (h[r] @ w_out[e] + b_out[e]), 0) added (or stored) at row dest[r]."""
-    args = (h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R, out_YD, accumulate)
-    _check_ffn_out(*args[:-1])
-    if use_triton(h_RF, w_out_EFD, out_YD):
+    """y[dest[r]] = where(scale_r != 0, scale_r * (h[r] @ w_out[e] + b_out[e]), 0) for every computed row r."""
+    args = (h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R)
+    _check_ffn_out(*args)
+    if use_triton(h_RF, w_out_EFD):
         return launch_ffn_out(*args)
     return torch.ops.moeshard.grouped_ffn_out_scatter_reference(*args)
