@@ -12,7 +12,7 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
     hf_eager                  transformers' eager experts loop (MixtralExperts.forward): one_hot mask,
                               nonzero() over the experts hit, per expert where/index/matmuls/index_add_
     sort_grouped_mm           sort the T*K rows by expert, gather, torch._grouped_mm (bf16 on sm90+ CUDA;
-                              elsewhere moeshard::grouped_mm's per-expert loop, said in the `path` column),
+                              elsewhere moeshard_bench::grouped_mm's per-expert loop, said in the `path` column),
                               activation, grouped matmul, scale, index_add: what passes/lower.py emits, eager
     sort_grouped_mm_inductor  the same function under torch.compile(mode="max-autotune"), which also
                               replays it as a CUDA graph (no launch overhead); CPU: default mode
@@ -75,7 +75,7 @@ from bench.moe_layer import (  # noqa: E402
     parse_with_smoke,
 )
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402  (registers the fused ops)
-from moeshard_compile.ops import can_use_native_grouped_mm  # noqa: E402  (registers moeshard::grouped_mm)
+from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402  (registers the op)
 from passes.lower import ACTIVATIONS  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
@@ -202,12 +202,12 @@ def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, a
                     native: bool) -> torch.Tensor:
     """Sort, gather, grouped matmul, activation, grouped matmul, scale, index_add (passes/lower.py's graph).
 
-    native: torch._grouped_mm, else moeshard::grouped_mm (its per-expert loop where _grouped_mm can't run).
+    native: torch._grouped_mm, else moeshard_bench::grouped_mm (its per-expert loop where _grouped_mm can't run).
     """
     act = ACTIVATIONS[activation]
     order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
     offs_E = offs_E.to(torch.int32)
-    grouped_mm = torch._grouped_mm if native else torch.ops.moeshard.grouped_mm
+    grouped_mm = torch._grouped_mm if native else torch.ops.moeshard_bench.grouped_mm
     x_SD = x_TD.index_select(0, token_S)
     h_SF = grouped_mm(x_SD, w_in_EDF, offs_E)
     h_SF = act(h_SF) if w_gate_EDF is None else act(grouped_mm(x_SD, w_gate_EDF, offs_E)) * h_SF
@@ -279,11 +279,11 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device, seed: i
 def build_variants(problem: Problem, device: torch.device) -> dict[str, tuple[Callable, str]]:
     """name -> (callable, path): what each variant runs, said in words for the table."""
     native = can_use_native_grouped_mm(problem.x_TD, problem.w_in_EDF)
-    mm_path = "torch._grouped_mm" if native else "moeshard::grouped_mm loop (no _grouped_mm: needs bf16, sm90+ CUDA)"
+    mm_path = "torch._grouped_mm" if native else "moeshard_bench::grouped_mm loop (no _grouped_mm: needs bf16, sm90+ CUDA)"
     triton = use_triton(problem.x_TD, problem.w_in_EDF)
     fused_path = "Triton kernels" if triton else "reference ops (per-expert torch; Triton needs CUDA)"
     sorted_fn = functools.partial(sort_grouped_mm, native=native)
-    # CPU: the default mode, to stay fast; moeshard::grouped_mm's loop reads offs_E on the host,
+    # CPU: the default mode, to stay fast; moeshard_bench::grouped_mm's loop reads offs_E on the host,
     # which a CUDA graph cannot capture
     autotune = None if device.type != "cuda" else "max-autotune" if native else "max-autotune-no-cudagraphs"
     fused_mode = "reduce-overhead" if triton else None  # CUDA graphs too (no host sync to stop them)

@@ -103,14 +103,18 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     record("ffn_in", "_grouped_mm (pre-gathered x)", time_config(grouped_in, h_SF, in_floor, args), in_floor)
     record("ffn_out", "_grouped_mm (no scale, no scatter)",
            time_config(lambda: torch._grouped_mm(h_SF, w_out, offs=offs32_E), y_mm_SD, out_floor, args), out_floor)
-    chosen = default_config(dtype)
+    chosen = {"ffn_in": default_config(dtype, gated), "ffn_out": default_config(dtype)}
     for block_m, block_n, block_k, warps, stages in CANDIDATES:
         config = TileConfig(block_m, block_n, block_k, warps, stages)
-        label = f"{block_m}x{block_n}x{block_k} w{warps} s{stages}" + (" default" if config == chosen else "")
-        record("ffn_in", label, time_config(
+        label = f"{block_m}x{block_n}x{block_k} w{warps} s{stages}"
+
+        def labelled(kernel: str) -> str:
+            return label + (" default" if config == chosen[kernel] else "")
+
+        record("ffn_in", labelled("ffn_in"), time_config(
             lambda: launch_ffn_in(problem.x_TD, token_S, offs_E, w_in, w_gate, None, None, activation, config),
             h_SF, in_floor, args), in_floor)
-        record("ffn_out", label, time_config(
+        record("ffn_out", labelled("ffn_out"), time_config(
             lambda: launch_ffn_out(h_SF, offs_E, w_out, None, order_S, scale_S, config), y_ref_SD, out_floor, args),
             out_floor)
     columns = ("kernel", "config", "median_ms", "x_floor", "max_rel_err", "error")

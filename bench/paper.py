@@ -73,7 +73,7 @@ from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.expert_kernels import moeshard_fused, sort_grouped_mm  # noqa: E402
 from bench.moe_layer import DEFAULT_PEAK_TFLOPS, DTYPES, environment, measure_peak_tflops, median_ms  # noqa: E402
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402
-from moeshard_compile.ops import can_use_native_grouped_mm  # noqa: E402
+from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402
 
 SYSTEMS = ("moeshard_1rank", "moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
 SIMULATED = {"moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
@@ -146,7 +146,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
     parser.add_argument("--kernel", choices=("grouped_mm", "fused"), default="grouped_mm",
-                        help="grouped computation of moeshard_* and ep_dropless: sort + moeshard::grouped_mm "
+                        help="grouped computation of moeshard_* and ep_dropless: sort + moeshard_bench::grouped_mm "
                              "(the lowering's) or the fused moeshard ops (Triton on CUDA)")
     parser.add_argument("--ranks", type=int, default=4, help="N, the simulated ranks")
     parser.add_argument("--d-model", type=int, default=768)
@@ -220,7 +220,7 @@ def grouped_ffn(kernel: str) -> tuple[Callable, Callable[[torch.Tensor, torch.Te
         return sort_grouped_mm(x_TD, ids_TK, weight_TK, w_in_EDF, None, w_out_EFD, "relu", native=native)
 
     return sorted_mm, lambda x, w: "sort + " + (
-        "torch._grouped_mm" if can_use_native_grouped_mm(x, w) else "moeshard::grouped_mm loop")
+        "torch._grouped_mm" if can_use_native_grouped_mm(x, w) else "moeshard_bench::grouped_mm loop")
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> float:

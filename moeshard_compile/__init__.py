@@ -6,7 +6,8 @@ Importing this package (Dynamo does it through the `torch_dynamo_backends` entry
 registers the `moeshard::` ops and installs the capture shims for HF experts.
 """
 
-from moeshard_compile import capture, ops  # noqa: F401  (ops registers torch.ops.moeshard)
+from moeshard_compile import capture
+from moeshard_compile.kernels import ops  # noqa: F401  (registers torch.ops.moeshard)
 from moeshard_compile.backend import moeshard_backend
 from moeshard_compile.explain import explain
 from moeshard_compile.options import OptionError, Options

@@ -7,19 +7,21 @@ Before (any recognised form, e.g. a per-expert loop)::
 After, on one rank::
 
     ids_sorted_S, order_S = sort(ids_TK.reshape(-1))          # group the (token, slot) rows by expert
-    token_S = order_S // K;  x_SD = x_TD[token_S]
-    offs_E = cumsum(bincount(ids_S, E))
-    h_SF = act(grouped_mm(x_SD, w_in_EDF, offs_E))            # (gated: act(x@w_gate) * (x@w_in))
-    y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weight_S     # zero-weight slots contribute exactly 0
-    out_TD = zeros.index_add(0, token_S, y_SD)
+    token_S = order_S // K;  offs_E = cumsum(counts of ids_S)
+    h_SF = gather_grouped_ffn_in(x_TD, token_S, offs_E, ...)  # x[token_S] @ w_in[e], activation (and gate)
+    y_SD = grouped_ffn_out_scatter(h_SF, offs_E, w_out, b_out, dest=order_S, scale=weight_S[order_S])
+    out_TD = y_SD.unflatten(0, (T, K)).sum(1)                  # rows were stored at their (token, slot) place
+
+The two ops (moeshard_compile/kernels) run fused Triton kernels on CUDA and a torch reference
+elsewhere; a zero-weight slot contributes exactly 0 even where its expert output is inf/nan.
 
 Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
 
-    data_parallel: counts_NE = all_gather(counts_E);  gathered_RD = all_gather(x_SD)   # R = N*S rows
-                   x_RD = the rows regrouped by expert (their experts follow from counts_NE)
-                   y_RD = grouped computation on block F_r (partial sums)
-                   y_SD = reduce_scatter(y_RD back in rank-major order, "sum");  + b_out;  combine as above
-    replicated:    out_TD = all_reduce(combine(grouped computation on block F_r)), b_out on rank 0
+    data_parallel: counts_NE = all_gather(counts_E);  gathered_RD = all_gather(x[token_S])   # R = N*S rows
+                   perm_R = the gathered rows regrouped by expert (their experts follow from counts_NE)
+                   rank_major_RD = the two ops on block F_r, reading rows perm_R, writing them back to perm_R
+                   y_SD = reduce_scatter(rank_major_RD, "sum");  + b_out;  scale and index_add by token
+    replicated:    out_TD = all_reduce(the one-rank computation on block F_r), b_out on rank 0
 
 Every recogniser feeds this function, so sharding and faster kernels change this file only.
 """
@@ -84,7 +86,7 @@ def lower_region(
     With a ShardPlan this rank computes its FFN block of every expert (passes/shard.py) and
     the collectives of `plan.input_mode` join the partial results.
     """
-    from moeshard_compile import ops  # noqa: F401  (registers torch.ops.moeshard)
+    from moeshard_compile.kernels import ops  # noqa: F401  (registers the fused expert ops)
 
     graph = gm.graph
     routing, E = region.routing, region.num_experts
@@ -109,44 +111,27 @@ def lower_region(
         ids_sorted_S = emit.fn(operator.getitem, sort, 0, name="ids_sorted_S")
         order_S = emit.fn(operator.getitem, sort, 1, name="order_S")
         token_S = emit.fn(torch.floor_divide, order_S, K, name="token_S")
-        x_SD = emit.fn(torch.index_select, region.tokens_TD, 0, token_S, name="x_SD")
+        weight_sorted_S = emit.fn(operator.getitem, weight_S, order_S, name="weight_sorted_S")
         # bincount's output size depends on the data; a scatter into E zeros does not
         zeros_E = emit.method("new_zeros", ids_S, E, name="zeros_E")
         ones_S = emit.fn(torch.ones_like, ids_S, name="ones_S")
         counts_E = emit.fn(torch.scatter_add, zeros_E, 0, ids_S, ones_S, name="counts_E")
+        experts = _ExpertFFN(emit, w, region.activation)
 
-        if data_parallel:  # every rank's rows, grouped by expert (R = N * S rows)
-            x_RD, ids_R, offs_E, perm_R = _gather_rows(emit, plan, x_SD, counts_E, E)
+        if data_parallel:
+            acc_TD = _data_parallel_experts(emit, plan, experts, region.tokens_TD, token_S, counts_E, E,
+                                            ids_sorted_S, weight_sorted_S)
         else:
-            x_RD, ids_R, offs_E = x_SD, ids_sorted_S, emit.method("cumsum", counts_E, 0, name="offs_E")
-
-        # experts: one grouped matmul, activation (and gate), one grouped matmul
-        h_RF = _grouped_linear(emit, x_RD, w["w_in_EDF"], w.get("b_in_EF"), offs_E, ids_R, "h_RF")
-        act = ACTIVATIONS[region.activation]
-        if "w_gate_EDF" in w:
-            g_RF = _grouped_linear(emit, x_RD, w["w_gate_EDF"], w.get("b_gate_EF"), offs_E, ids_R, "g_RF")
-            h_RF = emit.fn(operator.mul, emit.fn(act, g_RF, name="act_RF"), h_RF, name="gated_RF")
-        else:
-            h_RF = emit.fn(act, h_RF, name="act_RF")
-        y_RD = _grouped_linear(emit, h_RF, w["w_out_EFD"], None, offs_E, ids_R, "y_RD")
-        # data_parallel: sum the ranks' partial outputs, keep this rank's rows
-        y_SD = _scatter_rows(emit, plan, y_RD, perm_R) if data_parallel else y_RD
-        if plan is None or data_parallel or plan.rank == 0:  # b_out is added exactly once
-            y_SD = _plus_bias(emit, y_SD, w.get("b_out_ED"), ids_sorted_S, "y_SD")
-
-        # combine: scale by routing weight, back to token order, sum the K slots
-        weight_sorted_S1 = emit.method(
-            "unsqueeze", emit.fn(operator.getitem, weight_S, order_S, name="weight_sorted_S"), -1, name="weight_S1"
-        )
-        scaled_SD = emit.fn(operator.mul, y_SD, weight_sorted_S1, name="scaled_SD")
-        # A dropped slot (weight 0) must add exactly 0 even where its expert output is inf/nan.
-        scaled_SD = emit.fn(
-            torch.where, emit.fn(operator.ne, weight_sorted_S1, 0, name="routed_S1"), scaled_SD, 0.0, name="kept_SD"
-        )
-        zeros_TD = emit.method("new_zeros", scaled_SD, emit.method("size", region.tokens_TD, name="size"), name="acc_TD")
-        acc_TD = emit.fn(torch.index_add, zeros_TD, 0, token_S, scaled_SD, name="sum_TD")
-        if plan is not None and not data_parallel:  # replicated: every rank holds partial sums of the same tokens
-            acc_TD = _collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
+            # one kernel gathers the tokens into the first matmul; one scales and puts every row
+            # back at its (token, slot) place; summing the K slots is a reduction Inductor fuses
+            offs_E = emit.method("cumsum", counts_E, 0, name="offs_E")
+            h_SF = experts.ffn_in(region.tokens_TD, token_S, offs_E)
+            b_out = w.get("b_out_ED") if plan is None or plan.rank == 0 else None  # b_out is added exactly once
+            y_SD = experts.ffn_out(h_SF, offs_E, b_out, order_S, weight_sorted_S, name="y_SD")
+            y_TKD = emit.method("unflatten", y_SD, 0, (-1, K), name="y_TKD")
+            acc_TD = emit.method("sum", y_TKD, 1, name="sum_TD")
+            if plan is not None:  # replicated: every rank holds partial sums of the same tokens
+                acc_TD = _collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
         out_TD = emit.method("to", acc_TD, out_dtype, name="out_TD")
 
     _replace_uses_after(region, out_TD)
@@ -155,13 +140,37 @@ def lower_region(
             graph.erase_node(node)
 
 
-def _gather_rows(emit: Emitter, plan: ShardPlan, x_SD, counts_E, num_experts: int):
-    """All ranks' expert-sorted rows, regrouped by expert (then by rank): x_RD, ids_R, offs_E, perm_R.
+class _ExpertFFN:
+    """Emits the two fused expert ops (moeshard_compile/kernels) with one region's weights."""
+
+    def __init__(self, emit: Emitter, w: dict[str, fx.Node], activation: str):
+        self.emit, self.w, self.activation = emit, w, activation
+
+    def ffn_in(self, x_XD, rows_R, offs_E) -> fx.Node:
+        """h_RF = act(x[rows] @ w_gate + b_gate) * (x[rows] @ w_in + b_in), or act(x[rows] @ w_in + b_in)."""
+        w = self.w
+        return self.emit.fn(
+            torch.ops.moeshard.gather_grouped_ffn_in.default, x_XD, rows_R, offs_E, w["w_in_EDF"],
+            w.get("w_gate_EDF"), w.get("b_in_EF"), w.get("b_gate_EF"), self.activation, name="h_RF",
+        )
+
+    def ffn_out(self, h_RF, offs_E, b_out, dest_R, scale_R, *, name: str) -> fx.Node:
+        """y[dest[r]] = scale[r] * (h[r] @ w_out + b_out) (exactly 0 where scale is 0)."""
+        return self.emit.fn(
+            torch.ops.moeshard.grouped_ffn_out_scatter.default, h_RF, offs_E, self.w["w_out_EFD"], b_out,
+            dest_R, scale_R, name=name,
+        )
+
+
+def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, tokens_TD, token_S, counts_E,
+                           num_experts: int, ids_sorted_S, weight_sorted_S) -> fx.Node:
+    """Every rank's rows through this rank's FFN block; the partial sums reduced; this rank's tokens back.
 
     Only the counts and the rows travel: each rank's block of the gathered rows is sorted by
     expert, so the expert of every gathered row follows from the gathered counts.
     """
     N, E = plan.world_size, num_experts
+    x_SD = emit.fn(torch.index_select, tokens_TD, 0, token_S, name="x_SD")
     counts_NxE = _collective(emit, c10d.all_gather_into_tensor.default, counts_E, N, plan.group_name, name="counts_NxE")
     counts_NE = emit.method("view", counts_NxE, N, E, name="counts_NE")
     # rank-major: rank n's S rows, sorted by expert, are rows n*S:(n+1)*S
@@ -172,30 +181,29 @@ def _gather_rows(emit: Emitter, plan: ShardPlan, x_SD, counts_E, num_experts: in
     row_NS = emit.method("repeat", row_S, N, 1, name="row_NS")
     ids_NS = emit.fn(torch.searchsorted, ends_NE, row_NS, right=True, name="ids_NS")
     sort = emit.fn(torch.sort, emit.method("reshape", ids_NS, -1, name="ids_rank_major_R"), stable=True, name="sort_R")
-    ids_R = emit.fn(operator.getitem, sort, 0, name="ids_R")
     perm_R = emit.fn(operator.getitem, sort, 1, name="perm_R")
-    x_RD = emit.fn(torch.index_select, gathered_RD, 0, perm_R, name="x_RD")
     offs_E = emit.method("cumsum", emit.method("sum", counts_NE, 0, name="counts_E_all"), 0, name="offs_E")
-    return x_RD, ids_R, offs_E, perm_R
 
-
-def _scatter_rows(emit: Emitter, plan: ShardPlan, y_RD, perm_R):
-    """Partial outputs back to rank-major order, summed over ranks; this rank's block returns."""
-    zeros_RD = emit.fn(torch.zeros_like, y_RD, name="zeros_RD")
-    rank_major_RD = emit.fn(torch.index_copy, zeros_RD, 0, perm_R, y_RD, name="rank_major_RD")
-    return _collective(
-        emit, c10d.reduce_scatter_tensor.default, rank_major_RD, "sum", plan.world_size, plan.group_name, name="y_SD"
+    # grouped by expert for the kernels (gathered through perm_R), written back in rank-major order
+    h_RF = experts.ffn_in(gathered_RD, perm_R, offs_E)
+    rank_major_RD = experts.ffn_out(h_RF, offs_E, None, perm_R, None, name="rank_major_RD")
+    y_SD = _collective(
+        emit, c10d.reduce_scatter_tensor.default, rank_major_RD, "sum", N, plan.group_name, name="y_SD"
     )
+    y_SD = _plus_bias(emit, y_SD, experts.w.get("b_out_ED"), ids_sorted_S, "y_SD")  # once, after the sum
+
+    # combine: scale by routing weight, back to token order, sum the K slots
+    weight_S1 = emit.method("unsqueeze", weight_sorted_S, -1, name="weight_S1")
+    scaled_SD = emit.fn(operator.mul, y_SD, weight_S1, name="scaled_SD")
+    # A dropped slot (weight 0) must add exactly 0 even where its expert output is inf/nan.
+    scaled_SD = emit.fn(torch.where, emit.fn(operator.ne, weight_S1, 0, name="routed_S1"), scaled_SD, 0.0, name="kept_SD")
+    zeros_TD = emit.method("new_zeros", scaled_SD, emit.method("size", tokens_TD, name="size"), name="acc_TD")
+    return emit.fn(torch.index_add, zeros_TD, 0, token_S, scaled_SD, name="sum_TD")
 
 
 def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:
     """A functional collective and its wait: Inductor sees both and may overlap other work."""
     return emit.fn(c10d.wait_tensor.default, emit.fn(op, *args, name=f"{name}_start"), name=name)
-
-
-def _grouped_linear(emit, x, w, b, offs_E, ids_sorted, name: str) -> fx.Node:
-    y = emit.fn(torch.ops.moeshard.grouped_mm.default, x, w, offs_E, name=name)
-    return _plus_bias(emit, y, b, ids_sorted, name)
 
 
 def _plus_bias(emit, y, b, ids_sorted, name: str) -> fx.Node:

@@ -42,7 +42,7 @@ def test_autograd_on_compiles_unchanged(tmp_path, style):
     assert len(regions) == 1
     assert regions[0]["status"] == "skipped"
     assert "torch.no_grad" in regions[0]["reason"]
-    assert "moeshard.grouped_mm" not in (tmp_path / "graph_0_after.py").read_text()
+    assert "moeshard.gather_grouped_ffn_in" not in (tmp_path / "graph_0_after.py").read_text()
 
     # Gradients through the compiled (unchanged) graph equal eager ones.
     expert = model.moe.expert_list()[0].w_in.weight
@@ -103,7 +103,7 @@ def test_dropout_in_training_mode_compiles_unchanged(tmp_path, style):
     assert [r["status"] for r in report["regions"]] == ["skipped"]
     assert "model.eval()" in report["regions"][0]["reason"]
     assert any("model.eval()" in f["reason"] for f in report["fallbacks"])
-    assert "moeshard.grouped_mm" not in (tmp_path / "graph_0_after.py").read_text()
+    assert "moeshard.gather_grouped_ffn_in" not in (tmp_path / "graph_0_after.py").read_text()
 
 
 @pytest.mark.parametrize("mode", ["eval", "train_p0"])
@@ -190,7 +190,7 @@ def test_unsupported_expert_submodule_is_skipped(tmp_path):
     assert region["module"] == "layers.0.mlp.experts"
     assert region["status"] == "skipped"
     assert "unsupported submodules" in region["reason"] and "act_fn.0" in region["reason"]
-    assert "moeshard.grouped_mm" not in (tmp_path / "graph_0_after.py").read_text()
+    assert "moeshard.gather_grouped_ffn_in" not in (tmp_path / "graph_0_after.py").read_text()
 
 
 def _failing_lower_region(monkeypatch, fail_on_call: int):
@@ -222,7 +222,7 @@ def _check_fallback(tmp_path, model, x, num_regions):
         assert region["status"] == "skipped"
         assert "boom" in region["reason"]
     assert any("boom" in f["reason"] for f in report["fallbacks"])
-    assert "moeshard.grouped_mm" not in (tmp_path / "graph_0_after.py").read_text()
+    assert "moeshard.gather_grouped_ffn_in" not in (tmp_path / "graph_0_after.py").read_text()
 
 
 def test_lowering_failure_keeps_original_graph(monkeypatch, tmp_path):

@@ -29,7 +29,8 @@ def test_switch_through_inductor_new_shapes_recompile_at_most_once():
     shapes = [(2, 6), (3, 7), (4, 5), (2, 11), (3, 7)]
     with torch.no_grad():
         _, (code,) = run_and_get_code(compiled, **hf_tiny.inputs(model, *shapes[0]))
-        assert "torch.ops.moeshard.grouped_mm.default" in code
+        # on CPU the triton_ops run their reference ops (on CUDA: the Triton kernels, tests/test_kernels_gpu.py)
+        assert "moeshard.gather_grouped_ffn_in" in code and "moeshard.grouped_ffn_out_scatter" in code
         for i, (batch, seq) in enumerate(shapes):
             kwargs = hf_tiny.inputs(model, batch, seq, seed=i)  # fresh tokens: different routing each call
             assert_close_to_eager(compiled(**kwargs)[0], model(**kwargs)[0])

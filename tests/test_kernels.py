@@ -410,7 +410,7 @@ def run_compile() -> None:
 
     index_args = {"rows_ptr", "offs_ptr", "dest_ptr"}
     for name, dtype, flags in compile_cases():
-        config = grouped_ffn.default_config(torch.float32 if dtype == "fp32" else torch.bfloat16)
+        config = grouped_ffn.default_config(torch.float32 if dtype == "fp32" else torch.bfloat16, flags.get("GATED", False))
         kernel = getattr(grouped_ffn, f"_{name}_kernel")
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
                       "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}

@@ -1,13 +1,13 @@
-"""`torch.ops.moeshard.grouped_mm` against a float64 per-group loop, and torch.library.opcheck."""
+"""`torch.ops.moeshard_bench.grouped_mm` against a float64 per-group loop, and torch.library.opcheck."""
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import moeshard_compile  # noqa: F401  (registers torch.ops.moeshard)
+import bench.baselines.grouped_mm  # noqa: F401  (registers torch.ops.moeshard_bench.grouped_mm)
 
-grouped_mm = torch.ops.moeshard.grouped_mm.default
+grouped_mm = torch.ops.moeshard_bench.grouped_mm.default
 
 
 def reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

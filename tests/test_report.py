@@ -116,8 +116,8 @@ def test_dumps_and_report_json(tmp_path, dtype):
 
     before = (tmp_path / "graph_0_before.py").read_text()
     after = (tmp_path / "graph_0_after.py").read_text()
-    assert "moeshard.grouped_mm" in after
-    assert "moeshard.grouped_mm" not in before
+    assert "moeshard.gather_grouped_ffn_in" in after
+    assert "moeshard.gather_grouped_ffn_in" not in before
 
     text = (tmp_path / "report.txt").read_text()
     assert MODULE in text
@@ -233,4 +233,4 @@ def test_compile_model_without_moe(tmp_path):
         assert_close_to_eager(out, model(x))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["regions"] == []
-    assert "moeshard.grouped_mm" not in (tmp_path / "graph_0_after.py").read_text()
+    assert "moeshard.gather_grouped_ffn_in" not in (tmp_path / "graph_0_after.py").read_text()

@@ -21,7 +21,8 @@ WORLD, RANK = 8, 3
 c10d = torch.ops._c10d_functional
 ALL_GATHER, REDUCE_SCATTER = c10d.all_gather_into_tensor.default, c10d.reduce_scatter_tensor.default
 ALL_REDUCE, WAIT = c10d.all_reduce.default, c10d.wait_tensor.default
-GROUPED_MM = torch.ops.moeshard.grouped_mm.default
+FFN_IN = torch.ops.moeshard.gather_grouped_ffn_in.default
+FFN_OUT = torch.ops.moeshard.grouped_ffn_out_scatter.default
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def test_data_parallel_inserts_two_gathers_one_reduce_scatter_per_layer(fake_wor
     (gm,), report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model))
     assert [r["status"] for r in report.regions] == ["rewritten"]
     assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, ALL_REDUCE), count(gm, WAIT)) == (2, 1, 0, 3)
-    assert count(gm, GROUPED_MM) == 3
+    assert (count(gm, FFN_IN), count(gm, FFN_OUT)) == (1, 1)
     gathered = [n.args[0].name for n in gm.graph.nodes if n.target == ALL_GATHER]
     assert gathered == ["moe0_counts_E", "moe0_x_SD"]  # counts, then the expert-sorted tokens
     for node in gm.graph.nodes:
@@ -122,7 +123,7 @@ def test_switch_encoder_and_stacked_mixtral(fake_world):
     (gm,), report = sharded_graphs(mixtral, **hf_tiny.inputs(mixtral))
     assert [r["ffn_block"] for r in report.regions] == [list(ffn_block(24, RANK, WORLD))] * 2
     assert report.regions[0]["shard_shapes"]["w_in_EDF"] == [4, 16, 3]
-    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, GROUPED_MM)) == (4, 2, 6)
+    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, FFN_IN), count(gm, FFN_OUT)) == (4, 2, 2, 2)
 
 
 def test_group_and_mesh_options(fake_world):

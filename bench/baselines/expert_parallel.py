@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import moeshard_compile.ops  # noqa: F401  (registers torch.ops.moeshard.grouped_mm)
+import bench.baselines.grouped_mm  # noqa: F401  (registers torch.ops.moeshard_bench.grouped_mm)
 
 COUNT_BYTES = 8  # the per-expert counts travel as int64
 
@@ -202,7 +202,7 @@ class DroplessExpertParallelMoE(_ExpertParallelMoE):
     Per forward: sort the local token slots by expert; all_to_all_single of the per-expert counts;
     all_to_all_single with variable splits of the sorted rows; regroup the received rows (ordered
     by source rank) by local expert; one grouped matmul, relu, grouped matmul
-    (torch.ops.moeshard.grouped_mm); the reverse all-to-all; un-permute and scale. The counts'
+    (torch.ops.moeshard_bench.grouped_mm); the reverse all-to-all; un-permute and scale. The counts'
     device-to-host copy (the split sizes) is the one sync, as in any dropless all-to-all.
     """
 
@@ -235,9 +235,9 @@ class DroplessExpertParallelMoE(_ExpertParallelMoE):
             torch.arange(self.local_experts, device=recv_RD.device).repeat(self.world), recv_counts_NE.reshape(-1))
         regroup_R = torch.argsort(local_expert_R, stable=True)
         offs_E = torch.cumsum(recv_counts_NE.sum(0), 0)
-        h_RF = torch.relu(torch.ops.moeshard.grouped_mm(recv_RD[regroup_R], self.w_in_EDF, offs_E))
+        h_RF = torch.relu(torch.ops.moeshard_bench.grouped_mm(recv_RD[regroup_R], self.w_in_EDF, offs_E))
         y_RD = torch.empty_like(recv_RD)
-        y_RD[regroup_R] = torch.ops.moeshard.grouped_mm(h_RF, self.w_out_EFD, offs_E)
+        y_RD[regroup_R] = torch.ops.moeshard_bench.grouped_mm(h_RF, self.w_out_EFD, offs_E)
         return y_RD
 
 

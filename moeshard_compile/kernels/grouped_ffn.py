@@ -51,9 +51,13 @@ class TileConfig:
     num_stages: int
 
 
-def default_config(dtype: torch.dtype) -> TileConfig:
-    """128x128 output tiles, 128-byte K slices (64 bf16/fp16, 32 fp32): fits a gated kernel's 3 stages."""
-    return TileConfig(block_m=128, block_n=128, block_k=128 // dtype.itemsize, num_warps=8, num_stages=3)
+def default_config(dtype: torch.dtype, gated: bool = False) -> TileConfig:
+    """The fastest of bench/kernel_configs.py's candidates on an H100 (docs/performance.md).
+
+    128x256 output tiles, 4 stages of 128-byte K slices (64 bf16/fp16, 32 fp32); a gated
+    ffn_in holds two weight tiles per stage, so it takes 128x128 to fit shared memory.
+    """
+    return TileConfig(block_m=128, block_n=128 if gated else 256, block_k=128 // dtype.itemsize, num_warps=8, num_stages=4)
 
 
 def num_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
@@ -253,7 +257,7 @@ def launch_ffn_in(
     activation: str, config: TileConfig | None = None,
 ) -> torch.Tensor:
     """h_RF of moeshard::gather_grouped_ffn_in with one kernel launch (any device Triton runs on)."""
-    config = config or default_config(x_XD.dtype)
+    config = config or default_config(x_XD.dtype, gated=w_gate_EDF is not None)
     R, (E, D, F) = rows_R.shape[0], w_in_EDF.shape
     h_RF = x_XD.new_empty(R, F)
     num_n = triton.cdiv(F, config.block_n)

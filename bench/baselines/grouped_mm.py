@@ -1,8 +1,8 @@
-"""Custom ops the rewritten graphs call; Inductor sees them as opaque extern kernels.
+"""The library grouped matmul the baselines use (dropless expert parallelism, the sorted path).
 
-`moeshard::grouped_mm` multiplies consecutive row groups of x by their expert's matrix.
-It is the single point where a faster kernel plugs in: the GPU path uses
-`torch._grouped_mm` when its constraints hold, everything else runs the reference loop.
+`moeshard_bench::grouped_mm` multiplies consecutive row groups of x by their expert's matrix:
+`torch._grouped_mm` where its constraints hold, a per-group loop elsewhere. A custom op, so
+torch.compile keeps the loop's host sync out of the traced graph.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def can_use_native_grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     return x_SD.shape[1] % 8 == 0 and w_EDF.shape[2] % 8 == 0
 
 
-@torch.library.custom_op("moeshard::grouped_mm", mutates_args=())
+@torch.library.custom_op("moeshard_bench::grouped_mm", mutates_args=())
 def grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """y[rows of group e] = x[rows of group e] @ w[e]; group e is rows offs[e-1]:offs[e]."""
     if can_use_native_grouped_mm(x_SD, w_EDF):
