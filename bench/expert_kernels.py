@@ -193,7 +193,7 @@ def dispatch(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torc
     """order_S, token_S, offs_E: the T*K rows sorted by expert, their tokens, group ends (as lower.py)."""
     K = ids_TK.shape[1]
     ids_S = ids_TK.reshape(-1)
-    order_S = torch.sort(ids_S, stable=True).indices
+    order_S = torch.sort(ids_S.to(torch.int16), stable=True).indices  # narrow keys: fewer radix passes
     counts_E = ids_S.new_zeros(num_experts).scatter_add(0, ids_S, torch.ones_like(ids_S))  # static shape, unlike bincount
     return order_S, order_S // K, counts_E.cumsum(0)
 

@@ -12,8 +12,9 @@ router with alpha 0.6 on the first 10% of experts; zipf). The router's own matmu
 
 Systems (all N ranks' N*T tokens and their routing are drawn on the one device; each rank's work
 is derived from them and run for real; "simulated" marks every figure that models N ranks):
-    moeshard_1rank      measured: one rank does every expert on its own T tokens (sort + grouped
-                        matmuls, bench/expert_kernels.py's sort_grouped_mm: what passes/lower.py emits)
+    moeshard_1rank      measured: one rank does every expert on its own T tokens (sort + the fused
+                        expert ops, bench/expert_kernels.py's moeshard_fused: what passes/lower.py emits;
+                        --kernel grouped_mm: sort + library grouped matmuls instead, for all systems)
     moeshard_N          simulated: every rank runs the grouped computation over all N*T gathered rows
                         on its ceil(F/N) block of every expert (every rank has that shape: run once);
                         traffic: all-gather of the counts and of the rows, reduce-scatter of the partial
@@ -145,9 +146,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtypes", default=None, help="comma list (float32, bfloat16): override every sweep's")
     parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
-    parser.add_argument("--kernel", choices=("grouped_mm", "fused"), default="grouped_mm",
-                        help="grouped computation of moeshard_* and ep_dropless: sort + moeshard_bench::grouped_mm "
-                             "(the lowering's) or the fused moeshard ops (Triton on CUDA)")
+    parser.add_argument("--kernel", choices=("fused", "grouped_mm"), default="fused",
+                        help="grouped computation of moeshard_* and ep_dropless: the fused moeshard ops (what "
+                             "passes/lower.py emits; Triton on CUDA) or sort + moeshard_bench::grouped_mm")
     parser.add_argument("--ranks", type=int, default=4, help="N, the simulated ranks")
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--d-ff", type=int, default=3072)
@@ -384,6 +385,20 @@ def peaks(args: argparse.Namespace, dtypes: list[str], device: torch.device) -> 
     return {d: given.get(d, (args.peak_tflops, "--peak-tflops")) for d in dtypes}
 
 
+class Progress:
+    """A one-line progress bar on stderr (the tables go to stdout): done/total, elapsed, the current row."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.done, self.started = total, width, 0, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        filled = self.width * self.done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.started
+        print(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {elapsed:.0f}s {label:<40}",
+              end="\n" if self.done + 1 == self.total else "", file=sys.stderr, flush=True)
+        self.done += 1
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # a run cut short still shows every finished row
@@ -403,6 +418,7 @@ def main(argv: list[str]) -> None:
 
     rows: list[dict] = []
     not_run: list[str] = []
+    progress = Progress(len(plan) * len(args.systems))
 
     def save() -> None:
         """JSON and CSV of every row so far, and what was not run."""
@@ -435,6 +451,7 @@ def main(argv: list[str]) -> None:
             print(f"\n## {config.name} ({', '.join(sweeps_of)}): T={T} tokens per rank, N*T={args.ranks * T} | "
                   f"busiest expert {busiest or float('nan'):.2f}x the mean load | floor {floor_ms:.4g} ms")
             for system in args.systems:
+                progress.step(f"{config.name} {system}")
                 if args.budget_s and time.perf_counter() - started > args.budget_s:
                     not_run.append(f"{config.name}/{system}")
                     continue

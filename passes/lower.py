@@ -6,7 +6,7 @@ Before (any recognised form, e.g. a per-expert loop)::
 
 After, on one rank::
 
-    ids_sorted_S, order_S = sort(ids_TK.reshape(-1))          # group the (token, slot) rows by expert
+    order_S = sort(ids_TK.reshape(-1)).indices                # group the (token, slot) rows by expert
     token_S = order_S // K;  offs_E = cumsum(counts of ids_S)
     h_SF = gather_grouped_ffn_in(x_TD, token_S, offs_E, ...)  # x[token_S] @ w_in[e], activation (and gate)
     y_SD = grouped_ffn_out_scatter(h_SF, offs_E, w_out, b_out, dest=order_S, scale=weight_S[order_S])
@@ -107,8 +107,7 @@ def lower_region(
         # dispatch: group this rank's T*K (token, slot) rows by expert
         ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
         weight_S = emit.method("reshape", routing.weights_TK, -1, name="weight_S")
-        sort = emit.fn(torch.sort, ids_S, stable=True, name="sort")
-        ids_sorted_S = emit.fn(operator.getitem, sort, 0, name="ids_sorted_S")
+        sort = emit.fn(torch.sort, _sort_keys(emit, ids_S, E, "keys_S"), stable=True, name="sort")
         order_S = emit.fn(operator.getitem, sort, 1, name="order_S")
         token_S = emit.fn(torch.floor_divide, order_S, K, name="token_S")
         weight_sorted_S = emit.fn(operator.getitem, weight_S, order_S, name="weight_sorted_S")
@@ -120,7 +119,7 @@ def lower_region(
 
         if data_parallel:
             acc_TD = _data_parallel_experts(emit, plan, experts, region.tokens_TD, token_S, counts_E, E,
-                                            ids_sorted_S, weight_sorted_S)
+                                            ids_S, order_S, weight_sorted_S)
         else:
             # one kernel gathers the tokens into the first matmul; one scales and puts every row
             # back at its (token, slot) place; summing the K slots is a reduction Inductor fuses
@@ -163,7 +162,7 @@ class _ExpertFFN:
 
 
 def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, tokens_TD, token_S, counts_E,
-                           num_experts: int, ids_sorted_S, weight_sorted_S) -> fx.Node:
+                           num_experts: int, ids_S, order_S, weight_sorted_S) -> fx.Node:
     """Every rank's rows through this rank's FFN block; the partial sums reduced; this rank's tokens back.
 
     Only the counts and the rows travel: each rank's block of the gathered rows is sorted by
@@ -180,7 +179,8 @@ def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, 
     row_S = emit.fn(torch.arange, rows, device=emit.fn(getattr, x_SD, "device", name="device"), name="row_S")
     row_NS = emit.method("repeat", row_S, N, 1, name="row_NS")
     ids_NS = emit.fn(torch.searchsorted, ends_NE, row_NS, right=True, name="ids_NS")
-    sort = emit.fn(torch.sort, emit.method("reshape", ids_NS, -1, name="ids_rank_major_R"), stable=True, name="sort_R")
+    ids_rank_major_R = emit.method("reshape", ids_NS, -1, name="ids_rank_major_R")
+    sort = emit.fn(torch.sort, _sort_keys(emit, ids_rank_major_R, E, "keys_R"), stable=True, name="sort_R")
     perm_R = emit.fn(operator.getitem, sort, 1, name="perm_R")
     offs_E = emit.method("cumsum", emit.method("sum", counts_NE, 0, name="counts_E_all"), 0, name="offs_E")
 
@@ -190,7 +190,10 @@ def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, 
     y_SD = _collective(
         emit, c10d.reduce_scatter_tensor.default, rank_major_RD, "sum", N, plan.group_name, name="y_SD"
     )
-    y_SD = _plus_bias(emit, y_SD, experts.w.get("b_out_ED"), ids_sorted_S, "y_SD")  # once, after the sum
+    if "b_out_ED" in experts.w:  # once, after the sum
+        ids_sorted_S = emit.fn(operator.getitem, ids_S, order_S, name="ids_sorted_S")
+        b_out_SD = emit.fn(torch.index_select, experts.w["b_out_ED"], 0, ids_sorted_S, name="b_out_SD")
+        y_SD = emit.fn(operator.add, y_SD, b_out_SD, name="y_SD_biased")
 
     # combine: scale by routing weight, back to token order, sum the K slots
     weight_S1 = emit.method("unsqueeze", weight_sorted_S, -1, name="weight_S1")
@@ -201,17 +204,16 @@ def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, 
     return emit.fn(torch.index_add, zeros_TD, 0, token_S, scaled_SD, name="sum_TD")
 
 
+def _sort_keys(emit: Emitter, ids, num_experts: int, name: str) -> fx.Node:
+    """Expert ids as the narrowest integers that hold them: a radix sort makes one pass per key
+    byte (16384 int16 keys sort in 0.030 ms on an H100, int64 in 0.076 ms)."""
+    dtype = torch.int16 if num_experts < 2**15 else torch.int32
+    return emit.method("to", ids, dtype, name=name)
+
+
 def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:
     """A functional collective and its wait: Inductor sees both and may overlap other work."""
     return emit.fn(c10d.wait_tensor.default, emit.fn(op, *args, name=f"{name}_start"), name=name)
-
-
-def _plus_bias(emit, y, b, ids_sorted, name: str) -> fx.Node:
-    """y + b[expert of each row]; y itself when there is no bias."""
-    if b is None:
-        return y
-    b_rows = emit.fn(torch.index_select, b, 0, ids_sorted, name=f"{name}_bias")
-    return emit.fn(operator.add, y, b_rows, name=f"{name}_biased")
 
 
 def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):

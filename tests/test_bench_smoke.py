@@ -1,4 +1,4 @@
-"""bench/expert_kernels.py --smoke end to end, so that the script a GPU session runs once cannot rot.
+"""bench/expert_kernels.py and bench/encoder.py --smoke end to end, so that the scripts a GPU session runs cannot rot.
 
 A subprocess, as the GPU session runs it: tiny shapes on CPU, every variant, about 30 s on 2 cores
 with a cold Inductor cache (conftest gives each test run its own).
@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor"}
@@ -27,3 +29,21 @@ def test_expert_kernels_smoke_runs_every_variant_correctly(tmp_path):
         assert row["check"] == "ok" and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
         assert f"| {row['variant']} " in result.stdout
     assert by_shape and all(variants == VARIANTS for variants in by_shape.values()), by_shape
+
+
+def test_encoder_smoke_runs_every_variant_correctly(tmp_path):
+    """bench/encoder.py --smoke: MoE and dense encoders, every variant matches its eager model."""
+    result_path = tmp_path / "encoder.json"
+    result = subprocess.run(
+        [sys.executable, "bench/encoder.py", "--smoke", "--json", str(result_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result_path.read_text())
+    rows = {row["variant"]: row for row in output["rows"]}
+    assert set(rows) == {"moe_hf_eager", "moe_inductor", "moe_moeshard", "dense_eager", "dense_inductor"}
+    for row in rows.values():
+        assert row["error"] is None and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
+        assert row["tokens_per_s"] == pytest.approx(2 * 8 / (row["median_ms"] * 1e-3))
+    assert rows["dense_inductor"]["vs_dense_inductor"] == 1.0
+    assert output["floor_ms"] > 0 and output["flops"] > 0

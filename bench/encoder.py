@@ -1,0 +1,158 @@
+"""The whole Switch-Base encoder, MoE against dense: is the sparse model run at dense cost?
+
+    python bench/encoder.py --measure-peak --json encoder.json   # H100: E 64, batch 250 x 120 tokens, bf16
+    python bench/encoder.py --smoke                              # tiny shapes on CPU, seconds
+
+Models (transformers' SwitchTransformersEncoderModel, random weights, nothing downloaded):
+    moe    Switch-Base: d_model 768, d_ff 3072, 12 heads, 12 layers, an MoE FFN (E experts, top-1,
+           capacity = the sequence length, so nothing is dropped) in every other layer
+    dense  the same encoder with num_sparse_encoder_layers=0: every FFN dense, d_ff 3072, which is
+           the MoE layers' per-token FLOPs (top-1), so it is the cost the sparse model should match
+Variants, each checked against its model's eager output (max_rel_err):
+    moe_hf_eager   moe_inductor (torch.compile, Inductor)   moe_moeshard (torch.compile, backend moeshard)
+    dense_eager    dense_inductor                           (the dense reference: the target is
+                                                             moe_moeshard <= 1.15x dense_inductor)
+Floor: the encoder's matmul FLOPs (projections, attention, FFNs; routers too) / the matmul peak.
+Tokens per second = batch * seq / latency. Names: B batch, S sequence, T = B*S tokens, D d_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+import moeshard_compile  # noqa: E402
+from bench.moe_layer import (  # noqa: E402
+    DEFAULT_PEAK_TFLOPS, DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops, median_ms,
+    parse_with_smoke,
+)
+
+VARIANTS = ("moe_hf_eager", "moe_inductor", "moe_moeshard", "dense_eager", "dense_inductor")
+SMOKE = dict(d_model=32, d_ff=64, heads=4, layers=2, experts=4, batch=2, seq=8, dtype="float32", device="cpu",
+             warmup_ms=5.0, rep_ms=20.0)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=3072)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers; every other one is MoE")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--seq", type=int, default=120)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list out of {', '.join(VARIANTS)}")
+    parser.add_argument("--warmup-ms", type=float, default=50.0)
+    parser.add_argument("--rep-ms", type=float, default=300.0)
+    add_peak_args(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    return parse_with_smoke(parser, argv, SMOKE, VARIANTS)
+
+
+def build_encoder(args: argparse.Namespace, moe: bool) -> SwitchTransformersEncoderModel:
+    """Switch-Base-shaped encoder with random weights on the device (MoE every other layer, or all dense)."""
+    config = SwitchTransformersConfig(
+        d_model=args.d_model, d_ff=args.d_ff, d_kv=args.d_model // args.heads, num_heads=args.heads,
+        num_layers=args.layers, num_sparse_encoder_layers=args.layers // 2 if moe else 0,
+        num_experts=args.experts, expert_capacity=args.seq,
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = SwitchTransformersEncoderModel(config)
+        for module in model.modules():  # spread the routers' logits: fewer bf16 argmax ties (bench/moe_layer.py)
+            if module.__class__.__name__ == "SwitchTransformersTop1Router":
+                torch.nn.init.normal_(module.classifier.weight, std=args.d_model**-0.5)
+    return model.to(DTYPES[args.dtype]).eval()
+
+
+def encoder_flops(args: argparse.Namespace) -> int:
+    """Matmul FLOPs of one forward: per layer 4 projections, scores and values, the FFN (top-1: one
+    expert per token, the same as dense), plus each MoE layer's router."""
+    T, S, D, F = args.batch * args.seq, args.seq, args.d_model, args.d_ff
+    per_layer = 2 * T * 4 * D * D + 2 * 2 * T * S * D + 2 * 2 * T * D * F
+    return args.layers * per_layer + (args.layers // 2) * 2 * T * D * args.experts
+
+
+def compile_variant(name: str, model: torch.nn.Module):
+    if name.endswith("eager"):
+        return model
+    if name.endswith("inductor"):
+        return torch.compile(model, backend="inductor")
+    return torch.compile(model, backend=moeshard_compile.moeshard_backend)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    device = torch.device(args.device)
+    env = environment(device)
+    print(" | ".join(f"{k} {v}" for k, v in env.items()))
+    if args.measure_peak:
+        peak, peak_source = measure_peak_tflops(args, device), f"measured, {args.dtype} matmul on {device}"
+    else:
+        peak, peak_source = args.peak_tflops, "--peak-tflops" if args.peak_tflops != DEFAULT_PEAK_TFLOPS else \
+            "default: H100 bf16, measured"
+    flops = encoder_flops(args)
+    floor_ms = flops / (peak * 1e12) * 1e3
+    tokens = args.batch * args.seq
+    print(f"Switch encoder: {args.layers} layers (MoE every other: E={args.experts}, top-1), D={args.d_model} "
+          f"F={args.d_ff}, {args.batch} x {args.seq} = {tokens} tokens, {args.dtype} | floor {flops / 1e12:.4g} TFLOP "
+          f"/ {peak:.4g} TFLOP/s ({peak_source}) = {floor_ms:.4g} ms")
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids_BS = torch.randint(1, 32000, (args.batch, args.seq), generator=generator).to(device)
+
+    rows, models, references = [], {}, {}
+    with torch.no_grad():
+        for index, name in enumerate(args.variants, 1):
+            kind = name.split("_")[0]
+            if kind not in models:
+                models.clear(), references.clear()  # one model on the device at a time
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                models[kind] = build_encoder(args, moe=kind == "moe")
+                references[kind] = models[kind](input_ids=input_ids_BS).last_hidden_state
+            print(f"[{index}/{len(args.variants)}] {name} ...", file=sys.stderr, flush=True)
+            torch._dynamo.reset()
+            fn = compile_variant(name, models[kind])
+            row = {"variant": name, "median_ms": None, "max_rel_err": None, "error": None}
+            try:
+                started = time.perf_counter()
+                out_BSD = fn(input_ids=input_ids_BS).last_hidden_state
+                row["first_call_s"] = time.perf_counter() - started
+                row["max_rel_err"] = max_rel_error(out_BSD, references[kind])
+                row["median_ms"] = median_ms(lambda: fn(input_ids=input_ids_BS), device, args.warmup_ms, args.rep_ms)
+                row["x_floor"] = row["median_ms"] / floor_ms
+                row["tokens_per_s"] = tokens / (row["median_ms"] * 1e-3)
+            except Exception as error:  # one broken variant must not cost the others' numbers
+                row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+            rows.append(row)
+
+    by_name = {row["variant"]: row["median_ms"] for row in rows}
+    dense = by_name.get("dense_inductor")
+    for row in rows:
+        row["vs_dense_inductor"] = row["median_ms"] / dense if row["median_ms"] and dense else None
+    columns = ("variant", "median_ms", "x_floor", "tokens_per_s", "vs_dense_inductor", "max_rel_err", "first_call_s",
+               "error")
+    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github",
+                   floatfmt=("", ".4g", ".3g", ".4g", ".3g", ".2e", ".3g", ""), missingval="-"))
+    if args.json:
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        args.json.write_text(json.dumps({"environment": env, "config": config, "peak_tflops": peak,
+                                         "peak_source": peak_source, "flops": flops, "floor_ms": floor_ms,
+                                         "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
