@@ -1,0 +1,65 @@
+"""How long the first call of a compiled Switch encoder takes, and where the compiler spends it.
+
+    python bench/compile_time.py --layers 2 --stack-every 45      # H100: one MoE layer, stacks every 45 s
+    python bench/compile_time.py --device cpu --dtype float32     # the same on CPU
+
+Builds bench/encoder.py's Switch-Base encoder (random weights), compiles it with --backend
+(moeshard or inductor) and times the first call (Dynamo, the backend, Inductor, Triton, one run).
+--stack-every S prints every thread's Python stack to stderr each S seconds while it runs
+(faulthandler), which shows where a slow compile is; set TORCHINDUCTOR_COMPILE_THREADS=1 so that
+Triton compiles in this process, where the stacks can see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+import moeshard_compile  # noqa: E402
+from bench.encoder import build_encoder  # noqa: E402
+from bench.moe_layer import DTYPES  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=("moeshard", "inductor"), default="moeshard")
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=3072)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=12, help="encoder layers; every other one is MoE")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=120)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--stack-every", type=float, default=0, metavar="S", help="dump stacks every S s (0: never)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    model = build_encoder(args, moe=True)
+    input_ids_BS = torch.randint(1, 32000, (args.batch, args.seq), device=args.device)
+    backend = moeshard_compile.moeshard_backend if args.backend == "moeshard" else "inductor"
+    compiled = torch.compile(model, backend=backend)
+    if args.stack_every:
+        faulthandler.dump_traceback_later(args.stack_every, repeat=True, file=sys.stderr)
+    started = time.perf_counter()
+    with torch.no_grad():
+        compiled(input_ids=input_ids_BS)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    faulthandler.cancel_dump_traceback_later()
+    print(f"{args.backend}: first call {time.perf_counter() - started:.1f} s ({args.layers} layers, "
+          f"E {args.experts}, {args.batch} x {args.seq} tokens, {args.dtype}, {args.device})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
