@@ -47,3 +47,15 @@ def test_encoder_smoke_runs_every_variant_correctly(tmp_path):
         assert row["tokens_per_s"] == pytest.approx(2 * 8 / (row["median_ms"] * 1e-3))
     assert rows["dense_inductor"]["vs_dense_inductor"] == 1.0
     assert output["floor_ms"] > 0 and output["flops"] > 0
+
+
+def test_compile_time_reports_the_first_call():
+    """bench/compile_time.py on a tiny encoder on CPU, with the stack dumps armed."""
+    result = subprocess.run(
+        [sys.executable, "bench/compile_time.py", "--device", "cpu", "--dtype", "float32", "--d-model", "32",
+         "--d-ff", "64", "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
+         "--stack-every", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "moeshard: first call" in result.stdout and "2 layers, E 4" in result.stdout
