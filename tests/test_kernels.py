@@ -295,7 +295,8 @@ def test_triton_kernels_interpreted():
 
 
 def test_triton_kernels_compile_for_sm90():
-    """Triton's compiler accepts both kernels for sm_90 (fp32 and bf16, every flag), down to a cubin."""
+    """Triton's compiler accepts both kernels for sm_90 (fp32 and bf16, every flag, the default tiles),
+    down to a cubin whose shared memory fits an H100."""
     stdout = run_self("compile", interpret=False)
     assert stdout.count("ok ") == len(list(compile_cases())), stdout
 
@@ -401,6 +402,9 @@ def kernel_activation(name: str) -> int:
     return ACTIVATION_CODES[name]
 
 
+H100_SHARED_MEMORY = 232448  # bytes per block, sm_90 opt-in maximum
+
+
 def run_compile() -> None:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -427,6 +431,8 @@ def run_compile() -> None:
             options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
         )
         assert compiled.asm.get("cubin"), f"{name} {dtype}: no cubin"
+        # the default tiles must fit an H100's shared memory (227 KiB per block), or launches fail there
+        assert compiled.metadata.shared <= H100_SHARED_MEMORY, f"{name} {dtype}: {compiled.metadata.shared} bytes"
         print("ok", name, dtype, flags, flush=True)
 
 
