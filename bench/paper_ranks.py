@@ -1,0 +1,244 @@
+"""The paper's per-MoE-layer comparison on N real ranks: moeshard against the expert-parallel baselines.
+
+    torchrun --nproc-per-node 4 bench/paper_ranks.py --json paper_4gpu.json      # 4 GPUs, NCCL
+    python bench/paper_ranks.py --smoke                                           # 2 gloo ranks on CPU, seconds
+
+bench/paper.py simulates N ranks on one device; this script runs them: one process per rank
+(torchrun's, or spawned here with --world-size on CPU), NCCL on CUDA (rank r on cuda:LOCAL_RANK),
+gloo on CPU. Every rank brings its own batch of `batch` sequences x `seq` tokens; all N*T
+tokens' routing is drawn as in bench/paper.py (same seed, rank r takes rows r*T:(r+1)*T), so a
+configuration here and there routes the same tokens. Systems, each on the same weights:
+    moeshard            the expert FFN written as a per-expert loop (ExpertLoop), compiled with
+                        torch.compile(backend="moeshard", options={"world_size": N}): every rank
+                        holds its 1/N block of every expert; the real backend path, collectives included
+    ep_capacity_cf50    bench/baselines CapacityExpertParallelMoE (DeepSpeed-MoE's top-1 semantics),
+    ep_capacity_cf1.25  CF = min(E, 50) as in the paper, or 1.25; equal-split all-to-alls
+    ep_dropless         bench/baselines DroplessExpertParallelMoE: variable all-to-alls, grouped matmul
+Each call is timed on every rank between barriers (device synchronised); a call's latency is the
+slowest rank's, and the row reports the median over --repeats calls. Rows are "measured (N ranks)".
+Metrics also gathered over ranks: rows computed (max / mean), bytes sent off-rank (max), tokens
+dropped (all ranks); speedups vs the three baselines as in bench/paper.py. moeshard's row also
+checks that the loop was rewritten and gives its max relative error against the eager loop.
+
+Names carry their shape: T tokens per rank, D d_model, F d_ff, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tabulate import tabulate
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+import moeshard_compile  # noqa: E402
+from bench.baselines.expert_parallel import CapacityExpertParallelMoE, DroplessExpertParallelMoE, load_summary  # noqa: E402
+from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.moe_layer import DTYPES, environment  # noqa: E402
+from bench.paper import BASELINES, MIN_CAPACITY, PAPER_CF_CAP, SWEEPS, TOP_K, Config, add_speedups  # noqa: E402
+
+SYSTEMS = ("moeshard", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
+SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, world_size=2, repeats=3)
+
+
+class ExpertLoop(nn.Module):
+    """Switch's expert FFN as users write it: a loop over experts reading stacked weights w[e]."""
+
+    def __init__(self, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor):
+        super().__init__()
+        self.w_in_EDF = nn.Parameter(w_in_EDF, requires_grad=False)
+        self.w_out_EFD = nn.Parameter(w_out_EFD, requires_grad=False)
+
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.w_in_EDF.shape[0]):
+            token_N, slot_N = torch.where(ids_TK == e)
+            y_ND = torch.relu(x_TD[token_N] @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
+            out_TD.index_add_(0, token_N, y_ND * weight_TK[token_N, slot_N, None])
+        return out_TD
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="headline", help=f"comma list out of {', '.join(SWEEPS)}")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="spawn this many ranks here (CPU or one GPU each); default: torchrun's, else 2")
+    parser.add_argument("--d-model", type=int, default=768)
+    parser.add_argument("--d-ff", type=int, default=3072)
+    parser.add_argument("--seq", type=int, default=120, help="tokens per sequence")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per system (median reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 gloo ranks on CPU")
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
+    args = parser.parse_args(argv)
+    args.sweep, args.systems = args.sweep.split(","), args.systems.split(",")
+    for key, known in (("sweep", SWEEPS), ("systems", SYSTEMS)):
+        unknown = sorted(set(getattr(args, key)) - set(known))
+        if unknown:
+            parser.error(f"--{key}: unknown {unknown}; choose from {', '.join(known)}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> list[Config]:
+    """The sweeps' configurations in order, each once."""
+    found: dict[Config, None] = {}
+    for sweep in args.sweep:
+        experts, batches, dtypes, routings = SWEEPS[sweep]
+        for dtype in dtypes:
+            for routing in routings:
+                for E in experts:
+                    for batch in batches:
+                        found.setdefault(Config(E, batch, dtype, routing))
+    return list(found)
+
+
+def build(system: str, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, world: int, device: torch.device):
+    """The callable fn(x_TD, ids_TK, weight_TK) of one system on this rank, and what reports on it:
+    the baseline module (its stats) or moeshard's Report."""
+    E = w_in_EDF.shape[0]
+    if system == "moeshard":
+        options = moeshard_compile.Options(world_size=world, inductor=device.type == "cuda")
+        report = moeshard_compile.Report()
+        loop = ExpertLoop(w_in_EDF, w_out_EFD)
+        backend = moeshard_compile.backend.make_backend(options, report)
+        return torch.compile(loop, backend=backend, fullgraph=True), report
+    if system == "ep_dropless":
+        module = DroplessExpertParallelMoE(w_in_EDF, w_out_EFD)
+    else:
+        capacity_factor = min(E, PAPER_CF_CAP) if system == "ep_capacity_cf50" else 1.25
+        module = CapacityExpertParallelMoE(w_in_EDF, w_out_EFD, capacity_factor=capacity_factor,
+                                           min_capacity=MIN_CAPACITY)
+    return module, module
+
+
+def _check_moeshard(report, out_TD: torch.Tensor, eager_TD: torch.Tensor, row: dict) -> None:
+    """The loop must have been rewritten (else the row would time eager code) and equal eager's result."""
+    statuses = [(r["status"], r.get("reason")) for r in report.regions]
+    if [status for status, _ in statuses] != ["rewritten"]:
+        raise RuntimeError(f"moeshard did not rewrite the expert loop: {statuses}")
+    err = (out_TD.double() - eager_TD.double()).abs().max() / eager_TD.double().abs().max().clamp_min(1e-30)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX)  # the worst rank's
+    row["max_rel_err"] = err.item()
+
+
+def timed_call_ms(fn, inputs, device: torch.device) -> float:
+    """One call between barriers; the slowest rank's wall time (device synchronised)."""
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    fn(*inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = torch.tensor([(time.perf_counter() - started) * 1e3], dtype=torch.float64, device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> list[dict]:
+    dtype, T, D, F = DTYPES[config.dtype], config.batch * args.seq, args.d_model, args.d_ff
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    w_in_EDF = (torch.randn(config.E, D, F, generator=generator, device=device) * D**-0.5).to(dtype)
+    w_out_EFD = (torch.randn(config.E, F, D, generator=generator, device=device) * F**-0.5).to(dtype)
+    ids_RK, weight_RK = synthetic_routing(config.routing, world * T, config.E, TOP_K, seed=args.seed, device=device,
+                                          dtype=dtype)
+    mine = slice(rank * T, (rank + 1) * T)
+    x_TD = torch.randn(world * T, D, generator=generator, device=device).to(dtype)[mine]
+    inputs = (x_TD, ids_RK[mine], weight_RK[mine])
+    rows = []
+    for system in args.systems:
+        row = {"config": config.name, "E": config.E, "batch": config.batch, "T": T, "dtype": config.dtype,
+               "routing": config.routing, "system": system, "figure": f"measured ({world} ranks)", "N": world,
+               "error": None}
+        try:
+            torch._dynamo.reset()
+            fn, reporter = build(system, w_in_EDF, w_out_EFD, world, device)
+            with torch.no_grad():
+                out_TD = fn(*inputs)  # compiles
+                if isinstance(reporter, moeshard_compile.Report):
+                    _check_moeshard(reporter, out_TD, ExpertLoop(w_in_EDF, w_out_EFD)(*inputs), row)
+                fn(*inputs)
+                times = [timed_call_ms(fn, inputs, device) for _ in range(args.repeats)]
+            row["latency_ms"] = statistics.median(times)
+            if isinstance(reporter, nn.Module):
+                summary = load_summary(reporter.stats)
+                row.update(max_rows=summary["max_rows_computed"], mean_rows=summary["mean_rows_computed"],
+                           dropped=summary["dropped"], max_offrank_bytes=summary["max_offrank_bytes"])
+            else:  # moeshard: every rank multiplies all N*T rows on its FFN block, drops nothing
+                row.update(max_rows=world * T * TOP_K, mean_rows=world * T * TOP_K, dropped=0,
+                           max_offrank_bytes=2 * (world - 1) * T * TOP_K * D * x_TD.element_size())
+        except Exception as error:  # every rank fails alike (same shapes); report it and go on
+            row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        rows.append(row)
+    add_speedups(rows)
+    return rows
+
+
+def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str | None) -> None:
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                            rank=rank, world_size=world)
+    rows: list[dict] = []
+    for index, config in enumerate(plan(args), 1):
+        if rank == 0:
+            print(f"[{index}/{len(plan(args))}] {config.name}", file=sys.stderr, flush=True)
+        rows += run_config(config, args, rank, world, device)
+        if rank == 0:
+            print(table([r for r in rows if r["config"] == config.name]), flush=True)
+    if rank == 0 and args.json:
+        args.json.write_text(json.dumps({"environment": environment(device), "world_size": world,
+                                         "config": {k: v for k, v in vars(args).items() if k != "json"},
+                                         "rows": rows}, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    if init_method is not None:
+        os._exit(0)  # spawned ranks: skip the interpreter's teardown, where gloo's threads can abort
+
+
+COLUMNS = ("config", "system", "figure", "latency_ms", "max_rows", "dropped", "max_offrank_bytes", *BASELINES,
+           "max_rel_err", "error")
+
+
+def table(rows: list[dict]) -> str:
+    return tabulate([[row.get(c) for c in COLUMNS] for row in rows], headers=COLUMNS, tablefmt="github",
+                    floatfmt=".4g", missingval="-")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if "RANK" in os.environ:  # launched by torchrun: join its ranks
+        rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)
+        return
+    world = args.world_size or 2
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(rank_main, args=(world, args, f"tcp://127.0.0.1:{free_port()}"), nprocs=world)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

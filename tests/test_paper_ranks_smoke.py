@@ -1,0 +1,34 @@
+"""bench/paper_ranks.py --smoke: the real-ranks comparison on 2 spawned gloo ranks, so the script a
+multi-GPU session runs cannot rot. Checks the rows against what the shapes imply."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = {"moeshard", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
+
+
+def test_paper_ranks_smoke(tmp_path):
+    json_path = tmp_path / "ranks.json"
+    result = subprocess.run([sys.executable, "bench/paper_ranks.py", "--smoke", "--json", str(json_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(json_path.read_text())
+    N, T, D = 2, 16, 32  # SMOKE: 2 ranks, batch 2 x seq 8, d_model 32
+    assert output["world_size"] == N
+    by_config: dict[str, dict[str, dict]] = {}
+    for row in output["rows"]:
+        by_config.setdefault(row["config"], {})[row["system"]] = row
+        assert row["error"] is None, row
+        assert row["figure"] == "measured (2 ranks)" and row["latency_ms"] > 0
+    assert len(by_config) == 8 and all(set(systems) == SYSTEMS for systems in by_config.values())
+    for config, systems in by_config.items():
+        moeshard = systems["moeshard"]
+        assert moeshard["dropped"] == 0 and moeshard["max_rows"] == N * T
+        assert moeshard["max_rel_err"] < (2e-2 if "bfloat16" in config else 1e-5), moeshard
+        cf50, cf125 = systems["ep_capacity_cf50"], systems["ep_capacity_cf1.25"]
+        assert cf50["dropped"] == 0 and cf125["dropped"] >= 0  # CF = min(E, 50) = E: room for every token
+        assert systems["ep_dropless"]["dropped"] == 0
+        assert cf50["vs_cf50"] == 1.0 and moeshard["vs_cf50"] == cf50["latency_ms"] / moeshard["latency_ms"]
