@@ -1,8 +1,9 @@
-"""The demo: a Switch encoder sharded over ranks with moeshard, checked against eager, timed.
+"""The demo: a Switch encoder (or a Mixtral decoder) sharded over ranks with moeshard, checked against eager, timed.
 
     python -m moeshard_compile                          # 2 ranks on CPU, about a minute on 2 cores
     python -m moeshard_compile --world-size 1           # one process, no torch.distributed
     python -m moeshard_compile --config switch-base-64  # the paper's shapes (random weights)
+    python -m moeshard_compile --config mixtral-small   # a stacked-expert decoder, prefill
     python -m moeshard_compile --pretrained PATH        # local HF weights (e.g. google/switch-base-8)
     torchrun --nproc-per-node 4 -m moeshard_compile     # ranks started by torchrun
 
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
-from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+from transformers import MixtralConfig, MixtralModel, PretrainedConfig, SwitchTransformersConfig, SwitchTransformersEncoderModel
 
 import moeshard_compile
 from moeshard_compile.options import INPUT_MODES
@@ -61,8 +62,13 @@ class Rank:
         return time.perf_counter()
 
 
-def switch_config(name: str) -> SwitchTransformersConfig:
-    """'small' (the default demo) or 'switch-base-E': the paper's Switch-Base encoder with E experts."""
+def model_config(name: str) -> PretrainedConfig:
+    """'small' (the default demo), 'switch-base-E' (the paper's Switch-Base encoder with E experts)
+    or 'mixtral-small' (a small Mixtral decoder, prefill: transformers' stacked 3-D experts, top-2)."""
+    if name == "mixtral-small":
+        return MixtralConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
+                             num_experts_per_tok=2, max_position_embeddings=1024)
     if name == "small":
         return SwitchTransformersConfig(
             vocab_size=1024, d_model=256, d_ff=1024, d_kv=32, num_heads=8, num_layers=4,
@@ -78,8 +84,10 @@ def switch_config(name: str) -> SwitchTransformersConfig:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moeshard_compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="small", choices=["small"] + [f"switch-base-{e}" for e in PAPER_EXPERTS],
-                        help="model shape, random weights (default: small)")
+    parser.add_argument("--config", default="small",
+                        choices=["small", "mixtral-small"] + [f"switch-base-{e}" for e in PAPER_EXPERTS],
+                        help="model, random weights: small (default) and switch-base-E are Switch encoders, "
+                             "mixtral-small a Mixtral decoder run on a prompt (prefill)")
     parser.add_argument("--pretrained", metavar="PATH", help="load SwitchTransformersEncoderModel weights from PATH")
     parser.add_argument("--world-size", type=int, metavar="N",
                         help="ranks to spawn (default: 2 on CPU, one per GPU on CUDA, torchrun's under torchrun); "
@@ -223,7 +231,7 @@ def run(args: argparse.Namespace, where: Rank) -> None:
         where.say(f"rank {rank}: eager {e:.1f} ms | moeshard {c:.1f} ms | speedup {e / c:.2f}x")
 
 
-def build_model(args: argparse.Namespace, where: Rank) -> SwitchTransformersEncoderModel:
+def build_model(args: argparse.Namespace, where: Rank) -> torch.nn.Module:
     """The same weights on every rank: the same seed before building."""
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
@@ -232,15 +240,23 @@ def build_model(args: argparse.Namespace, where: Rank) -> SwitchTransformersEnco
         model = SwitchTransformersEncoderModel.from_pretrained(args.pretrained, torch_dtype=dtype)
     else:
         t0 = where.step(f"building {args.config} (random weights)")
-        model = SwitchTransformersEncoderModel(switch_config(args.config)).to(dtype)
+        config = model_config(args.config)
+        model_class = MixtralModel if isinstance(config, MixtralConfig) else SwitchTransformersEncoderModel
+        model = model_class(config).to(dtype)
     model = model.eval().to(where.device)
-    cfg = model.config
-    where.say(f"  d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_layers} layers, {cfg.num_experts} experts, "
-              f"capacity {cfg.expert_capacity}; {time.perf_counter() - t0:.1f}s")
+    where.say(f"  {describe(model.config)}; {time.perf_counter() - t0:.1f}s")
     return model
 
 
-def make_batch(args: argparse.Namespace, cfg: SwitchTransformersConfig, where: Rank) -> dict:
+def describe(cfg: PretrainedConfig) -> str:
+    if isinstance(cfg, MixtralConfig):
+        return (f"Mixtral decoder: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
+                f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}")
+    return (f"Switch encoder: d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_layers} layers, "
+            f"{cfg.num_experts} experts, capacity {cfg.expert_capacity}")
+
+
+def make_batch(args: argparse.Namespace, cfg: PretrainedConfig, where: Rank) -> dict:
     """data_parallel: each rank its own tokens (seed + rank); replicated: the same tokens on every rank."""
     seed = args.seed + (where.rank if args.input_mode == "data_parallel" else 0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(seed))

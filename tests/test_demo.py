@@ -44,6 +44,17 @@ def test_default_demo_shards_over_two_spawned_ranks(tmp_path):
     assert [(r["world_size"], r["ffn_block"]) for r in regions] == [(2, [0, 512])] * 2  # rank 0's dumps
 
 
+def test_mixtral_decoder_shards_over_two_spawned_ranks():
+    """--config mixtral-small: transformers' stacked experts (top-2, gated) on 2 ranks, prefill."""
+    result = run_demo(*SMALL, "--config", "mixtral-small")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Mixtral decoder: hidden 256, intermediate 512, 4 layers, 8 experts, top-2" in out
+    assert out.count("stacked/grouped_mm") == 4 and out.count("rewritten") == 4 and out.count("6 MiB of 12 MiB") == 4
+    errors = rank_errors(out)
+    assert sorted(errors) == [0, 1] and max(errors.values()) < 1e-4
+
+
 def test_torchrun_ranks_replicated_input():
     result = run_demo(*SMALL, "--input-mode", "replicated",
                       launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "moeshard_compile"))
