@@ -22,24 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
-from bench.encoder import build_encoder  # noqa: E402
-from bench.moe_layer import DTYPES  # noqa: E402
+from bench.encoder import add_encoder_args, build_encoder  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("moeshard", "inductor"), default="moeshard")
-    parser.add_argument("--d-model", type=int, default=768)
-    parser.add_argument("--d-ff", type=int, default=3072)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--layers", type=int, default=12, help="encoder layers; every other one is MoE")
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=120)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--device", default="cuda")
+    add_encoder_args(parser, batch=8)
     parser.add_argument("--stack-every", type=float, default=0, metavar="S", help="dump stacks every S s (0: never)")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 

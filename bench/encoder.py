@@ -40,22 +40,27 @@ SMOKE = dict(d_model=32, d_ff=64, heads=4, layers=2, experts=4, batch=2, seq=8, 
              warmup_ms=5.0, rep_ms=20.0)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_encoder_args(parser: argparse.ArgumentParser, batch: int) -> None:
+    """The encoder's shape, dtype, device and seed: what build_encoder reads (Switch-Base by default)."""
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--d-ff", type=int, default=3072)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--layers", type=int, default=12, help="encoder layers; every other one is MoE")
     parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq", type=int, default=120)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_encoder_args(parser, batch=250)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list out of {', '.join(VARIANTS)}")
     parser.add_argument("--warmup-ms", type=float, default=50.0)
     parser.add_argument("--rep-ms", type=float, default=300.0)
     add_peak_args(parser)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     return parse_with_smoke(parser, argv, SMOKE, VARIANTS)
 

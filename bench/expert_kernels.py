@@ -76,7 +76,7 @@ from bench.moe_layer import (  # noqa: E402
 )
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402  (registers the fused ops)
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402  (registers the op)
-from passes.lower import ACTIVATIONS  # noqa: E402
+from passes.lower import ACTIVATIONS, sort_key_dtype  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG
@@ -193,7 +193,7 @@ def dispatch(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torc
     """order_S, token_S, offs_E: the T*K rows sorted by expert, their tokens, group ends (as lower.py)."""
     K = ids_TK.shape[1]
     ids_S = ids_TK.reshape(-1)
-    order_S = torch.sort(ids_S.to(torch.int16), stable=True).indices  # narrow keys: fewer radix passes
+    order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
     counts_E = ids_S.new_zeros(num_experts).scatter_add(0, ids_S, torch.ones_like(ids_S))  # static shape, unlike bincount
     return order_S, order_S // K, counts_E.cumsum(0)
 

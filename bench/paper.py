@@ -91,6 +91,7 @@ SWEEPS = {  # name: (experts, batches, default dtypes, default routings)
     "skew": ([64], [250], ["float32"], ["uniform", "skew", "zipf"]),
     "smoke": ([4, 8], [2], ["float32", "bfloat16"], ["skew", "zipf"]),  # every routing code path, both dtypes
 }
+ROUTINGS = SWEEPS["skew"][3]  # every routing a sweep can use
 SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, ranks=2, warmup_ms=2.0, rep_ms=10.0)
 CSV_FIELDS = ("config", "system", "figure", "E", "batch", "T", "dtype", "routing", "N", "latency_ms", "compute_ms",
               "comm_ms", "overlapped_ms", "floor_ms", "x_floor", "max_rows", "mean_rows", "rows_max_over_mean",
@@ -170,13 +171,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].smoke:  # --smoke changes the defaults: parse again with them
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    for key, known in (("sweep", SWEEPS), ("systems", SYSTEMS), ("dtypes", DTYPES), ("routings", SWEEPS["skew"][3])):
+    split_lists(parser, args, {"sweep": SWEEPS, "systems": SYSTEMS, "dtypes": DTYPES, "routings": ROUTINGS})
+    return args
+
+
+def split_lists(parser: argparse.ArgumentParser, args: argparse.Namespace, known: dict) -> None:
+    """Comma-list options (those given) into lists, each name checked against its known values."""
+    for key, values in known.items():
         if getattr(args, key) is not None:
             setattr(args, key, getattr(args, key).split(","))
-            unknown = sorted(set(getattr(args, key)) - set(known))
+            unknown = sorted(set(getattr(args, key)) - set(values))
             if unknown:
-                parser.error(f"--{key}: unknown {unknown}; choose from {', '.join(known)}")
-    return args
+                parser.error(f"--{key}: unknown {unknown}; choose from {', '.join(values)}")
 
 
 def configs(args: argparse.Namespace) -> list[tuple[Config, list[str]]]:

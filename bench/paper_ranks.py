@@ -7,7 +7,8 @@ bench/paper.py simulates N ranks on one device; this script runs them: one proce
 (torchrun's, or spawned here with --world-size on CPU), NCCL on CUDA (rank r on cuda:LOCAL_RANK),
 gloo on CPU. Every rank brings its own batch of `batch` sequences x `seq` tokens; all N*T
 tokens' routing is drawn as in bench/paper.py (same seed, rank r takes rows r*T:(r+1)*T), so a
-configuration here and there routes the same tokens. Systems, each on the same weights:
+configuration here and there routes the same tokens; --sweep, --dtypes and --routings pick the
+configurations as there. Systems, each on the same weights:
     moeshard            the expert FFN written as a per-expert loop (ExpertLoop), compiled with
                         torch.compile(backend="moeshard", options={"world_size": N}): every rank
                         holds its 1/N block of every expert; the real backend path, collectives included
@@ -45,7 +46,9 @@ import moeshard_compile  # noqa: E402
 from bench.baselines.expert_parallel import CapacityExpertParallelMoE, DroplessExpertParallelMoE, load_summary  # noqa: E402
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.moe_layer import DTYPES, environment  # noqa: E402
-from bench.paper import BASELINES, MIN_CAPACITY, PAPER_CF_CAP, SWEEPS, TOP_K, Config, add_speedups  # noqa: E402
+from bench.paper import (  # noqa: E402
+    BASELINES, MIN_CAPACITY, PAPER_CF_CAP, ROUTINGS, SWEEPS, TOP_K, Config, add_speedups, configs, split_lists,
+)
 
 SYSTEMS = ("moeshard", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
 SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, world_size=2, repeats=3)
@@ -71,6 +74,8 @@ class ExpertLoop(nn.Module):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="headline", help=f"comma list out of {', '.join(SWEEPS)}")
+    parser.add_argument("--dtypes", default=None, help="comma list (float32, bfloat16): override every sweep's")
+    parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
     parser.add_argument("--world-size", type=int, default=None,
                         help="spawn this many ranks here (CPU or one GPU each); default: torchrun's, else 2")
@@ -85,25 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].smoke:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    args.sweep, args.systems = args.sweep.split(","), args.systems.split(",")
-    for key, known in (("sweep", SWEEPS), ("systems", SYSTEMS)):
-        unknown = sorted(set(getattr(args, key)) - set(known))
-        if unknown:
-            parser.error(f"--{key}: unknown {unknown}; choose from {', '.join(known)}")
+    split_lists(parser, args, {"sweep": SWEEPS, "systems": SYSTEMS, "dtypes": DTYPES, "routings": ROUTINGS})
     return args
-
-
-def plan(args: argparse.Namespace) -> list[Config]:
-    """The sweeps' configurations in order, each once."""
-    found: dict[Config, None] = {}
-    for sweep in args.sweep:
-        experts, batches, dtypes, routings = SWEEPS[sweep]
-        for dtype in dtypes:
-            for routing in routings:
-                for E in experts:
-                    for batch in batches:
-                        found.setdefault(Config(E, batch, dtype, routing))
-    return list(found)
 
 
 def build(system: str, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, world: int, device: torch.device):
@@ -198,9 +186,10 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str 
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
                             rank=rank, world_size=world)
     rows: list[dict] = []
-    for index, config in enumerate(plan(args), 1):
+    plan = [config for config, _ in configs(args)]
+    for index, config in enumerate(plan, 1):
         if rank == 0:
-            print(f"[{index}/{len(plan(args))}] {config.name}", file=sys.stderr, flush=True)
+            print(f"[{index}/{len(plan)}] {config.name}", file=sys.stderr, flush=True)
         rows += run_config(config, args, rank, world, device)
         if rank == 0:
             print(table([r for r in rows if r["config"] == config.name]), flush=True)

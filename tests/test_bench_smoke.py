@@ -15,13 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor"}
 
 
+def run_bench(script: str, *argv: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """bench/<script> as a GPU session runs it (a subprocess from the repository root); it must succeed."""
+    result = subprocess.run([sys.executable, f"bench/{script}", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_expert_kernels_smoke_runs_every_variant_correctly(tmp_path):
     result_path = tmp_path / "smoke.json"
-    result = subprocess.run(
-        [sys.executable, "bench/expert_kernels.py", "--smoke", "--json", str(result_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bench("expert_kernels.py", "--smoke", "--json", str(result_path), timeout=120)
     rows = json.loads(result_path.read_text())["rows"]
     by_shape: dict[str, set[str]] = {}
     for row in rows:
@@ -34,11 +38,7 @@ def test_expert_kernels_smoke_runs_every_variant_correctly(tmp_path):
 def test_encoder_smoke_runs_every_variant_correctly(tmp_path):
     """bench/encoder.py --smoke: MoE and dense encoders, every variant matches its eager model."""
     result_path = tmp_path / "encoder.json"
-    result = subprocess.run(
-        [sys.executable, "bench/encoder.py", "--smoke", "--json", str(result_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_bench("encoder.py", "--smoke", "--json", str(result_path))
     output = json.loads(result_path.read_text())
     rows = {row["variant"]: row for row in output["rows"]}
     assert set(rows) == {"moe_hf_eager", "moe_inductor", "moe_moeshard", "dense_eager", "dense_inductor"}
@@ -51,11 +51,7 @@ def test_encoder_smoke_runs_every_variant_correctly(tmp_path):
 
 def test_compile_time_reports_the_first_call():
     """bench/compile_time.py on a tiny encoder on CPU, with the stack dumps armed."""
-    result = subprocess.run(
-        [sys.executable, "bench/compile_time.py", "--device", "cpu", "--dtype", "float32", "--d-model", "32",
-         "--d-ff", "64", "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
-         "--stack-every", "300"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bench("compile_time.py", "--device", "cpu", "--dtype", "float32", "--d-model", "32", "--d-ff", "64",
+                       "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
+                       "--stack-every", "300")
     assert "moeshard: first call" in result.stdout and "2 layers, E 4" in result.stdout
