@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
     faulthandler.cancel_dump_traceback_later()
+    print(torch._dynamo.utils.compile_times(repr="str"))
     print(f"{args.backend}: first call {time.perf_counter() - started:.1f} s ({args.layers} layers, "
           f"E {args.experts}, {args.batch} x {args.seq} tokens, {args.dtype}, {args.device})")
 

@@ -68,9 +68,30 @@ def evaluate(nodes: list[fx.Node], env: dict[fx.Node, object]) -> None:
             env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
-def _concrete_shape(node: fx.Node, rows: int) -> tuple[int, ...]:
-    """The node's shape with every symbolic size replaced by `rows` (elementwise code ignores them)."""
-    return tuple(s if isinstance(s, int) and s > 0 else rows for s in fake(node).shape)
+_SAMPLE_ROWS = 5
+
+
+def _sample_shape(node: fx.Node, few_rows: bool) -> tuple[int, ...]:
+    """The node's shape with symbolic sizes set to a few rows and, if `few_rows`, every leading size
+    capped to as few: an elementwise chain is identified as well on 5 rows as on 30000, and the
+    full shape costs seconds per expert at compile time."""
+    shape = [s if isinstance(s, int) and s > 0 else _SAMPLE_ROWS for s in fake(node).shape]
+    if few_rows:
+        shape[:-1] = [min(s, _SAMPLE_ROWS) for s in shape[:-1]]
+    return tuple(shape)
+
+
+def _run_on_random(chain: list[fx.Node], inputs: list[fx.Node], output: fx.Node, few_rows: bool):
+    """(input values, output value) of the chain on random float64 inputs, or None if it cannot run."""
+    generator = torch.Generator().manual_seed(0)
+    zs = [torch.randn(_sample_shape(n, few_rows), generator=generator, dtype=torch.float64).mul_(3) for n in inputs]
+    env = dict(zip(inputs, zs))
+    try:
+        with torch.no_grad():
+            evaluate(chain, env)
+    except Exception:  # a chain we cannot run standalone is not one we can identify
+        return None
+    return zs, env[output]
 
 
 def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
@@ -80,15 +101,11 @@ def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
         return None
     # Evaluate in float64 whatever the model's dtype, so that close activations (gelu and its
     # tanh approximation) stay distinguishable; casts inside the chain lower the precision.
-    generator = torch.Generator().manual_seed(0)
-    zs = [torch.randn(_concrete_shape(n, 5), generator=generator, dtype=torch.float64).mul_(3) for n in inputs]
-    env = dict(zip(inputs, zs))
-    try:
-        with torch.no_grad():
-            evaluate(chain, env)
-    except Exception:  # a chain we cannot run standalone is not one we can identify
+    # A few rows first; the full shape only for a chain that fixes its sizes (a view to T rows).
+    run = _run_on_random(chain, inputs, output, few_rows=True) or _run_on_random(chain, inputs, output, few_rows=False)
+    if run is None:
         return None
-    got = env[output]
+    zs, got = run
     if not isinstance(got, torch.Tensor):
         return None
     dtype = got.dtype
