@@ -40,7 +40,7 @@ def resolve(opts: Options) -> tuple[ShardPlan | None, "dist.ProcessGroup | None"
         raise OptionError(f"moeshard: world_size={opts.world_size} does not match {given}, which has {size} ranks")
     if size == 1:
         return None, None
-    plan = ShardPlan(dist.get_rank(group), size, group.group_name, opts.input_mode)
+    plan = ShardPlan(dist.get_rank(group), size, group.group_name, opts.input_mode, opts.comm_chunks)
     return plan, group
 
 

@@ -40,6 +40,12 @@ class Options:
     release_unsharded: after compiling, free the storage of the user's expert parameters,
         keeping only this rank's shard (memory / N). The model's experts can no longer run
         eagerly or be reloaded. Default False: nothing in the user's model is modified.
+    comm_chunks: data_parallel only: split each rank's routed rows into this many chunks, each
+        all-gathered, computed and reduce-scattered on its own, with every chunk's all-gather
+        issued first; chunk c + 1's traffic then runs under chunk c's grouped computation.
+        Default 1 (no split). Each chunk re-reads the expert weights, so more chunks pay only
+        where the collectives take longer than that (docs/distributed.md has measurements).
+        Graphs whose row count is symbolic (dynamic shapes) are not split.
     check_inputs: before each call of a sharded graph, compare every rank's input shapes with
         one small all-gather and raise on every rank if they differ (default True). Ranks with
         different token counts would otherwise fail inside a collective.
@@ -53,6 +59,7 @@ class Options:
     mesh: Any = None
     input_mode: str = "data_parallel"
     release_unsharded: bool = False
+    comm_chunks: int = 1
     check_inputs: bool = True
 
     @classmethod
@@ -79,6 +86,9 @@ def _check_distributed(options: dict[str, Any]) -> None:
     world_size = options.get("world_size")
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise OptionError(f"moeshard: option 'world_size' must be a positive int or None, got {world_size!r}")
+    chunks = options.get("comm_chunks", 1)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise OptionError(f"moeshard: option 'comm_chunks' must be a positive int, got {chunks!r}")
     mode = options.get("input_mode", "data_parallel")
     if mode not in INPUT_MODES:
         raise OptionError(f"moeshard: option 'input_mode' must be one of {', '.join(map(repr, INPUT_MODES))}, got {mode!r}")

@@ -25,13 +25,15 @@ class ShardPlan:
     """How the lowering shards a region: this rank, the group, and where the tokens live.
 
     input_mode "data_parallel": each rank brings its own tokens (all-gather, reduce-scatter);
-    "replicated": every rank brings the same tokens (one all-reduce).
+    "replicated": every rank brings the same tokens (one all-reduce). comm_chunks: how many
+    chunks of rows data_parallel moves and computes one after another (Options.comm_chunks).
     """
 
     rank: int
     world_size: int
     group_name: str
     input_mode: str = "data_parallel"
+    comm_chunks: int = 1
 
     def ffn_block(self, d_ff: int) -> tuple[int, int]:
         """[start, stop) of this rank's block of the FFN dimension."""

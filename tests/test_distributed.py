@@ -94,19 +94,20 @@ def _sharded_regions(report: Report, input_mode: str, count: int | None = None) 
     return [(region["ffn_block"], region["d_ff"]) for region in regions]
 
 
-def rank_sharded_equals_eager(cfg: MoEConfig, dtype: torch.dtype, batch: int, seq: int, seed: int, input_mode: str):
+def rank_sharded_equals_eager(cfg: MoEConfig, dtype: torch.dtype, batch: int, seq: int, seed: int, input_mode: str,
+                              comm_chunks: int):
     """One property example on this rank: (blocks, a checksum of this rank's batch)."""
     model = _model(cfg, dtype, seed)
     x_BSD = _batch_BSD((batch, seq, cfg.d_model), dtype, _input_seed(seed, input_mode))
     report = Report()
     with torch.no_grad():
         ref_BSD = model(x_BSD)
-        out_BSD = _compile(model, report, input_mode=input_mode)(x_BSD)
+        out_BSD = _compile(model, report, input_mode=input_mode, comm_chunks=comm_chunks)(x_BSD)
     _check_close(out_BSD, ref_BSD, report)
     return _sharded_regions(report, input_mode, count=1), x_BSD.double().sum().item()
 
 
-def rank_degenerate_routing(skew: str, num_experts: int, top_k: int):
+def rank_degenerate_routing(skew: str, num_experts: int, top_k: int, comm_chunks: int):
     """Each dispatch spelling with every token on one expert ("hot") or most experts empty ("empty")."""
     for style in ("index", "mask", "dense"):
         torch._dynamo.reset()
@@ -119,7 +120,7 @@ def rank_degenerate_routing(skew: str, num_experts: int, top_k: int):
             meant = (ids_TK[:, 0] == 0).all() if skew == "hot" else (ids_TK < top_k).all()
             assert meant, f"skew {skew!r} did not route as meant: {ids_TK.tolist()}"
             ref_BSD = model(x_BSD)
-            out_BSD = _compile(model, report)(x_BSD)
+            out_BSD = _compile(model, report, comm_chunks=comm_chunks)(x_BSD)
         _check_close(out_BSD, ref_BSD, report)
         _sharded_regions(report, "data_parallel", count=1)
 
@@ -171,7 +172,7 @@ def rank_hf_model(name: str):
     return _sharded_regions(report, "data_parallel", count=layers), forms
 
 
-def rank_through_inductor():
+def rank_through_inductor(comm_chunks: int):
     """The sharded graph (functional collectives included) lowered by Inductor, data_parallel."""
     cfg = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=9, gated=True, bias=True, activation="silu")
     model = _model(cfg, torch.float64)
@@ -179,7 +180,7 @@ def rank_through_inductor():
     report = Report()
     with torch.no_grad():
         ref_BSD = model(x_BSD)
-        out_BSD = _compile(model, report, inductor=True)(x_BSD)
+        out_BSD = _compile(model, report, inductor=True, comm_chunks=comm_chunks)(x_BSD)
     _check_close(out_BSD, ref_BSD, report)
     return _sharded_regions(report, "data_parallel", count=1)
 
@@ -292,6 +293,7 @@ def sharded_cases(draw, world_size: int) -> dict:
         seq=draw(st.integers(1, 7)),
         seed=draw(st.integers(0, 2**16)),
         input_mode=draw(st.sampled_from(["data_parallel", "replicated"])),
+        comm_chunks=draw(st.sampled_from([1, 1, 2, 3])),
     )
 
 
@@ -318,10 +320,12 @@ def test_sharded_equals_eager_world_4(world_4, case):
     check_sharded_case(world_4, case)
 
 
-@pytest.mark.parametrize(("skew", "num_experts", "top_k"), [("hot", 6, 2), ("empty", 8, 2)])
-def test_degenerate_routing(world_2, skew, num_experts, top_k):
-    """Experts with no rows on any rank still take part in the collectives with empty groups."""
-    world_2.run(rank_degenerate_routing, skew=skew, num_experts=num_experts, top_k=top_k)
+@pytest.mark.parametrize(("skew", "num_experts", "top_k", "comm_chunks"),
+                         [("hot", 6, 2, 1), ("empty", 8, 2, 1), ("hot", 6, 2, 3)])
+def test_degenerate_routing(world_2, skew, num_experts, top_k, comm_chunks):
+    """Experts with no rows on any rank still take part in the collectives with empty groups;
+    in chunks, a chunk may hold one expert's rows only."""
+    world_2.run(rank_degenerate_routing, skew=skew, num_experts=num_experts, top_k=top_k, comm_chunks=comm_chunks)
 
 
 def test_ranks_route_to_disjoint_experts(world_2):
@@ -348,9 +352,10 @@ def test_hf_model_data_parallel(world_2, name, form):
     assert_blocks_tile(list(blocks_by_rank))
 
 
-def test_inductor_data_parallel(world_2):
-    """Inductor lowers the functional collectives and the grouped op together."""
-    assert_blocks_tile(world_2.run(rank_through_inductor))
+@pytest.mark.parametrize("comm_chunks", [1, 2])
+def test_inductor_data_parallel(world_2, comm_chunks):
+    """Inductor lowers the functional collectives and the grouped op together (in chunks too)."""
+    assert_blocks_tile(world_2.run(rank_through_inductor, comm_chunks=comm_chunks))
 
 
 def test_replicated_adds_output_bias_once(world_2):

@@ -75,10 +75,37 @@ def test_data_parallel_inserts_two_gathers_one_reduce_scatter_per_layer(fake_wor
     assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, ALL_REDUCE), count(gm, WAIT)) == (2, 1, 0, 3)
     assert (count(gm, FFN_IN), count(gm, FFN_OUT)) == (1, 1)
     gathered = [n.args[0].name for n in gm.graph.nodes if n.target == ALL_GATHER]
-    assert gathered == ["moe0_counts_E", "moe0_x_SD"]  # counts, then the expert-sorted tokens
+    assert gathered == ["moe0_counts_CE", "moe0_x_SD"]  # counts, then the expert-sorted tokens
     for node in gm.graph.nodes:
         if node.target in (ALL_GATHER, REDUCE_SCATTER):
             assert WORLD in node.args and dist.group.WORLD.group_name in node.args
+
+
+def positions(gm: fx.GraphModule, target) -> list[int]:
+    return [i for i, n in enumerate(gm.graph.nodes) if n.target == target]
+
+
+@pytest.mark.parametrize(("rows", "chunks", "sizes"), [(10 * 2, 3, [7, 7, 6]), (2 * 2, 8, [1, 1, 1, 1])])
+def test_comm_chunks_issue_every_gather_before_computing(fake_world, rows, chunks, sizes):
+    """C chunks: one counts gather, C row gathers all issued before the first chunk computes,
+    and each chunk's reduce-scatter issued before the next chunk computes (at most one chunk per row)."""
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=24)
+    (gm,), _ = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(1, rows // 2, cfg.d_model),
+                              options={"comm_chunks": chunks})
+    C = len(sizes)
+    assert (count(gm, ALL_GATHER), count(gm, REDUCE_SCATTER), count(gm, FFN_IN), count(gm, FFN_OUT)) == (1 + C, C, C, C)
+    ffn_in, scatters = positions(gm, FFN_IN), positions(gm, REDUCE_SCATTER)
+    assert max(positions(gm, ALL_GATHER)) < ffn_in[0]
+    assert all(scatters[c] < ffn_in[c + 1] for c in range(C - 1))
+    split = next(n for n in gm.graph.nodes if n.target is torch.split and n.name.startswith("moe0_x_SD"))
+    assert split.args[1] == sizes
+
+
+def test_comm_chunks_leave_replicated_alone(fake_world):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=24)
+    (gm,), _ = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model),
+                              options={"comm_chunks": 4, "input_mode": "replicated"})
+    assert (count(gm, ALL_GATHER), count(gm, ALL_REDUCE), count(gm, FFN_IN)) == (0, 1, 1)
 
 
 def test_replicated_inserts_one_all_reduce_per_layer(fake_world):
