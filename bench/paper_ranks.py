@@ -12,6 +12,7 @@ configurations as there. Systems, each on the same weights:
     moeshard            the expert FFN written as a per-expert loop (ExpertLoop), compiled with
                         torch.compile(backend="moeshard", options={"world_size": N}): every rank
                         holds its 1/N block of every expert; the real backend path, collectives included
+    moeshard_chunks2/4  the same with options comm_chunks 2 / 4: traffic in chunks, under the computation
     ep_capacity_cf50    bench/baselines CapacityExpertParallelMoE (DeepSpeed-MoE's top-1 semantics),
     ep_capacity_cf1.25  CF = min(E, 50) as in the paper, or 1.25; equal-split all-to-alls
     ep_dropless         bench/baselines DroplessExpertParallelMoE: variable all-to-alls, grouped matmul
@@ -20,6 +21,8 @@ slowest rank's, and the row reports the median over --repeats calls. Rows are "m
 Metrics also gathered over ranks: rows computed (max / mean), bytes sent off-rank (max), tokens
 dropped (all ranks); speedups vs the three baselines as in bench/paper.py. moeshard's row also
 checks that the loop was rewritten and gives its max relative error against the eager loop.
+--profile adds, per system, the GPU kernel timeline of --profile-calls calls (bench/kernel_timeline.py,
+mean over ranks): comm_ms (NCCL kernels), compute_ms (the others) and overlapped_ms (both at once).
 
 Names carry their shape: T tokens per rank, D d_model, F d_ff, E experts, K experts per token.
 """
@@ -45,12 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importab
 import moeshard_compile  # noqa: E402
 from bench.baselines.expert_parallel import CapacityExpertParallelMoE, DroplessExpertParallelMoE, load_summary  # noqa: E402
 from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.kernel_timeline import overlap_summary, profiled_kernels  # noqa: E402
 from bench.moe_layer import DTYPES, environment  # noqa: E402
 from bench.paper import (  # noqa: E402
     BASELINES, MIN_CAPACITY, PAPER_CF_CAP, ROUTINGS, SWEEPS, TOP_K, Config, add_speedups, configs, split_lists,
 )
 
-SYSTEMS = ("moeshard", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
+MOESHARD_CHUNKS = {"moeshard": 1, "moeshard_chunks2": 2, "moeshard_chunks4": 4}  # system -> Options.comm_chunks
+SYSTEMS = (*MOESHARD_CHUNKS, "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
 SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, world_size=2, repeats=3)
 
 
@@ -85,6 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per system (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="add comm/compute/overlap per call (CUDA only)")
+    parser.add_argument("--profile-calls", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 gloo ranks on CPU")
     if parser.parse_known_args(argv)[0].smoke:
@@ -98,8 +105,9 @@ def build(system: str, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, world: i
     """The callable fn(x_TD, ids_TK, weight_TK) of one system on this rank, and what reports on it:
     the baseline module (its stats) or moeshard's Report."""
     E = w_in_EDF.shape[0]
-    if system == "moeshard":
-        options = moeshard_compile.Options(world_size=world, inductor=device.type == "cuda")
+    if system in MOESHARD_CHUNKS:
+        options = moeshard_compile.Options(world_size=world, inductor=device.type == "cuda",
+                                           comm_chunks=MOESHARD_CHUNKS[system])
         report = moeshard_compile.Report()
         loop = ExpertLoop(w_in_EDF, w_out_EFD)
         backend = moeshard_compile.backend.make_backend(options, report)
@@ -161,6 +169,8 @@ def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, 
                     _check_moeshard(reporter, out_TD, ExpertLoop(w_in_EDF, w_out_EFD)(*inputs), row)
                 fn(*inputs)
                 times = [timed_call_ms(fn, inputs, device) for _ in range(args.repeats)]
+                if args.profile and device.type == "cuda":
+                    row.update(_timeline(lambda: fn(*inputs), args.profile_calls, world, device))
             row["latency_ms"] = statistics.median(times)
             if isinstance(reporter, nn.Module):
                 summary = load_summary(reporter.stats)
@@ -174,6 +184,15 @@ def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, 
         rows.append(row)
     add_speedups(rows)
     return rows
+
+
+def _timeline(fn, calls: int, world: int, device: torch.device) -> dict[str, float]:
+    """comm_ms, compute_ms, overlapped_ms per call on this rank's GPU, averaged over the ranks."""
+    dist.barrier()
+    summary = overlap_summary(profiled_kernels(fn, calls), calls)
+    values = torch.tensor(list(summary.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(summary, (values / world).tolist()))
 
 
 def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str | None) -> None:
@@ -204,8 +223,8 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str 
         os._exit(0)  # spawned ranks: skip the interpreter's teardown, where gloo's threads can abort
 
 
-COLUMNS = ("config", "system", "figure", "latency_ms", "max_rows", "dropped", "max_offrank_bytes", *BASELINES,
-           "max_rel_err", "error")
+COLUMNS = ("config", "system", "figure", "latency_ms", "comm_ms", "compute_ms", "overlapped_ms", "max_rows", "dropped",
+           "max_offrank_bytes", *BASELINES, "max_rel_err", "error")
 
 
 def table(rows: list[dict]) -> str:

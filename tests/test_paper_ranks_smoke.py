@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = {"moeshard", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
+SYSTEMS = {"moeshard", "moeshard_chunks2", "moeshard_chunks4", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
 
 
 def test_paper_ranks_smoke(tmp_path):
@@ -25,9 +25,10 @@ def test_paper_ranks_smoke(tmp_path):
         assert row["figure"] == "measured (2 ranks)" and row["latency_ms"] > 0
     assert len(by_config) == 8 and all(set(systems) == SYSTEMS for systems in by_config.values())
     for config, systems in by_config.items():
+        for name in ("moeshard", "moeshard_chunks2", "moeshard_chunks4"):
+            assert systems[name]["dropped"] == 0 and systems[name]["max_rows"] == N * T
+            assert systems[name]["max_rel_err"] < (2e-2 if "bfloat16" in config else 1e-5), systems[name]
         moeshard = systems["moeshard"]
-        assert moeshard["dropped"] == 0 and moeshard["max_rows"] == N * T
-        assert moeshard["max_rel_err"] < (2e-2 if "bfloat16" in config else 1e-5), moeshard
         cf50, cf125 = systems["ep_capacity_cf50"], systems["ep_capacity_cf1.25"]
         assert cf50["dropped"] == 0 and cf125["dropped"] >= 0  # CF = min(E, 50) = E: room for every token
         assert systems["ep_dropless"]["dropped"] == 0
