@@ -3,7 +3,7 @@
 Both expert-parallel layers are checked against a float64 single-device MoE written here
 independently (a per-slot gather of whole expert matrices), on every rank's own batch; the
 capacity layer also against a token-by-token reading of DeepSpeed's capacity rule. The `rank_*`
-functions run on every rank of a tests/gloo_world.py pool and assert there; the `test_*` functions
+functions run on every rank of a tests/rank_pool.py pool and assert there; the `test_*` functions
 send them and check what the ranks returned (as in tests/test_distributed.py).
 """
 
@@ -31,7 +31,7 @@ from bench.baselines import (  # noqa: E402
     synthetic_routing,
     zipf_probs,
 )
-from gloo_world import GlooPool  # noqa: E402
+from rank_pool import RankPool  # noqa: E402
 
 D, F = 6, 5  # small expert shapes: the tests are about routing and collectives, not matmul speed
 ROUTINGS = ("uniform", "skew", "hot", "empty")
@@ -41,7 +41,7 @@ PG_TIMEOUT_S = 15  # a rank that fails before a collective strands the others th
 @pytest.fixture(scope="module")
 def world_2():
     """One pool per module: starting ranks costs seconds."""
-    pool = GlooPool(world_size=2, pg_timeout_s=PG_TIMEOUT_S)
+    pool = RankPool(world_size=2, pg_timeout_s=PG_TIMEOUT_S)
     yield pool
     pool.close()
 
@@ -49,7 +49,7 @@ def world_2():
 @pytest.fixture(scope="module")
 def world_4():
     """4 ranks on 2 cores: one expert per rank at E = 4, three ranks that send to rank 0 at once."""
-    pool = GlooPool(world_size=4, pg_timeout_s=PG_TIMEOUT_S)
+    pool = RankPool(world_size=4, pg_timeout_s=PG_TIMEOUT_S)
     yield pool
     pool.close()
 

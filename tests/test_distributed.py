@@ -1,6 +1,6 @@
 """MoEShard across real gloo ranks on CPU: every rank's compiled output equals its own eager output.
 
-The `rank_*` functions run inside the ranks of a tests/gloo_world.py pool (one copy per rank, in
+The `rank_*` functions run inside the ranks of a tests/rank_pool.py pool (one copy per rank, in
 parallel); the `test_*` functions run in pytest's process, send them, and check what every rank
 returned. In data_parallel mode each rank brings its own batch (seed + rank), in replicated mode
 all bring the same one; either way each rank compares with `model(its batch)` computed eagerly.
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_tiny
-from gloo_world import GlooPool
+from rank_pool import RankPool
 from helpers import assert_close_to_eager
 from moe_zoo import MoEBlock, MoEConfig, moe_configs
 from moeshard_compile import Options, Report
@@ -30,7 +30,7 @@ FAULT_MARGIN_S = 30  # on top of it: building and compiling the model before the
 @pytest.fixture(scope="module")
 def world_2():
     """One pool per module: starting ranks costs seconds."""
-    pool = GlooPool(world_size=2)
+    pool = RankPool(world_size=2)
     yield pool
     pool.close()
 
@@ -38,7 +38,7 @@ def world_2():
 @pytest.fixture(scope="module")
 def world_4():
     """One pool per module: starting ranks costs seconds."""
-    pool = GlooPool(world_size=4)
+    pool = RankPool(world_size=4)
     yield pool
     pool.close()
 
@@ -297,7 +297,7 @@ def sharded_cases(draw, world_size: int) -> dict:
     )
 
 
-def check_sharded_case(pool: GlooPool, case: dict) -> None:
+def check_sharded_case(pool: RankPool, case: dict) -> None:
     """Every rank equals its eager output (checked on the rank); here: blocks tile, batches as the mode says."""
     results = pool.run(rank_sharded_equals_eager, **case)
     blocks_by_rank, batch_sums = zip(*results)
@@ -382,7 +382,7 @@ def test_different_batch_shapes_raise_on_every_rank(world_2):
 
 def test_failing_rank_ends_the_others_within_the_timeout():
     """A rank that never joins makes the others fail after the group's timeout: no hang."""
-    pool = GlooPool(world_size=2, pg_timeout_s=FAULT_PG_TIMEOUT_S)
+    pool = RankPool(world_size=2, pg_timeout_s=FAULT_PG_TIMEOUT_S)
     try:
         absent_s = FAULT_PG_TIMEOUT_S + 3
         waiting, absent = pool.run_outcomes(rank_one_rank_absent, timeout_s=absent_s + FAULT_MARGIN_S + 30, absent_s=absent_s)

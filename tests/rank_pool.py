@@ -1,4 +1,5 @@
-"""A persistent pool of gloo ranks on CPU, for tests that need real torch.distributed processes.
+"""A persistent pool of ranks (gloo on CPU, or NCCL with one GPU each), for tests that need real
+torch.distributed processes.
 
 Starting a rank costs seconds (importing torch and transformers on 2 cores), so a pool lives for
 a whole test module: the parent sends one task (an importable function and its kwargs) to every
@@ -6,7 +7,7 @@ rank and gathers each rank's return value or formatted exception. Every wait in 
 a deadline; a pool that misses one (a hung collective, a dead rank) is killed and the test
 fails, so nothing can hang CI.
 
-    pool = GlooPool(world_size=2)
+    pool = RankPool(world_size=2)                   # gloo on CPU; RankPool(4, device="cuda"): NCCL, rank r on cuda:r
     outcomes = pool.run_outcomes(some_module.task, seed=0)   # one RankOutcome per rank
     values = pool.run(some_module.task, seed=0)              # values, or AssertionError naming each failed rank
     pool.close()
@@ -62,19 +63,21 @@ class PoolError(AssertionError):
     """The pool missed a deadline or lost a rank; it has been killed."""
 
 
-class GlooPool:
-    """`world_size` spawned processes, each rank of one gloo process group, looping on tasks.
+class RankPool:
+    """`world_size` spawned processes, each rank of one process group, looping on tasks.
 
-    pg_timeout_s is the process group's timeout: how long a collective waits for missing ranks.
+    device "cpu": gloo; "cuda": NCCL, rank r on cuda:r. pg_timeout_s is the process group's
+    timeout: how long a collective waits for missing ranks.
     """
 
-    def __init__(self, world_size: int, pg_timeout_s: float = 60.0, startup_timeout_s: float = STARTUP_TIMEOUT_S):
+    def __init__(self, world_size: int, pg_timeout_s: float = 60.0, startup_timeout_s: float = STARTUP_TIMEOUT_S,
+                 device: str = "cpu"):
         import torch.multiprocessing as mp  # the parent has torch already; the workers import it after setting env
 
         self.world_size, self.pg_timeout_s = world_size, pg_timeout_s
         self.broken: str | None = None
         self._task_ids = itertools.count()
-        self._dir = tempfile.mkdtemp(prefix=f"moeshard-gloo{world_size}-")
+        self._dir = tempfile.mkdtemp(prefix=f"moeshard-{device}{world_size}-")
         context = mp.get_context("spawn")
         self._tasks = [context.Queue() for _ in range(world_size)]
         self._results = context.Queue()
@@ -82,8 +85,9 @@ class GlooPool:
         self._procs = [
             context.Process(
                 target=_worker_main,
-                args=(rank, world_size, port, pg_timeout_s, self._dir, os.getpid(), self._tasks[rank], self._results),
-                name=f"gloo-rank{rank}",
+                args=(rank, world_size, port, pg_timeout_s, device, self._dir, os.getpid(), self._tasks[rank],
+                      self._results),
+                name=f"{device}-rank{rank}",
                 daemon=True,
             )
             for rank in range(world_size)
@@ -106,7 +110,7 @@ class GlooPool:
         `fn` must be a module-level function of an importable module (workers import it by name).
         """
         if self.broken:
-            raise PoolError(f"the gloo pool (world {self.world_size}) was killed earlier: {self.broken}")
+            raise PoolError(f"the rank pool (world {self.world_size}) was killed earlier: {self.broken}")
         target = f"{fn.__module__}:{fn.__qualname__}"
         task_id = next(self._task_ids)
         for tasks in self._tasks:
@@ -154,7 +158,7 @@ class GlooPool:
         logs = "\n".join(f"--- rank {r} log (tail):\n{self._log_tail(r)}" for r in range(self.world_size))
         self.broken = reason
         self.close(graceful=False)
-        raise PoolError(f"gloo pool (world {self.world_size}): {reason}; pool killed\n{logs}")
+        raise PoolError(f"rank pool (world {self.world_size}): {reason}; pool killed\n{logs}")
 
     def _log_tail(self, rank: int) -> str:
         try:
@@ -190,7 +194,7 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------- worker side
 
 
-def _worker_main(rank, world_size, port, pg_timeout_s, directory, parent_pid, tasks, results) -> None:
+def _worker_main(rank, world_size, port, pg_timeout_s, device, directory, parent_pid, tasks, results) -> None:
     """A rank: set its environment, import, join the group, then run tasks until told to stop."""
     log_fd = os.open(os.path.join(directory, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(log_fd, 1)
@@ -212,8 +216,10 @@ def _worker_main(rank, world_size, port, pg_timeout_s, directory, parent_pid, ta
         results.put(("imported", rank, None))
         if _next_task(tasks, parent_pid) != "init":
             return
+        if device == "cuda":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
+            "nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
             timeout=timedelta(seconds=pg_timeout_s),
         )
         results.put(("ready", rank, None))
