@@ -8,6 +8,8 @@ in a Report (and, with `dump_dir`, written next to each graph's code before/afte
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from pathlib import Path
@@ -80,7 +82,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     attempted = [r for r in regions if r.status == "recognised"]
     try:
         passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless, plan=plan)
-        compiled = _lower(gm, example_inputs, feed.tensors(), opts)
+        chunked = plan is not None and plan.input_mode == "data_parallel" and plan.comm_chunks > 1
+        compiled = _lower(gm, example_inputs, feed.tensors(), opts, keep_comm_order=chunked and bool(attempted))
     except Exception as error:  # keep the model working: compile the original graph, say why
         if not attempted:
             raise  # nothing of ours was involved: a genuine compile error
@@ -119,13 +122,21 @@ def _checked(compiled: Callable, check: Callable[[tuple], None]) -> Callable:
     return run
 
 
-def _lower(gm: fx.GraphModule, example_inputs: list, weights: list[torch.Tensor], opts: Options) -> Callable:
-    """Inductor (or the FX graph as is) over the graph's inputs followed by the stacked weights."""
+def _lower(gm: fx.GraphModule, example_inputs: list, weights: list[torch.Tensor], opts: Options,
+           keep_comm_order: bool = False) -> Callable:
+    """Inductor (or the FX graph as is) over the graph's inputs followed by the stacked weights.
+
+    keep_comm_order: the graph issues its collectives early on purpose (comm_chunks). Inductor's
+    peak-memory reordering would move every collective next to its wait, serialising them with
+    the computation, so it is off for such graphs (they hold C chunks of rows at once instead)."""
     if not opts.inductor:
         return gm.forward
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs) + _static_fakes(example_inputs, weights))
+    keep = inductor_config.patch(reorder_for_peak_memory=False) if keep_comm_order else contextlib.nullcontext()
+    with keep:
+        return compile_fx(gm, list(example_inputs) + _static_fakes(example_inputs, weights))
 
 
 def _static_fakes(example_inputs: list, tensors: list[torch.Tensor]) -> list:

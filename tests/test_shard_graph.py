@@ -239,3 +239,22 @@ def test_input_signature_sees_shapes_past_its_readable_head():
     assert _signature(shapes) != _signature(changed)
     assert _describe(_signature([(2, 5, 8), (7,)])) == "[2, 5, 8], [7]"
     assert _describe(_signature(shapes)).endswith("...")
+
+
+def test_inductor_keeps_the_chunks_overlapped(fake_world):
+    """In Inductor's output code every row all-gather is issued before the first chunk computes and
+    each reduce-scatter before the next chunk: its peak-memory reordering would serialise them."""
+    from torch._inductor.utils import run_and_get_code
+
+    cfg = MoEConfig(num_experts=8, top_k=1, d_model=16, d_ff=64)
+    options = moeshard_compile.Options(comm_chunks=3, check_inputs=False)
+    backend = moeshard_compile.backend.make_backend(options, moeshard_compile.Report())
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(MoEBlock(cfg).eval(), backend=backend, fullgraph=True),
+                                    torch.randn(2, 12, cfg.d_model))
+    calls = [line.strip() for line in codes[-1].splitlines() if "= torch.ops." in line]
+    at = lambda op: [i for i, line in enumerate(calls) if op in line]  # noqa: E731
+    gathers, ffn_in, scatters = at("all_gather_into_tensor"), at("gather_grouped_ffn_in"), at("reduce_scatter_tensor")
+    assert (len(gathers), len(ffn_in), len(scatters)) == (4, 3, 3), calls
+    assert max(gathers) < ffn_in[0], calls
+    assert scatters[0] < ffn_in[1] and scatters[1] < ffn_in[2], calls
