@@ -49,6 +49,7 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    zigzag: bool = False  # tiles taken alternately from the first and the last expert (see _tile)
 
 
 def default_config(dtype: torch.dtype, gated: bool = False) -> TileConfig:
@@ -114,12 +115,15 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _tile(offs_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+def _tile(offs_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, ZIGZAG: tl.constexpr):
     """This program's expert (E for a padding tile), its BLOCK_M rows and their mask, its N block.
 
     Programs are numbered tile-major (the N blocks of one M tile are neighbours, and so are the
-    tiles of one expert), so a tile's rows and an expert's weights are reused from L2. The
-    schedule is read off offs_E in registers: no separate launch, no host sync.
+    tiles of one expert), so a tile's rows and an expert's weights are reused from L2. ZIGZAG
+    takes the tiles alternately from the front and the back of that order, so that under skewed
+    routing the crowded experts' compute-bound tiles run beside the sparse experts' weight-bound
+    ones instead of in separate waves. The schedule is read off offs_E in registers: no
+    separate launch, no host sync.
     """
     pid = tl.program_id(0)
     tile = pid // NUM_N
@@ -128,6 +132,10 @@ def _tile(offs_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl
     starts = tl.minimum(tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0).to(tl.int32), ends)
     tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
     tile_ends = tl.cumsum(tiles, 0)
+    if ZIGZAG:
+        total = tl.sum(tiles, 0)
+        half = tile // 2
+        tile = tl.where(tile < total, tl.where(tile % 2 == 0, half, total - 1 - half), tile)
     expert = tl.sum((tile_ends <= tile).to(tl.int32), 0)
     mine = e == expert
     first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)
@@ -149,14 +157,14 @@ def _ffn_in_kernel(
     stride_hR, stride_hF,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZIGZAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R.
 
     Rows past the expert's end read token 0 (always in bounds) and are never stored, so the x
     loads need a mask only on K, and none when BLOCK_K divides D (EVEN_K; EVEN_N likewise for F).
     """
-    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2)
+    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
     if expert >= E:
         return
     expert = expert.to(tl.int64)
@@ -202,7 +210,7 @@ def _ffn_out_kernel(
     stride_bE, stride_bD,
     stride_yY, stride_yD,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
-    E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ZIGZAG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y, scaled, stored at rows dest_R of the output.
@@ -210,7 +218,7 @@ def _ffn_out_kernel(
     Rows past the expert's end read a row of h below R (in bounds) and are never stored, so the
     h loads need a mask only on K (none when BLOCK_K divides F; EVEN_N likewise for D).
     """
-    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2)
+    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
     if expert >= E:
         return
     expert = expert.to(tl.int64)
@@ -270,7 +278,7 @@ def launch_ffn_in(
         GATED=w_gate_EDF is not None, HAS_B_IN=b_in_EF is not None, HAS_B_GATE=b_gate_EF is not None,
         ACTIVATION=ACTIVATION_CODES[activation], ALLOW_TF32=_input_precision_tf32(x_XD.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=D % config.block_k == 0, EVEN_N=F % config.block_n == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ZIGZAG=config.zigzag, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return h_RF
@@ -291,7 +299,7 @@ def launch_ffn_out(
         *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
         HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=F % config.block_k == 0, EVEN_N=D % config.block_n == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ZIGZAG=config.zigzag, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y_RD
