@@ -95,12 +95,15 @@ def deepspeed_moe(deepspeed, w_in_EDF, w_out_EFD, gate_ED, capacity_factor: floa
                                     capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
                                     min_capacity=MIN_CAPACITY, use_rts=False)
     layer.set_deepspeed_parallelism()
+    layer = layer.to(w_in_EDF.device, w_in_EDF.dtype).eval()
+    gate = layer.deepspeed_moe.gate
+    gate.wg = gate.wg.float()  # DeepSpeed's gate is fp32 whatever the model's dtype
     with torch.no_grad():
         for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
             expert.wi.weight.copy_(w_in_EDF[e].T)
             expert.wo.weight.copy_(w_out_EFD[e].T)
-        layer.deepspeed_moe.gate.wg.weight.copy_(gate_ED.T)
-    return layer.to(w_in_EDF.device, w_in_EDF.dtype).eval()
+        gate.wg.weight.copy_(gate_ED.T)
+    return layer
 
 
 def deepspeed_routing(gate_ED: torch.Tensor, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.expert_kernels import MODELS, Shape, dispatch, make_problem  # noqa: E402
 from bench.moe_layer import DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops  # noqa: E402
-from moeshard_compile.kernels.grouped_ffn import TileConfig, default_config, launch_ffn_in, launch_ffn_out  # noqa: E402
+from moeshard_compile.kernels.grouped_ffn import (  # noqa: E402
+    TileConfig, default_config, expert_bytes, launch_ffn_in, launch_ffn_out,
+)
 from passes.lower import ACTIVATIONS  # noqa: E402
 
 SHAPES = {
@@ -105,7 +107,8 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     record("ffn_in", "_grouped_mm (pre-gathered x)", time_config(grouped_in, h_SF, in_floor, args), in_floor)
     record("ffn_out", "_grouped_mm (no scale, no scatter)",
            time_config(lambda: torch._grouped_mm(h_SF, w_out, offs=offs32_E), y_mm_SD, out_floor, args), out_floor)
-    chosen = {"ffn_in": default_config(dtype, gated), "ffn_out": default_config(dtype)}
+    chosen = {"ffn_in": default_config(dtype, gated, expert_bytes(w_in)),
+              "ffn_out": default_config(dtype, expert_bytes=expert_bytes(w_out))}
     for config in CANDIDATES:
         label = (f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
                  + (" zigzag" if config.zigzag else ""))

@@ -422,7 +422,7 @@ def run_compile() -> None:
         config = grouped_ffn.default_config(torch.float32 if dtype == "fp32" else torch.bfloat16, flags.get("GATED", False))
         kernel = getattr(grouped_ffn, f"_{name}_kernel")
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
-                      "ZIGZAG": config.zigzag, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+                      "ZIGZAG": dtype == "bf16", "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
         signature = {
             arg: "constexpr" if arg in constexprs
             else "*i64" if arg in index_args

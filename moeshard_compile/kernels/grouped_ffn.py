@@ -52,13 +52,24 @@ class TileConfig:
     zigzag: bool = False  # tiles taken alternately from the first and the last expert (see _tile)
 
 
-def default_config(dtype: torch.dtype, gated: bool = False) -> TileConfig:
+ZIGZAG_MAX_EXPERT_BYTES = 16 * 2**20  # a weight matrix this small stays in the H100's 50 MB L2 beside another
+
+
+def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 0) -> TileConfig:
     """The fastest of bench/kernel_configs.py's candidates on an H100 (docs/performance.md).
 
     128x256 output tiles, 4 stages of 128-byte K slices (64 bf16/fp16, 32 fp32); a gated
-    ffn_in holds two weight tiles per stage, so it takes 128x128 to fit shared memory.
+    ffn_in holds two weight tiles per stage, so it takes 128x128 to fit shared memory. Zigzag
+    order where one expert's weight matrix (`expert_bytes`) is small: 4-6% faster on
+    Switch-Base's 4.7 MB experts under skew, 38% slower on Mixtral's 117 MB ones.
     """
-    return TileConfig(block_m=128, block_n=128 if gated else 256, block_k=128 // dtype.itemsize, num_warps=8, num_stages=4)
+    return TileConfig(block_m=128, block_n=128 if gated else 256, block_k=128 // dtype.itemsize, num_warps=8,
+                      num_stages=4, zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES)
+
+
+def expert_bytes(w_EAB: torch.Tensor) -> int:
+    """Bytes of one expert's matrix in a stacked [E, A, B] weight."""
+    return w_EAB.shape[1] * w_EAB.shape[2] * w_EAB.element_size()
 
 
 def num_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
@@ -265,7 +276,7 @@ def launch_ffn_in(
     activation: str, config: TileConfig | None = None,
 ) -> torch.Tensor:
     """h_RF of moeshard::gather_grouped_ffn_in with one kernel launch (any device Triton runs on)."""
-    config = config or default_config(x_XD.dtype, gated=w_gate_EDF is not None)
+    config = config or default_config(x_XD.dtype, w_gate_EDF is not None, expert_bytes(w_in_EDF))
     R, (E, D, F) = rows_R.shape[0], w_in_EDF.shape
     h_RF = x_XD.new_empty(R, F)
     num_n = triton.cdiv(F, config.block_n)
@@ -289,7 +300,7 @@ def launch_ffn_out(
     dest_R: torch.Tensor, scale_R: torch.Tensor | None, config: TileConfig | None = None,
 ) -> torch.Tensor:
     """y_RD of moeshard::grouped_ffn_out_scatter with one kernel launch."""
-    config = config or default_config(h_RF.dtype)
+    config = config or default_config(h_RF.dtype, expert_bytes=expert_bytes(w_out_EFD))
     R, (E, F, D) = h_RF.shape[0], w_out_EFD.shape
     y_RD = h_RF.new_empty(R, D)
     num_n = triton.cdiv(D, config.block_n)
