@@ -205,11 +205,11 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str 
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
                             rank=rank, world_size=world)
     rows: list[dict] = []
-    plan = [config for config, _ in configs(args)]
-    for index, config in enumerate(plan, 1):
+    plan = configs(args)
+    for index, (config, sweeps) in enumerate(plan, 1):
         if rank == 0:
             print(f"[{index}/{len(plan)}] {config.name}", file=sys.stderr, flush=True)
-        rows += run_config(config, args, rank, world, device)
+        rows += [{**row, "sweeps": sweeps} for row in run_config(config, args, rank, world, device)]
         if rank == 0:
             print(table([r for r in rows if r["config"] == config.name]), flush=True)
     if rank == 0 and args.json:

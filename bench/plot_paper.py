@@ -2,12 +2,15 @@
 
     python bench/plot_paper.py paper_h100.json --out docs/results/    # needs matplotlib: pip install -e '.[plots]'
 
-One figure per sweep found in the JSON, each a line per baseline: moeshard_N's speedup over it
-(baseline latency / moeshard_N latency; above 1: moeshard is faster) against the sweep's axis:
+    python bench/plot_paper.py paper_4gpu.json --out docs/results/    # bench/paper_ranks.py's, measured
+
+One figure per sweep found in the JSON, each a line per baseline: moeshard's speedup over it
+(baseline latency / moeshard latency; above 1: moeshard is faster) against the sweep's axis:
     experts  speedup vs E           (paper_experts_<dtype>.png)
     batch    speedup vs batch       (paper_batch_<dtype>.png)
     skew     speedup vs routing     (paper_skew_<dtype>.png)
-Every figure says "simulated N ranks" in its title when its rows are simulated, as bench/paper.py's are.
+From bench/paper.py the moeshard rows are moeshard_N and the figures say "simulated" in their
+title; from bench/paper_ranks.py they are measured and the files end in _<N>ranks.png.
 """
 
 from __future__ import annotations
@@ -38,12 +41,17 @@ def plot(result: dict, out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("plot_paper.py needs matplotlib: pip install -e '.[plots]'")
-    rows = [row for row in result["rows"] if row["system"] == "moeshard_N" and row.get("latency_ms")]
-    ranks, device = result["config"]["ranks"], result["environment"]["device"]
+    simulated = "ranks" in result["config"]  # bench/paper.py's; bench/paper_ranks.py's has world_size
+    ranks = result["config"]["ranks"] if simulated else result["world_size"]
+    system = "moeshard_N" if simulated else "moeshard"
+    rows = [row for row in result["rows"] if row["system"] == system and row.get("latency_ms")]
+    device = result["environment"]["device"]
     written = []
     for sweep, (key, label) in AXES.items():
         for dtype in sorted({row["dtype"] for row in rows}):
             points = [row for row in rows if sweep in row["sweeps"] and row["dtype"] == dtype]
+            if key != "routing":
+                points.sort(key=lambda row: row[key])
             if len(points) < 2:
                 continue
             xs = [str(row[key]) for row in points]
@@ -54,11 +62,11 @@ def plot(result: dict, out: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xlabel(label)
             ax.set_ylabel("moeshard speedup (baseline ms / moeshard ms)")
-            simulated = " (simulated)" if points[0].get("simulated") else ""
-            ax.set_title(f"MoE layer, {ranks} ranks{simulated}, {dtype}\n{device}", fontsize=9)
+            how = "simulated" if simulated else "measured"
+            ax.set_title(f"MoE layer, {ranks} ranks ({how}), {dtype}\n{device}", fontsize=9)
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = out / f"paper_{sweep}_{dtype}.png"
+            path = out / f"paper_{sweep}_{dtype}{'' if simulated else f'_{ranks}ranks'}.png"
             fig.savefig(path, dpi=120)
             plt.close(fig)
             written.append(path)

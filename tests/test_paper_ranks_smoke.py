@@ -22,7 +22,7 @@ def test_paper_ranks_smoke(tmp_path):
     for row in output["rows"]:
         by_config.setdefault(row["config"], {})[row["system"]] = row
         assert row["error"] is None, row
-        assert row["figure"] == "measured (2 ranks)" and row["latency_ms"] > 0
+        assert row["figure"] == "measured (2 ranks)" and row["latency_ms"] > 0 and row["sweeps"] == ["smoke"]
     assert len(by_config) == 8 and all(set(systems) == SYSTEMS for systems in by_config.values())
     for config, systems in by_config.items():
         for name in ("moeshard", "moeshard_chunks2", "moeshard_chunks4"):
