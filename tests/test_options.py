@@ -145,3 +145,13 @@ def test_env_dump_dir_used_by_torch_compile(monkeypatch, tmp_path):
 def test_package_exports():
     assert moeshard_compile.Options is Options
     assert issubclass(moeshard_compile.OptionError, ValueError)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "4", None])
+def test_bad_comm_chunks_raises(value):
+    with pytest.raises(OptionError, match=r"option 'comm_chunks' must be a positive int"):
+        Options.from_user({"comm_chunks": value})
+
+
+def test_comm_chunks_is_kept():
+    assert Options.from_user({"comm_chunks": 3}).comm_chunks == 3
