@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tabulate import tabulate
 from torch import nn
 
@@ -88,7 +89,7 @@ def init_deepspeed(device: torch.device):
     return deepspeed
 
 
-def deepspeed_moe(deepspeed, w_in_EDF, w_out_EFD, gate_ED, capacity_factor: float):
+def deepspeed_moe(deepspeed, w_in_EDF, w_out_EFD, gate_DE, capacity_factor: float):
     """deepspeed.moe.layer.MoE holding these weights: expert e is relu(x @ w_in[e]) @ w_out[e]."""
     E, D, F = w_in_EDF.shape
     layer = deepspeed.moe.layer.MoE(hidden_size=D, expert=SwitchExpert(D, F), num_experts=E, ep_size=1, k=1,
@@ -102,13 +103,13 @@ def deepspeed_moe(deepspeed, w_in_EDF, w_out_EFD, gate_ED, capacity_factor: floa
         for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
             expert.wi.weight.copy_(w_in_EDF[e].T)
             expert.wo.weight.copy_(w_out_EFD[e].T)
-        gate.wg.weight.copy_(gate_ED.T)
+        gate.wg.weight.copy_(gate_DE.T)
     return layer
 
 
-def deepspeed_routing(gate_ED: torch.Tensor, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def deepspeed_routing(gate_DE: torch.Tensor, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ids_T1, weight_T1 as DeepSpeed's top-1 gate computes them (fp32 logits, softmax, argmax)."""
-    probs_TE = torch.softmax(x_TD.float() @ gate_ED.float(), dim=1)
+    probs_TE = torch.softmax(x_TD.float() @ gate_DE.float(), dim=1)
     weight_T1, ids_T1 = probs_TE.max(dim=1, keepdim=True)
     return ids_T1, weight_T1.to(x_TD.dtype)
 
@@ -133,10 +134,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         generator = torch.Generator(device=device).manual_seed(0)
         w_in_EDF = (torch.randn(E, D, F, generator=generator, device=device) * D**-0.5).to(dtype)
         w_out_EFD = (torch.randn(E, F, D, generator=generator, device=device) * F**-0.5).to(dtype)
-        gate_ED = torch.randn(D, E, generator=generator, device=device) * D**-0.5
+        gate_DE = torch.randn(D, E, generator=generator, device=device) * D**-0.5
         for T in args.tokens:
             x_TD = torch.randn(T, D, generator=generator, device=device).to(dtype)
-            ids_T1, weight_T1 = deepspeed_routing(gate_ED, x_TD)
+            ids_T1, weight_T1 = deepspeed_routing(gate_DE, x_TD)
             for capacity_factor in (min(E, PAPER_CF_CAP), 1.25):
                 row = {"dtype": dtype_name, "E": E, "T": T, "capacity_factor": capacity_factor}
                 rows.append(row)
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if mask_gb > args.max_mask_gb:
                     row["error"] = f"not run: DeepSpeed's [T, E, C] dispatch mask would take {mask_gb:.3g} GB"
                     continue
-                theirs = deepspeed_moe(deepspeed, w_in_EDF, w_out_EFD, gate_ED, capacity_factor)
+                theirs = deepspeed_moe(deepspeed, w_in_EDF, w_out_EFD, gate_DE, capacity_factor)
                 ours = CapacityExpertParallelMoE(w_in_EDF, w_out_EFD, capacity_factor=capacity_factor,
                                                  min_capacity=MIN_CAPACITY)
                 with torch.no_grad():
@@ -165,6 +166,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     rows = run(args)
+    dist.destroy_process_group()
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"environment": environment(torch.device(args.device)),

@@ -21,6 +21,7 @@ Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
                    perm_R = the gathered rows regrouped by expert (their experts follow from counts_NE)
                    rank_major_RD = the two ops on block F_r, reading rows perm_R, writing them back to perm_R
                    y_SD = reduce_scatter(rank_major_RD, "sum");  + b_out;  scale and index_add by token
+                   (comm_chunks C: the same per chunk of the sorted rows, every all-gather issued first)
     replicated:    out_TD = all_reduce(the one-rank computation on block F_r), b_out on rank 0
 
 Every recogniser feeds this function, so sharding and faster kernels change this file only.
@@ -187,17 +188,18 @@ def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, 
         counts_CE = emit.fn(torch.stack, counts, name="counts_CE")
     # every collective that needs no computation first: one for all counts, one per chunk of rows
     counts_start = _start(emit, c10d.all_gather_into_tensor.default, counts_CE, N, plan.group_name, name="counts_NxCE")
-    gathers = [_start(emit, c10d.all_gather_into_tensor.default, x_c, N, plan.group_name, name=f"gathered{c}")
-               for c, x_c in enumerate(x_chunks)]
+    tags = [str(c) for c in range(len(sizes))] if len(sizes) > 1 else [""]  # node names: plain without chunks
+    gathers = [_start(emit, c10d.all_gather_into_tensor.default, x_c, N, plan.group_name, name=f"gathered_RD{tag}")
+               for x_c, tag in zip(x_chunks, tags)]
     counts_NCE = emit.method("view", _wait(emit, counts_start, name="counts_NxCE"), N, len(sizes), E, name="counts_NCE")
     scatters = []
-    for c, (x_c, gather) in enumerate(zip(x_chunks, gathers)):
-        counts_NE = emit.fn(operator.getitem, counts_NCE, (slice(None), c), name=f"counts_NE{c}")
-        rank_major_RD = _chunk_experts(emit, experts, x_c, _wait(emit, gather, name=f"gathered_RD{c}"), counts_NE,
-                                       N, E, suffix=str(c))
+    for c, (x_c, gather, tag) in enumerate(zip(x_chunks, gathers, tags)):
+        counts_NE = emit.fn(operator.getitem, counts_NCE, (slice(None), c), name=f"counts_NE{tag}")
+        rank_major_RD = _chunk_experts(emit, experts, x_c, _wait(emit, gather, name=f"gathered_RD{tag}"), counts_NE,
+                                       N, E, suffix=tag)
         scatters.append(_start(emit, c10d.reduce_scatter_tensor.default, rank_major_RD, "sum", N, plan.group_name,
-                               name=f"y_SD{c}"))
-    y_chunks = [_wait(emit, scatter, name=f"y_SD{c}") for c, scatter in enumerate(scatters)]
+                               name=f"y_SD{tag}"))
+    y_chunks = [_wait(emit, scatter, name=f"y_SD{tag}") for scatter, tag in zip(scatters, tags)]
     y_SD = y_chunks[0] if len(y_chunks) == 1 else emit.fn(torch.cat, y_chunks, name="y_SD")
     if has_b_out:  # once, after the sum
         b_out_SD = emit.fn(torch.index_select, experts.w["b_out_ED"], 0, ids_sorted_S, name="b_out_SD")
