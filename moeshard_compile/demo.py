@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -149,14 +150,27 @@ def _spawn(args: argparse.Namespace) -> None:
     try:
         mp.spawn(_spawned_rank, args=(args, store.port), nprocs=args.world_size)
     except ProcessException as error:
-        header = f"[moeshard demo] rank {error.error_index} failed, the other ranks were stopped:"
-        sys.exit(f"{header}\n{str(error).strip()}")
+        rank, trace = error.error_index, str(error).strip()
+        if store.check([FIRST_FAILURE]):  # the rank whose error broke the others' collectives
+            rank, trace = store.get(FIRST_FAILURE).decode().split("\n", 1)
+        sys.exit(f"[moeshard demo] rank {rank} failed, the other ranks were stopped:\n{trace}")
+
+
+FIRST_FAILURE = "moeshard_demo/first_failure"  # store key: "<rank>\n<traceback>" of the first rank to raise
 
 
 def _spawned_rank(rank: int, args: argparse.Namespace, port: int) -> None:
     where = _rank(rank, args.world_size, rank, args.device)
-    _join(where, args.world_size, dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT))
-    run(args, where)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
+    _join(where, args.world_size, store)
+    try:
+        run(args, where)
+    except Exception:
+        # Said before this process exits: its exit breaks the other ranks' collectives, and
+        # whichever process ends first is what the spawner would report.
+        if store.add(FIRST_FAILURE + "/count", 1) == 1:
+            store.set(FIRST_FAILURE, f"{rank}\n{traceback.format_exc()}")
+        raise
     _leave()
 
 
