@@ -90,7 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per system (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="add comm/compute/overlap per call (CUDA only)")
+    parser.add_argument("--profile", action="store_true", help="add comm/compute/overlap per call (CUDA)")
     parser.add_argument("--profile-calls", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 gloo ranks on CPU")
@@ -98,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
     split_lists(parser, args, {"sweep": SWEEPS, "systems": SYSTEMS, "dtypes": DTYPES, "routings": ROUTINGS})
+    if args.profile and args.device != "cuda":
+        parser.error("--profile reads the GPU's kernel timeline: it needs --device cuda")
     return args
 
 
@@ -169,7 +171,7 @@ def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, 
                     _check_moeshard(reporter, out_TD, ExpertLoop(w_in_EDF, w_out_EFD)(*inputs), row)
                 fn(*inputs)
                 times = [timed_call_ms(fn, inputs, device) for _ in range(args.repeats)]
-                if args.profile and device.type == "cuda":
+                if args.profile:
                     row.update(_timeline(lambda: fn(*inputs), args.profile_calls, world, device))
             row["latency_ms"] = statistics.median(times)
             if isinstance(reporter, nn.Module):

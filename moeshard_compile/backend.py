@@ -9,7 +9,6 @@ in a Report (and, with `dump_dir`, written next to each graph's code before/afte
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 from pathlib import Path
