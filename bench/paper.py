@@ -143,10 +143,7 @@ Runner = Callable[[Problem, argparse.Namespace, torch.device], Outcome]  # one s
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default="headline", help=f"comma list out of {', '.join(SWEEPS)}")
-    parser.add_argument("--dtypes", default=None, help="comma list (float32, bfloat16): override every sweep's")
-    parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
+    add_config_args(parser, SYSTEMS)
     parser.add_argument("--kernel", choices=("fused", "grouped_mm"), default="fused",
                         help="grouped computation of moeshard_* and ep_dropless: the fused moeshard ops (what "
                              "passes/lower.py emits; Triton on CUDA) or sort + moeshard_bench::grouped_mm")
@@ -171,12 +168,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].smoke:  # --smoke changes the defaults: parse again with them
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    split_lists(parser, args, {"sweep": SWEEPS, "systems": SYSTEMS, "dtypes": DTYPES, "routings": ROUTINGS})
+    split_config_lists(parser, args, SYSTEMS)
     return args
 
 
-def split_lists(parser: argparse.ArgumentParser, args: argparse.Namespace, known: dict) -> None:
-    """Comma-list options (those given) into lists, each name checked against its known values."""
+def add_config_args(parser: argparse.ArgumentParser, systems: tuple[str, ...]) -> None:
+    """--sweep, --dtypes, --routings and --systems: what configs() runs, and which systems."""
+    parser.add_argument("--sweep", default="headline", help=f"comma list out of {', '.join(SWEEPS)}")
+    parser.add_argument("--dtypes", default=None, help="comma list (float32, bfloat16): override every sweep's")
+    parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
+    parser.add_argument("--systems", default=",".join(systems), help=f"comma list out of {', '.join(systems)}")
+
+
+def split_config_lists(parser: argparse.ArgumentParser, args: argparse.Namespace, systems: tuple[str, ...]) -> None:
+    """The comma lists of add_config_args (those given) into lists, each name checked against its known values."""
+    known = {"sweep": SWEEPS, "systems": systems, "dtypes": DTYPES, "routings": ROUTINGS}
     for key, values in known.items():
         if getattr(args, key) is not None:
             setattr(args, key, getattr(args, key).split(","))

@@ -51,7 +51,7 @@ from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.kernel_timeline import overlap_summary, profiled_kernels  # noqa: E402
 from bench.moe_layer import DTYPES, environment  # noqa: E402
 from bench.paper import (  # noqa: E402
-    BASELINES, MIN_CAPACITY, PAPER_CF_CAP, ROUTINGS, SWEEPS, TOP_K, Config, add_speedups, configs, split_lists,
+    BASELINES, MIN_CAPACITY, PAPER_CF_CAP, TOP_K, Config, add_config_args, add_speedups, configs, split_config_lists,
 )
 
 MOESHARD_CHUNKS = {"moeshard": 1, "moeshard_chunks2": 2, "moeshard_chunks4": 4}  # system -> Options.comm_chunks
@@ -78,10 +78,7 @@ class ExpertLoop(nn.Module):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default="headline", help=f"comma list out of {', '.join(SWEEPS)}")
-    parser.add_argument("--dtypes", default=None, help="comma list (float32, bfloat16): override every sweep's")
-    parser.add_argument("--routings", default=None, help="comma list (uniform, skew, zipf): override every sweep's")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list out of {', '.join(SYSTEMS)}")
+    add_config_args(parser, SYSTEMS)
     parser.add_argument("--world-size", type=int, default=None,
                         help="spawn this many ranks here (CPU or one GPU each); default: torchrun's, else 2")
     parser.add_argument("--d-model", type=int, default=768)
@@ -97,7 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].smoke:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    split_lists(parser, args, {"sweep": SWEEPS, "systems": SYSTEMS, "dtypes": DTYPES, "routings": ROUTINGS})
+    split_config_lists(parser, args, SYSTEMS)
     if args.profile and args.device != "cuda":
         parser.error("--profile reads the GPU's kernel timeline: it needs --device cuda")
     return args
