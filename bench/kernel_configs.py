@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,18 @@ TILES = [
     (32, 128, 64, 4, 4), (64, 64, 128, 4, 3),
 ]
 ZIGZAG_TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 64, 64, 8, 4)]  # the fastest, in zigzag order too
-CANDIDATES = [TileConfig(*tile) for tile in TILES] + [TileConfig(*tile, zigzag=True) for tile in ZIGZAG_TILES]
+PERSISTENT_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (256, 128, 64, 8, 4),
+                    (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
+CANDIDATES = (
+    [TileConfig(*tile) for tile in TILES] + [TileConfig(*tile, zigzag=True) for tile in ZIGZAG_TILES]
+    + [TileConfig(*tile, persistent_tma=True) for tile in PERSISTENT_TILES]
+)
+
+
+def config_label(config: TileConfig) -> str:
+    """128x256x64 w8 s4 [persistent tma | zigzag]"""
+    flags = ["persistent tma"] if config.persistent_tma else ["zigzag"] if config.zigzag else []
+    return " ".join([f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}", *flags])
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -58,6 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="for --measure-peak")
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no new shape after this many seconds")
+    parser.add_argument("--configs", default=None, help="regex: time only the candidates whose label matches (re.search)")
     parser.add_argument("--json", type=Path, default=None)
     add_peak_args(parser)
     return parser.parse_args(argv)
@@ -110,8 +123,9 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     chosen = {"ffn_in": default_config(dtype, gated, expert_bytes(w_in)),
               "ffn_out": default_config(dtype, expert_bytes=expert_bytes(w_out))}
     for config in CANDIDATES:
-        label = (f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}"
-                 + (" zigzag" if config.zigzag else ""))
+        label = config_label(config)
+        if args.configs and not re.search(args.configs, label) and config not in chosen.values():
+            continue
 
         def labelled(kernel: str) -> str:
             return label + (" default" if config == chosen[kernel] else "")

@@ -329,7 +329,8 @@ def run_interpreted() -> None:
 
     InterpreterBuilder.create_dot = create_dot_bf16_as_fp32
     for i, (routing, dtype, gated, bias, activation, (D, F)) in enumerate(interpret_cases()):
-        config = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, zigzag=i % 2 == 1)
+        config = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, zigzag=i % 2 == 1,
+                            persistent_tma=i % 4 >= 2)
         counts = [c * 5 for c in ROUTINGS[routing]]  # 45 rows for one expert: 3 M-tiles
         case = make_case(counts, D=D, F=F, dtype=dtype, gated=gated, bias=bias, seed=len(counts))
         h_RF = check_ffn_in(lambda *a: launch_ffn_in(*a, config=config), case, activation)
@@ -380,25 +381,28 @@ if kernel_ops.HAS_TRITON:  # a module-level kernel: the interpreter resolves _ti
     import triton
     import triton.language as tl
 
-    from moeshard_compile.kernels.grouped_ffn import _tile
+    from moeshard_compile.kernels.grouped_ffn import _schedule, _tile
 
     @triton.jit
     def schedule_kernel(offs_ptr, expert_ptr, m_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr,
                         E_POW2: tl.constexpr, ZIGZAG: tl.constexpr):
         """Writes each program's expert * NUM_N + N block, and its rows (-1 where masked)."""
-        expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
         pid = tl.program_id(0)
+        starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
+        expert, m, m_mask, n_block = _tile(pid, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
         tl.store(expert_ptr + pid, expert * NUM_N + n_block)
         tl.store(m_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(m_mask, m, -1))
 
 
 def compile_cases():
+    """(kernel, dtype, flags, persistent_tma): every kernel flavour; bf16 in both loop structures."""
     for dtype in ("fp32", "bf16"):
         for gated, bias, activation in ((True, True, "gelu_tanh"), (False, False, "tanh")):
             yield "ffn_in", dtype, dict(GATED=gated, HAS_B_IN=bias, HAS_B_GATE=bias and gated,
-                                        ACTIVATION=kernel_activation(activation), ALLOW_TF32=dtype == "fp32" and gated)
+                                        ACTIVATION=kernel_activation(activation), ALLOW_TF32=dtype == "fp32" and gated), dtype == "bf16" and gated
         for scale in (True, False):
-            yield "ffn_out", dtype, dict(HAS_BIAS=scale, HAS_SCALE=scale, ALLOW_TF32=dtype == "fp32" and scale)
+            yield "ffn_out", dtype, dict(HAS_BIAS=scale, HAS_SCALE=scale, ALLOW_TF32=dtype == "fp32" and scale), \
+                dtype == "bf16" and scale
 
 
 def kernel_activation(name: str) -> int:
@@ -410,7 +414,15 @@ def kernel_activation(name: str) -> int:
 H100_SHARED_MEMORY = 232448  # bytes per block, sm_90 opt-in maximum
 
 
+# Strides that are 1 for contiguous tensors (Triton specializes them to constants, as on the GPU)
+UNIT_STRIDES = {"ffn_in": ("stride_xD", "stride_wF", "stride_gF", "stride_bF", "stride_bgF", "stride_hF"),
+                "ffn_out": ("stride_hF", "stride_wD", "stride_bD", "stride_yD")}
+WEIGHT_ARGS = {"w_in_ptr", "w_gate_ptr", "w_out_ptr"}
+
+
 def run_compile() -> None:
+    """Both kernels for sm_90 with the default tiles, specialized as the GPU launch specializes them
+    (16-divisible pointers and strides, unit strides constant, so loads pipeline as there)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -418,27 +430,37 @@ def run_compile() -> None:
     from moeshard_compile.kernels import grouped_ffn
 
     index_args = {"rows_ptr", "offs_ptr", "dest_ptr"}
-    for name, dtype, flags in compile_cases():
+    for name, dtype, flags, tma in compile_cases():
         config = grouped_ffn.default_config(torch.float32 if dtype == "fp32" else torch.bfloat16, flags.get("GATED", False))
+        assert not tma or config.persistent_tma, f"{name} {dtype}: the default config has no persistent TMA kernel"
         kernel = getattr(grouped_ffn, f"_{name}_kernel")
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
-                      "ZIGZAG": dtype == "bf16", "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+                      "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                      "BLOCK_K": config.block_k, **{arg: 1 for arg in UNIT_STRIDES[name]}}
+        descriptor = f"tensordesc<{dtype}[1,{config.block_k},{config.block_n}]>"
         signature = {
             arg: "constexpr" if arg in constexprs
+            else descriptor if tma and arg in WEIGHT_ARGS
             else "*i64" if arg in index_args
             else "*fp32" if arg == "scale_ptr"
             else f"*{dtype}" if arg.endswith("_ptr")
             else "i32"
             for arg in kernel.arg_names
         }
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
+                 if signature[arg] == "i32" and arg not in ("R", "E") or signature[arg].startswith("*")}
         compiled = triton.compile(
-            ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
             options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
         )
         assert compiled.asm.get("cubin"), f"{name} {dtype}: no cubin"
+        ptx = compiled.asm["ptx"]
+        if dtype == "bf16" or flags["ALLOW_TF32"]:  # fp32 without TF32 is IEEE: FMAs, no tensor cores
+            assert "wgmma.mma_async" in ptx, f"{name} {dtype}: no wgmma"
+        assert ("cp.async.bulk.tensor" in ptx) == tma, f"{name} {dtype}: TMA loads {'missing' if tma else 'unexpected'}"
         # the default tiles must fit an H100's shared memory (227 KiB per block), or launches fail there
         assert compiled.metadata.shared <= H100_SHARED_MEMORY, f"{name} {dtype}: {compiled.metadata.shared} bytes"
-        print("ok", name, dtype, flags, flush=True)
+        print("ok", name, dtype, flags, "persistent tma" if tma else "one tile per program", flush=True)
 
 
 if __name__ == "__main__":

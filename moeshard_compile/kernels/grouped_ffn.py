@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Order defines the kernels' ACTIVATION code; names match passes.lower.ACTIVATIONS.
 ACTIVATION_CODES = {name: code for code, name in enumerate(
@@ -49,7 +50,8 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    zigzag: bool = False  # tiles taken alternately from the first and the last expert (see _tile)
+    persistent_tma: bool = False  # one program per SM, weights by TMA, where the layout allows (see _use_tma)
+    zigzag: bool = False  # one program per tile only: tiles taken from both ends of the expert order (see _tile)
 
 
 ZIGZAG_MAX_EXPERT_BYTES = 16 * 2**20  # a weight matrix this small stays in the H100's 50 MB L2 beside another
@@ -59,12 +61,14 @@ def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 
     """The fastest of bench/kernel_configs.py's candidates on an H100 (docs/performance.md).
 
     128x256 output tiles, 4 stages of 128-byte K slices (64 bf16/fp16, 32 fp32); a gated
-    ffn_in holds two weight tiles per stage, so it takes 128x128 to fit shared memory. Zigzag
-    order where one expert's weight matrix (`expert_bytes`) is small: 4-6% faster on
+    ffn_in holds two weight tiles per stage, so it takes 128x128 to fit shared memory. The
+    persistent TMA kernel for 2-byte dtypes where the chip and layout allow it (in fp32 its
+    epilogue would not fit shared memory beside 4 stages); otherwise one program per tile, in
+    zigzag order where one expert's weight matrix (`expert_bytes`) is small: 4-6% faster on
     Switch-Base's 4.7 MB experts under skew, 38% slower on Mixtral's 117 MB ones.
     """
     return TileConfig(block_m=128, block_n=128 if gated else 256, block_k=128 // dtype.itemsize, num_warps=8,
-                      num_stages=4, zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES)
+                      num_stages=4, persistent_tma=dtype.itemsize == 2, zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES)
 
 
 def expert_bytes(w_EAB: torch.Tensor) -> int:
@@ -126,23 +130,29 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _tile(offs_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, ZIGZAG: tl.constexpr):
-    """This program's expert (E for a padding tile), its BLOCK_M rows and their mask, its N block.
+def _schedule(offs_ptr, R, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Per expert (E_POW2 lanes): first row, end row, M tiles and the running sum of M tiles."""
+    e = tl.arange(0, E_POW2)
+    ends = tl.minimum(tl.load(offs_ptr + e, mask=e < E, other=0).to(tl.int32), R)
+    starts = tl.minimum(tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0).to(tl.int32), ends)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    return starts, ends, tiles, tl.cumsum(tiles, 0)
 
-    Programs are numbered tile-major (the N blocks of one M tile are neighbours, and so are the
+
+@triton.jit
+def _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr,
+          E_POW2: tl.constexpr, ZIGZAG: tl.constexpr):
+    """Tile tile_id's expert (E for a padding tile), its BLOCK_M rows and their mask, its N block.
+
+    Tiles are numbered tile-major (the N blocks of one M tile are neighbours, and so are the
     tiles of one expert), so a tile's rows and an expert's weights are reused from L2. ZIGZAG
     takes the tiles alternately from the front and the back of that order, so that under skewed
     routing the crowded experts' compute-bound tiles run beside the sparse experts' weight-bound
     ones instead of in separate waves. The schedule is read off offs_E in registers: no
     separate launch, no host sync.
     """
-    pid = tl.program_id(0)
-    tile = pid // NUM_N
+    tile = tile_id // NUM_N
     e = tl.arange(0, E_POW2)
-    ends = tl.minimum(tl.load(offs_ptr + e, mask=e < E, other=0).to(tl.int32), R)
-    starts = tl.minimum(tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0).to(tl.int32), ends)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    tile_ends = tl.cumsum(tiles, 0)
     if ZIGZAG:
         total = tl.sum(tiles, 0)
         half = tile // 2
@@ -153,7 +163,72 @@ def _tile(offs_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, E_POW2: tl
     row_start = tl.sum(tl.where(mine, starts, 0), 0) + (tile - first_tile) * BLOCK_M
     m = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)
     m_mask = m < tl.sum(tl.where(mine, ends, 0), 0)
-    return expert, m, m_mask, pid % NUM_N
+    return expert, m, m_mask, tile_id % NUM_N
+
+
+@triton.jit
+def _weight_tile(w, expert, k0, n0, K, N, stride_e, stride_k, stride_n, MASKED: tl.constexpr, TMA: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows k0.. and columns n0.. of expert's [K, N] weight: by TMA from descriptor w (it reads
+    zeros out of bounds) or by pointer loads from w (masked where MASKED)."""
+    if TMA:
+        tile = w.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        n = n0 + tl.arange(0, BLOCK_N)
+        ptrs = w + expert.to(tl.int64) * stride_e + k[:, None] * stride_k + n[None, :] * stride_n
+        tile = _load(ptrs, (k < K)[:, None] & (n < N)[None, :], MASKED)
+    return tile
+
+
+@triton.jit
+def _ffn_in_tile(
+    tile_id, starts, ends, tiles, tile_ends,
+    x_ptr, rows_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, b_gate_ptr, h_ptr,
+    D, F,
+    stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD, stride_gF,
+    stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF,
+    GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    ZIGZAG: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R.
+
+    Rows past the expert's end read token 0 (always in bounds) and are never stored, so the x
+    loads need a mask only on K, and none when BLOCK_K divides D (EVEN_K; EVEN_N likewise for F).
+    """
+    expert, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
+    token = tl.load(rows_ptr + m, mask=m_mask, other=0).to(tl.int64)
+    n0 = n_block * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n < F
+    k = tl.arange(0, BLOCK_K)
+    expert64 = expert.to(tl.int64)
+
+    x_ptrs = x_ptr + token[:, None] * stride_xX + k[None, :] * stride_xD
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        a = _load(x_ptrs, (k < D - k0)[None, :], not EVEN_K)
+        w = _weight_tile(w_in_ptr, expert, k0, n0, D, F, stride_wE, stride_wD, stride_wF,
+                         not (EVEN_K and EVEN_N), TMA, BLOCK_K, BLOCK_N)
+        acc = _dot(a, w, acc, ALLOW_TF32)
+        if GATED:
+            g = _weight_tile(w_gate_ptr, expert, k0, n0, D, F, stride_gE, stride_gD, stride_gF,
+                             not (EVEN_K and EVEN_N), TMA, BLOCK_K, BLOCK_N)
+            acc_gate = _dot(a, g, acc_gate, ALLOW_TF32)
+        x_ptrs += BLOCK_K * stride_xD
+
+    if HAS_B_IN:
+        acc += tl.load(b_in_ptr + expert64 * stride_bE + n * stride_bF, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B_GATE:
+        acc_gate += tl.load(b_gate_ptr + expert64 * stride_bgE + n * stride_bgF, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        h = _activation(acc_gate, ACTIVATION) * acc
+    else:
+        h = _activation(acc, ACTIVATION)
+    h_ptrs = h_ptr + m[:, None] * stride_hR + n[None, :] * stride_hF
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -168,48 +243,72 @@ def _ffn_in_kernel(
     stride_hR, stride_hF,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    ZIGZAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZIGZAG: tl.constexpr, PERSISTENT_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R.
+    """h tiles: one per program with pointer loads, or (PERSISTENT_TMA) every num_programs-th tile
+    with TMA weight loads, in one flattened loop that Triton pipelines across tiles so that the
+    next tile's loads overlap this one's epilogue (5-9% faster on Switch-Base and Mixtral shapes;
+    persistent with pointer loads was 1.7x slower: its flattened loop kept 2 stages)."""
+    starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
+    total = tl.sum(tiles, 0) * NUM_N
+    if PERSISTENT_TMA:
+        for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+            _ffn_in_tile(
+                tile_id, starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, b_gate_ptr,
+                h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD, stride_gF,
+                stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF, GATED, HAS_B_IN, HAS_B_GATE,
+                ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    elif tl.program_id(0) < total:  # programs past the last real tile return at once
+        _ffn_in_tile(
+            tl.program_id(0), starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in_ptr, w_gate_ptr, b_in_ptr,
+            b_gate_ptr, h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD,
+            stride_gF, stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF, GATED, HAS_B_IN, HAS_B_GATE,
+            ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
-    Rows past the expert's end read token 0 (always in bounds) and are never stored, so the x
-    loads need a mask only on K, and none when BLOCK_K divides D (EVEN_K; EVEN_N likewise for F).
+
+@triton.jit
+def _ffn_out_tile(
+    tile_id, starts, ends, tiles, tile_ends,
+    h_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
+    R, D, F,
+    stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY, stride_yD,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
+    E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ZIGZAG: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of y, scaled, stored at rows dest_R of the output.
+
+    Rows past the expert's end read a row of h below R (in bounds) and are never stored, so the
+    h loads need a mask only on K (none when BLOCK_K divides F; EVEN_N likewise for D).
     """
-    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
-    if expert >= E:
-        return
-    expert = expert.to(tl.int64)
-    token = tl.load(rows_ptr + m, mask=m_mask, other=0).to(tl.int64)
-    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < F
+    expert, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
+    n0 = n_block * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n < D
     k = tl.arange(0, BLOCK_K)
+    expert64 = expert.to(tl.int64)
 
-    x_ptrs = x_ptr + token[:, None] * stride_xX + k[None, :] * stride_xD
-    w_ptrs = w_in_ptr + expert * stride_wE + k[:, None] * stride_wD + n[None, :] * stride_wF
-    g_ptrs = w_gate_ptr + expert * stride_gE + k[:, None] * stride_gD + n[None, :] * stride_gF
+    h_ptrs = h_ptr + tl.minimum(m, R - 1)[:, None] * stride_hR + k[None, :] * stride_hF
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_mask = k < D - k0
-        a = _load(x_ptrs, k_mask[None, :], not EVEN_K)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        acc = _dot(a, _load(w_ptrs, w_mask, not (EVEN_K and EVEN_N)), acc, ALLOW_TF32)
-        if GATED:
-            acc_gate = _dot(a, _load(g_ptrs, w_mask, not (EVEN_K and EVEN_N)), acc_gate, ALLOW_TF32)
-        x_ptrs += BLOCK_K * stride_xD
-        w_ptrs += BLOCK_K * stride_wD
-        g_ptrs += BLOCK_K * stride_gD
+    for k0 in range(0, F, BLOCK_K):
+        a = _load(h_ptrs, (k < F - k0)[None, :], not EVEN_K)
+        w = _weight_tile(w_out_ptr, expert, k0, n0, F, D, stride_wE, stride_wF, stride_wD,
+                         not (EVEN_K and EVEN_N), TMA, BLOCK_K, BLOCK_N)
+        acc = _dot(a, w, acc, ALLOW_TF32)
+        h_ptrs += BLOCK_K * stride_hF
 
-    if HAS_B_IN:
-        acc += tl.load(b_in_ptr + expert * stride_bE + n * stride_bF, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_B_GATE:
-        acc_gate += tl.load(b_gate_ptr + expert * stride_bgE + n * stride_bgF, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        h = _activation(acc_gate, ACTIVATION) * acc
-    else:
-        h = _activation(acc, ACTIVATION)
-    h_ptrs = h_ptr + m[:, None] * stride_hR + n[None, :] * stride_hF
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:
+        acc += tl.load(b_out_ptr + expert64 * stride_bE + n * stride_bD, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        # a zero routing weight gives exactly 0, even where y is inf or nan
+        scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        acc = tl.where(scale != 0.0, acc * scale, 0.0)
+    dest = tl.load(dest_ptr + m, mask=m_mask, other=0).to(tl.int64)
+    y_ptrs = y_ptr + dest[:, None] * stride_yY + n[None, :] * stride_yD
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -222,41 +321,27 @@ def _ffn_out_kernel(
     stride_yY, stride_yD,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
     E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ZIGZAG: tl.constexpr,
+    PERSISTENT_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of y, scaled, stored at rows dest_R of the output.
-
-    Rows past the expert's end read a row of h below R (in bounds) and are never stored, so the
-    h loads need a mask only on K (none when BLOCK_K divides F; EVEN_N likewise for D).
-    """
-    expert, m, m_mask, n_block = _tile(offs_ptr, R, E, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
-    if expert >= E:
-        return
-    expert = expert.to(tl.int64)
-    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < D
-    k = tl.arange(0, BLOCK_K)
-
-    h_ptrs = h_ptr + tl.minimum(m, R - 1)[:, None] * stride_hR + k[None, :] * stride_hF
-    w_ptrs = w_out_ptr + expert * stride_wE + k[:, None] * stride_wF + n[None, :] * stride_wD
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        k_mask = k < F - k0
-        a = _load(h_ptrs, k_mask[None, :], not EVEN_K)
-        w = _load(w_ptrs, k_mask[:, None] & n_mask[None, :], not (EVEN_K and EVEN_N))
-        acc = _dot(a, w, acc, ALLOW_TF32)
-        h_ptrs += BLOCK_K * stride_hF
-        w_ptrs += BLOCK_K * stride_wF
-
-    if HAS_BIAS:
-        acc += tl.load(b_out_ptr + expert * stride_bE + n * stride_bD, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SCALE:
-        # a zero routing weight gives exactly 0, even where y is inf or nan
-        scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        acc = tl.where(scale != 0.0, acc * scale, 0.0)
-    dest = tl.load(dest_ptr + m, mask=m_mask, other=0).to(tl.int64)
-    y_ptrs = y_ptr + dest[:, None] * stride_yY + n[None, :] * stride_yD
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    """y tiles, one per program or (PERSISTENT_TMA) in a flattened loop, as _ffn_in_kernel."""
+    starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
+    total = tl.sum(tiles, 0) * NUM_N
+    if PERSISTENT_TMA:
+        for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+            _ffn_out_tile(
+                tile_id, starts, ends, tiles, tile_ends, h_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
+                R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
+                stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA,
+                BLOCK_M, BLOCK_N, BLOCK_K,
+            )
+    elif tl.program_id(0) < total:
+        _ffn_out_tile(
+            tl.program_id(0), starts, ends, tiles, tile_ends, h_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
+            R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
+            stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
 
 def _strides(t: torch.Tensor | None, rank: int) -> tuple[int, ...]:
@@ -267,6 +352,27 @@ def _strides(t: torch.Tensor | None, rank: int) -> tuple[int, ...]:
 def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """A pointer for an absent tensor: never read, its constexpr flag compiles the loads out."""
     return t if t is not None else stand_in
+
+
+def _use_tma(config: TileConfig, device: torch.device, *weights: torch.Tensor | None) -> bool:
+    """The persistent TMA kernel, where asked, on a chip with TMA (sm_90+, or Triton's interpreter),
+    and where every weight's layout allows it: a unit stride on the last dim, 16-byte aligned
+    offset and strides (Mixtral's transposed views keep pointer loads)."""
+    has_tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return config.persistent_tma and has_tma and all(
+        w.stride(-1) == 1 and all(s * w.element_size() % 16 == 0 for s in (w.storage_offset(), *w.stride()[:-1]))
+        for w in weights if w is not None
+    )
+
+
+def _launch_args(config: TileConfig, tma: bool, tiles: int, device: torch.device, *weights: torch.Tensor | None):
+    """(grid, weight args): one program per tile and the weight tensors, or with tma one program
+    per SM (a few on Triton's CPU interpreter) and TMA descriptors of [1, block_k, block_n] tiles."""
+    if not tma:
+        return (tiles,), weights
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+    descriptors = [w if w is None else TensorDescriptor.from_tensor(w, [1, config.block_k, config.block_n]) for w in weights]
+    return (max(1, min(tiles, sms)),), descriptors
 
 
 def launch_ffn_in(
@@ -280,16 +386,20 @@ def launch_ffn_in(
     R, (E, D, F) = rows_R.shape[0], w_in_EDF.shape
     h_RF = x_XD.new_empty(R, F)
     num_n = triton.cdiv(F, config.block_n)
-    wrap_triton(_ffn_in_kernel)[(num_tiles(R, E, config.block_m) * num_n,)](
+    tma = _use_tma(config, x_XD.device, w_in_EDF, w_gate_EDF)
+    grid, (w_in, w_gate) = _launch_args(config, tma, num_tiles(R, E, config.block_m) * num_n, x_XD.device,
+                                        w_in_EDF, w_gate_EDF)
+    wrap_triton(_ffn_in_kernel)[grid](
         x_XD, rows_R, offs_E,
-        w_in_EDF, _or(w_gate_EDF, w_in_EDF), _or(b_in_EF, w_in_EDF), _or(b_gate_EF, w_in_EDF), h_RF,
+        w_in, _or(w_gate, w_in), _or(b_in_EF, w_in_EDF), _or(b_gate_EF, w_in_EDF), h_RF,
         R, D, F, E,
         *x_XD.stride(), *w_in_EDF.stride(), *_strides(w_gate_EDF, 3),
         *_strides(b_in_EF, 2), *_strides(b_gate_EF, 2), *h_RF.stride(),
         GATED=w_gate_EDF is not None, HAS_B_IN=b_in_EF is not None, HAS_B_GATE=b_gate_EF is not None,
         ACTIVATION=ACTIVATION_CODES[activation], ALLOW_TF32=_input_precision_tf32(x_XD.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=D % config.block_k == 0, EVEN_N=F % config.block_n == 0,
-        ZIGZAG=config.zigzag, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return h_RF
@@ -304,13 +414,15 @@ def launch_ffn_out(
     R, (E, F, D) = h_RF.shape[0], w_out_EFD.shape
     y_RD = h_RF.new_empty(R, D)
     num_n = triton.cdiv(D, config.block_n)
-    wrap_triton(_ffn_out_kernel)[(num_tiles(R, E, config.block_m) * num_n,)](
-        h_RF, offs_E, w_out_EFD, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), y_RD,
+    tma = _use_tma(config, h_RF.device, w_out_EFD)
+    grid, (w_out,) = _launch_args(config, tma, num_tiles(R, E, config.block_m) * num_n, h_RF.device, w_out_EFD)
+    wrap_triton(_ffn_out_kernel)[grid](
+        h_RF, offs_E, w_out, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), y_RD,
         R, D, F, E,
         *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
         HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=F % config.block_k == 0, EVEN_N=D % config.block_n == 0,
-        ZIGZAG=config.zigzag, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y_RD
