@@ -417,7 +417,6 @@ H100_SHARED_MEMORY = 232448  # bytes per block, sm_90 opt-in maximum
 # Strides that are 1 for contiguous tensors (Triton specializes them to constants, as on the GPU)
 UNIT_STRIDES = {"ffn_in": ("stride_xD", "stride_wF", "stride_gF", "stride_bF", "stride_bgF", "stride_hF"),
                 "ffn_out": ("stride_hF", "stride_wD", "stride_bD", "stride_yD")}
-WEIGHT_ARGS = {"w_in_ptr", "w_gate_ptr", "w_out_ptr"}
 
 
 def run_compile() -> None:
@@ -437,10 +436,8 @@ def run_compile() -> None:
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
                       "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                       "BLOCK_K": config.block_k, **{arg: 1 for arg in UNIT_STRIDES[name]}}
-        descriptor = f"tensordesc<{dtype}[1,{config.block_k},{config.block_n}]>"
         signature = {
             arg: "constexpr" if arg in constexprs
-            else descriptor if tma and arg in WEIGHT_ARGS
             else "*i64" if arg in index_args
             else "*fp32" if arg == "scale_ptr"
             else f"*{dtype}" if arg.endswith("_ptr")

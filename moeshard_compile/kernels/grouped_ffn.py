@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Order defines the kernels' ACTIVATION code; names match passes.lower.ACTIVATIONS.
 ACTIVATION_CODES = {name: code for code, name in enumerate(
@@ -167,6 +168,16 @@ def _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N: tl.constexpr, BLOCK_M:
 
 
 @triton.jit
+def _weight_descriptor(w_ptr, E, K, N, stride_e, stride_k, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A TMA descriptor of [E, K, N] weights with unit N stride, read in [1, BLOCK_K, BLOCK_N] tiles.
+
+    Made on the device (from Triton's allocator's scratch), because torch.compile cannot yet trace
+    host-side descriptors through a triton_op."""
+    return tl.make_tensor_descriptor(w_ptr, shape=[E, K, N], strides=[stride_e, stride_k, 1],
+                                     block_shape=[1, BLOCK_K, BLOCK_N])
+
+
+@triton.jit
 def _weight_tile(w, expert, k0, n0, K, N, stride_e, stride_k, stride_n, MASKED: tl.constexpr, TMA: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Rows k0.. and columns n0.. of expert's [K, N] weight: by TMA from descriptor w (it reads
@@ -253,9 +264,14 @@ def _ffn_in_kernel(
     starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
     total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
+        w_in = _weight_descriptor(w_in_ptr, E, D, F, stride_wE, stride_wD, BLOCK_K, BLOCK_N)
+        if GATED:
+            w_gate = _weight_descriptor(w_gate_ptr, E, D, F, stride_gE, stride_gD, BLOCK_K, BLOCK_N)
+        else:
+            w_gate = w_in
         for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
             _ffn_in_tile(
-                tile_id, starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in_ptr, w_gate_ptr, b_in_ptr, b_gate_ptr,
+                tile_id, starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in, w_gate, b_in_ptr, b_gate_ptr,
                 h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD, stride_gF,
                 stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF, GATED, HAS_B_IN, HAS_B_GATE,
                 ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -328,9 +344,10 @@ def _ffn_out_kernel(
     starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
     total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
+        w_out = _weight_descriptor(w_out_ptr, E, F, D, stride_wE, stride_wF, BLOCK_K, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
             _ffn_out_tile(
-                tile_id, starts, ends, tiles, tile_ends, h_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
+                tile_id, starts, ends, tiles, tile_ends, h_ptr, w_out, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
                 R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
                 stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA,
                 BLOCK_M, BLOCK_N, BLOCK_K,
@@ -358,21 +375,40 @@ def _use_tma(config: TileConfig, device: torch.device, *weights: torch.Tensor | 
     """The persistent TMA kernel, where asked, on a chip with TMA (sm_90+, or Triton's interpreter),
     and where every weight's layout allows it: a unit stride on the last dim, 16-byte aligned
     offset and strides (Mixtral's transposed views keep pointer loads)."""
-    has_tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    has_tma = device.type != "cuda" or _has_tma(_index(device))
     return config.persistent_tma and has_tma and all(
         w.stride(-1) == 1 and all(s * w.element_size() % 16 == 0 for s in (w.storage_offset(), *w.stride()[:-1]))
         for w in weights if w is not None
     )
 
 
-def _launch_args(config: TileConfig, tma: bool, tiles: int, device: torch.device, *weights: torch.Tensor | None):
-    """(grid, weight args): one program per tile and the weight tensors, or with tma one program
-    per SM (a few on Triton's CPU interpreter) and TMA descriptors of [1, block_k, block_n] tiles."""
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's global scratch (the device-side TMA descriptors), as Inductor allocates it."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _grid(tma: bool, tiles: int, device: torch.device) -> tuple[int]:
+    """One program per tile, or with tma one per SM (a few on Triton's CPU interpreter)."""
     if not tma:
-        return (tiles,), weights
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
-    descriptors = [w if w is None else TensorDescriptor.from_tensor(w, [1, config.block_k, config.block_n]) for w in weights]
-    return (max(1, min(tiles, sms)),), descriptors
+        return (tiles,)
+    if device.type != "cuda":
+        return (min(tiles, 3),)
+    triton.set_allocator(_scratch)  # Inductor sets its own before each launch; eager calls need one
+    return (max(1, min(tiles, _sm_count(_index(device)))),)
 
 
 def launch_ffn_in(
@@ -387,11 +423,10 @@ def launch_ffn_in(
     h_RF = x_XD.new_empty(R, F)
     num_n = triton.cdiv(F, config.block_n)
     tma = _use_tma(config, x_XD.device, w_in_EDF, w_gate_EDF)
-    grid, (w_in, w_gate) = _launch_args(config, tma, num_tiles(R, E, config.block_m) * num_n, x_XD.device,
-                                        w_in_EDF, w_gate_EDF)
+    grid = _grid(tma, num_tiles(R, E, config.block_m) * num_n, x_XD.device)
     wrap_triton(_ffn_in_kernel)[grid](
         x_XD, rows_R, offs_E,
-        w_in, _or(w_gate, w_in), _or(b_in_EF, w_in_EDF), _or(b_gate_EF, w_in_EDF), h_RF,
+        w_in_EDF, _or(w_gate_EDF, w_in_EDF), _or(b_in_EF, w_in_EDF), _or(b_gate_EF, w_in_EDF), h_RF,
         R, D, F, E,
         *x_XD.stride(), *w_in_EDF.stride(), *_strides(w_gate_EDF, 3),
         *_strides(b_in_EF, 2), *_strides(b_gate_EF, 2), *h_RF.stride(),
@@ -415,9 +450,9 @@ def launch_ffn_out(
     y_RD = h_RF.new_empty(R, D)
     num_n = triton.cdiv(D, config.block_n)
     tma = _use_tma(config, h_RF.device, w_out_EFD)
-    grid, (w_out,) = _launch_args(config, tma, num_tiles(R, E, config.block_m) * num_n, h_RF.device, w_out_EFD)
+    grid = _grid(tma, num_tiles(R, E, config.block_m) * num_n, h_RF.device)
     wrap_triton(_ffn_out_kernel)[grid](
-        h_RF, offs_E, w_out, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), y_RD,
+        h_RF, offs_E, w_out_EFD, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), y_RD,
         R, D, F, E,
         *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
         HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
