@@ -401,13 +401,20 @@ def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+@functools.cache
+def _install_scratch_allocator() -> None:
+    """Once per process, for eager launches (Inductor installs its own before each of its launches);
+    a user's later triton.set_allocator is left alone."""
+    triton.set_allocator(_scratch)
+
+
 def _grid(tma: bool, tiles: int, device: torch.device) -> tuple[int]:
     """One program per tile, or with tma one per SM (a few on Triton's CPU interpreter)."""
     if not tma:
         return (tiles,)
     if device.type != "cuda":
         return (min(tiles, 3),)
-    triton.set_allocator(_scratch)  # Inductor sets its own before each launch; eager calls need one
+    _install_scratch_allocator()
     return (max(1, min(tiles, _sm_count(_index(device)))),)
 
 
