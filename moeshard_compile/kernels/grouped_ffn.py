@@ -8,6 +8,9 @@ weights. The grid has a static size, R // BLOCK_M + E tiles (times the N blocks)
 sum_e ceil(count_e / BLOCK_M) for any routing; each program finds its expert and rows from
 offs_E in registers (`_tile`), so there is no host sync and no recompilation when the routing
 changes. Programs past the last real tile return at once: empty experts cost nothing.
+With TileConfig.persistent_tma (the default for bf16/fp16 on sm_90+) the grid is one program per
+SM instead, each looping over every num_programs-th real tile and reading the weights through
+device-made TMA descriptors; the token gather stays on pointer loads (Hopper's TMA cannot gather).
 
 Two kernels, each one launch for all experts:
   ffn_in:  h[r] = act(x[rows[r]] @ w_gate[e] + b_gate[e]) * (x[rows[r]] @ w_in[e] + b_in[e])
