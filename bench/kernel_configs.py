@@ -53,12 +53,14 @@ PERSISTENT_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 128, 
 CANDIDATES = (
     [TileConfig(*tile) for tile in TILES] + [TileConfig(*tile, zigzag=True) for tile in ZIGZAG_TILES]
     + [TileConfig(*tile, persistent_tma=True) for tile in PERSISTENT_TILES]
+    + [TileConfig(*tile, persistent_tma=True, tma_rows=True) for tile in PERSISTENT_TILES]
 )
 
 
 def config_label(config: TileConfig) -> str:
-    """128x256x64 w8 s4 [persistent tma | zigzag]"""
-    flags = ["persistent tma"] if config.persistent_tma else ["zigzag"] if config.zigzag else []
+    """128x256x64 w8 s4 [persistent tma [rows] | zigzag]"""
+    flags = (["persistent tma"] + ["rows"] * config.tma_rows if config.persistent_tma
+             else ["zigzag"] if config.zigzag else [])
     return " ".join([f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}", *flags])
 
 

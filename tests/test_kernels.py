@@ -330,7 +330,7 @@ def run_interpreted() -> None:
     InterpreterBuilder.create_dot = create_dot_bf16_as_fp32
     for i, (routing, dtype, gated, bias, activation, (D, F)) in enumerate(interpret_cases()):
         config = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, zigzag=i % 2 == 1,
-                            persistent_tma=i % 4 >= 2)
+                            persistent_tma=i % 4 >= 2, tma_rows=i % 8 >= 5)
         counts = [c * 5 for c in ROUTINGS[routing]]  # 45 rows for one expert: 3 M-tiles
         case = make_case(counts, D=D, F=F, dtype=dtype, gated=gated, bias=bias, seed=len(counts))
         h_RF = check_ffn_in(lambda *a: launch_ffn_in(*a, config=config), case, activation)
@@ -389,7 +389,8 @@ if kernel_ops.HAS_TRITON:  # a module-level kernel: the interpreter resolves _ti
         """Writes each program's expert * NUM_N + N block, and its rows (-1 where masked)."""
         pid = tl.program_id(0)
         starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
-        expert, m, m_mask, n_block = _tile(pid, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
+        expert, row_start, m, m_mask, n_block = _tile(pid, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2,
+                                                      ZIGZAG)
         tl.store(expert_ptr + pid, expert * NUM_N + n_block)
         tl.store(m_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(m_mask, m, -1))
 
@@ -434,7 +435,7 @@ def run_compile() -> None:
         assert not tma or config.persistent_tma, f"{name} {dtype}: the default config has no persistent TMA kernel"
         kernel = getattr(grouped_ffn, f"_{name}_kernel")
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
-                      "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                      "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "TMA_ROWS": tma and dtype == "bf16", "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                       "BLOCK_K": config.block_k, **{arg: 1 for arg in UNIT_STRIDES[name]}}
         signature = {
             arg: "constexpr" if arg in constexprs

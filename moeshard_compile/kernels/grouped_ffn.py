@@ -55,6 +55,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     persistent_tma: bool = False  # one program per SM, weights by TMA, where the layout allows (see _use_tma)
+    tma_rows: bool = False  # persistent_tma: rows by TMA too (ffn_out's h; ffn_in's x after copying x[rows])
     zigzag: bool = False  # one program per tile only: tiles taken from both ends of the expert order (see _tile)
 
 
@@ -146,7 +147,8 @@ def _schedule(offs_ptr, R, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
 @triton.jit
 def _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr,
           E_POW2: tl.constexpr, ZIGZAG: tl.constexpr):
-    """Tile tile_id's expert (E for a padding tile), its BLOCK_M rows and their mask, its N block.
+    """Tile tile_id's expert (E for a padding tile), its first row, its BLOCK_M rows and their mask,
+    its N block.
 
     Tiles are numbered tile-major (the N blocks of one M tile are neighbours, and so are the
     tiles of one expert), so a tile's rows and an expert's weights are reused from L2. ZIGZAG
@@ -167,7 +169,7 @@ def _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N: tl.constexpr, BLOCK_M:
     row_start = tl.sum(tl.where(mine, starts, 0), 0) + (tile - first_tile) * BLOCK_M
     m = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)
     m_mask = m < tl.sum(tl.where(mine, ends, 0), 0)
-    return expert, m, m_mask, tile_id % NUM_N
+    return expert, row_start, m, m_mask, tile_id % NUM_N
 
 
 @triton.jit
@@ -178,6 +180,19 @@ def _weight_descriptor(w_ptr, E, K, N, stride_e, stride_k, BLOCK_K: tl.constexpr
     host-side descriptors through a triton_op."""
     return tl.make_tensor_descriptor(w_ptr, shape=[E, K, N], strides=[stride_e, stride_k, 1],
                                      block_shape=[1, BLOCK_K, BLOCK_N])
+
+
+@triton.jit
+def _rows_tile(src, row_start, rows, k0, K, stride_r, stride_k, MASKED: tl.constexpr, TMA: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0.. of BLOCK_M rows: rows row_start.. by TMA from descriptor src (zeros past its
+    end), or the rows `rows` (any order) by pointer loads from src (masked on K where MASKED)."""
+    if TMA:
+        tile = src.load([row_start, k0])
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        tile = _load(src + rows[:, None] * stride_r + k[None, :] * stride_k, (k < K)[None, :], MASKED)
+    return tile
 
 
 @triton.jit
@@ -204,26 +219,27 @@ def _ffn_in_tile(
     stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    ZIGZAG: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ZIGZAG: tl.constexpr, TMA: tl.constexpr, TMA_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R.
+    """One [BLOCK_M, BLOCK_N] tile of h: rows of one expert, gathered from x by rows_R (or with
+    TMA_ROWS, rows row_start.. of x = x[rows_R] gathered beforehand).
 
     Rows past the expert's end read token 0 (always in bounds) and are never stored, so the x
     loads need a mask only on K, and none when BLOCK_K divides D (EVEN_K; EVEN_N likewise for F).
     """
-    expert, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
+    expert, row_start, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2,
+                                                  ZIGZAG)
     token = tl.load(rows_ptr + m, mask=m_mask, other=0).to(tl.int64)
     n0 = n_block * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < F
-    k = tl.arange(0, BLOCK_K)
     expert64 = expert.to(tl.int64)
 
-    x_ptrs = x_ptr + token[:, None] * stride_xX + k[None, :] * stride_xD
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        a = _load(x_ptrs, (k < D - k0)[None, :], not EVEN_K)
+        a = _rows_tile(x_ptr, row_start, token, k0, D, stride_xX, stride_xD, not EVEN_K, TMA_ROWS, BLOCK_M, BLOCK_K)
         w = _weight_tile(w_in_ptr, expert, k0, n0, D, F, stride_wE, stride_wD, stride_wF,
                          not (EVEN_K and EVEN_N), TMA, BLOCK_K, BLOCK_N)
         acc = _dot(a, w, acc, ALLOW_TF32)
@@ -231,7 +247,6 @@ def _ffn_in_tile(
             g = _weight_tile(w_gate_ptr, expert, k0, n0, D, F, stride_gE, stride_gD, stride_gF,
                              not (EVEN_K and EVEN_N), TMA, BLOCK_K, BLOCK_N)
             acc_gate = _dot(a, g, acc_gate, ALLOW_TF32)
-        x_ptrs += BLOCK_K * stride_xD
 
     if HAS_B_IN:
         acc += tl.load(b_in_ptr + expert64 * stride_bE + n * stride_bF, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -257,7 +272,7 @@ def _ffn_in_kernel(
     stride_hR, stride_hF,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    ZIGZAG: tl.constexpr, PERSISTENT_TMA: tl.constexpr,
+    ZIGZAG: tl.constexpr, PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """h tiles: one per program with pointer loads, or (PERSISTENT_TMA) every num_programs-th tile
@@ -272,19 +287,24 @@ def _ffn_in_kernel(
             w_gate = _weight_descriptor(w_gate_ptr, E, D, F, stride_gE, stride_gD, BLOCK_K, BLOCK_N)
         else:
             w_gate = w_in
+        if TMA_ROWS:
+            x = tl.make_tensor_descriptor(x_ptr, shape=[R, D], strides=[stride_xX, 1], block_shape=[BLOCK_M, BLOCK_K])
+        else:
+            x = x_ptr
         for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
             _ffn_in_tile(
-                tile_id, starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in, w_gate, b_in_ptr, b_gate_ptr,
+                tile_id, starts, ends, tiles, tile_ends, x, rows_ptr, w_in, w_gate, b_in_ptr, b_gate_ptr,
                 h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD, stride_gF,
                 stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF, GATED, HAS_B_IN, HAS_B_GATE,
-                ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
+                ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, TMA_ROWS,
+                BLOCK_M, BLOCK_N, BLOCK_K,
             )
     elif tl.program_id(0) < total:  # programs past the last real tile return at once
         _ffn_in_tile(
             tl.program_id(0), starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in_ptr, w_gate_ptr, b_in_ptr,
             b_gate_ptr, h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD,
             stride_gF, stride_bE, stride_bF, stride_bgE, stride_bgF, stride_hR, stride_hF, GATED, HAS_B_IN, HAS_B_GATE,
-            ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
+            ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, False, False, BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
 
@@ -296,28 +316,27 @@ def _ffn_out_tile(
     stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY, stride_yD,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
     E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ZIGZAG: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y, scaled, stored at rows dest_R of the output.
 
     Rows past the expert's end read a row of h below R (in bounds) and are never stored, so the
     h loads need a mask only on K (none when BLOCK_K divides F; EVEN_N likewise for D).
     """
-    expert, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2, ZIGZAG)
+    expert, row_start, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M, E_POW2,
+                                                  ZIGZAG)
     n0 = n_block * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < D
-    k = tl.arange(0, BLOCK_K)
     expert64 = expert.to(tl.int64)
 
-    h_ptrs = h_ptr + tl.minimum(m, R - 1)[:, None] * stride_hR + k[None, :] * stride_hF
+    rows = tl.minimum(m, R - 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
-        a = _load(h_ptrs, (k < F - k0)[None, :], not EVEN_K)
+        a = _rows_tile(h_ptr, row_start, rows, k0, F, stride_hR, stride_hF, not EVEN_K, TMA_ROWS, BLOCK_M, BLOCK_K)
         w = _weight_tile(w_out_ptr, expert, k0, n0, F, D, stride_wE, stride_wF, stride_wD,
                          not (EVEN_K and EVEN_N), TMA, BLOCK_K, BLOCK_N)
         acc = _dot(a, w, acc, ALLOW_TF32)
-        h_ptrs += BLOCK_K * stride_hF
 
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + expert64 * stride_bE + n * stride_bD, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -340,7 +359,7 @@ def _ffn_out_kernel(
     stride_yY, stride_yD,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
     E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ZIGZAG: tl.constexpr,
-    PERSISTENT_TMA: tl.constexpr,
+    PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y tiles, one per program or (PERSISTENT_TMA) in a flattened loop, as _ffn_in_kernel."""
@@ -348,18 +367,22 @@ def _ffn_out_kernel(
     total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
         w_out = _weight_descriptor(w_out_ptr, E, F, D, stride_wE, stride_wF, BLOCK_K, BLOCK_N)
+        if TMA_ROWS:
+            h = tl.make_tensor_descriptor(h_ptr, shape=[R, F], strides=[stride_hR, 1], block_shape=[BLOCK_M, BLOCK_K])
+        else:
+            h = h_ptr
         for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
             _ffn_out_tile(
-                tile_id, starts, ends, tiles, tile_ends, h_ptr, w_out, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
+                tile_id, starts, ends, tiles, tile_ends, h, w_out, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
                 R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
                 stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA,
-                BLOCK_M, BLOCK_N, BLOCK_K,
+                TMA_ROWS, BLOCK_M, BLOCK_N, BLOCK_K,
             )
     elif tl.program_id(0) < total:
         _ffn_out_tile(
             tl.program_id(0), starts, ends, tiles, tile_ends, h_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
             R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
-            stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA,
+            stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, False, False,
             BLOCK_M, BLOCK_N, BLOCK_K,
         )
 
@@ -376,13 +399,14 @@ def _or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
 
 def _use_tma(config: TileConfig, device: torch.device, *weights: torch.Tensor | None) -> bool:
     """The persistent TMA kernel, where asked, on a chip with TMA (sm_90+, or Triton's interpreter),
-    and where every weight's layout allows it: a unit stride on the last dim, 16-byte aligned
-    offset and strides (Mixtral's transposed views keep pointer loads)."""
+    and where every weight's layout allows it (Mixtral's transposed views keep pointer loads)."""
     has_tma = device.type != "cuda" or _has_tma(_index(device))
-    return config.persistent_tma and has_tma and all(
-        w.stride(-1) == 1 and all(s * w.element_size() % 16 == 0 for s in (w.storage_offset(), *w.stride()[:-1]))
-        for w in weights if w is not None
-    )
+    return config.persistent_tma and has_tma and all(_tma_layout(w) for w in weights if w is not None)
+
+
+def _tma_layout(t: torch.Tensor) -> bool:
+    """What a TMA descriptor needs: a unit stride on the last dim, 16-byte aligned offset and strides."""
+    return t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in (t.storage_offset(), *t.stride()[:-1]))
 
 
 def _index(device: torch.device) -> int:
@@ -433,18 +457,20 @@ def launch_ffn_in(
     h_RF = x_XD.new_empty(R, F)
     num_n = triton.cdiv(F, config.block_n)
     tma = _use_tma(config, x_XD.device, w_in_EDF, w_gate_EDF)
+    tma_rows = tma and config.tma_rows and R > 0 and D * x_XD.element_size() % 16 == 0
+    x_src = x_XD.index_select(0, rows_R) if tma_rows else x_XD  # the gather unfused: its rows then come by TMA
     grid = _grid(tma, num_tiles(R, E, config.block_m) * num_n, x_XD.device)
     wrap_triton(_ffn_in_kernel)[grid](
-        x_XD, rows_R, offs_E,
+        x_src, rows_R, offs_E,
         w_in_EDF, _or(w_gate_EDF, w_in_EDF), _or(b_in_EF, w_in_EDF), _or(b_gate_EF, w_in_EDF), h_RF,
         R, D, F, E,
-        *x_XD.stride(), *w_in_EDF.stride(), *_strides(w_gate_EDF, 3),
+        *x_src.stride(), *w_in_EDF.stride(), *_strides(w_gate_EDF, 3),
         *_strides(b_in_EF, 2), *_strides(b_gate_EF, 2), *h_RF.stride(),
         GATED=w_gate_EDF is not None, HAS_B_IN=b_in_EF is not None, HAS_B_GATE=b_gate_EF is not None,
         ACTIVATION=ACTIVATION_CODES[activation], ALLOW_TF32=_input_precision_tf32(x_XD.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=D % config.block_k == 0, EVEN_N=F % config.block_n == 0,
         ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        TMA_ROWS=tma_rows, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return h_RF
@@ -460,6 +486,7 @@ def launch_ffn_out(
     y_RD = h_RF.new_empty(R, D)
     num_n = triton.cdiv(D, config.block_n)
     tma = _use_tma(config, h_RF.device, w_out_EFD)
+    tma_rows = tma and config.tma_rows and R > 0 and _tma_layout(h_RF)
     grid = _grid(tma, num_tiles(R, E, config.block_m) * num_n, h_RF.device)
     wrap_triton(_ffn_out_kernel)[grid](
         h_RF, offs_E, w_out_EFD, _or(b_out_ED, w_out_EFD), dest_R, _or(scale_R, h_RF), y_RD,
@@ -467,7 +494,8 @@ def launch_ffn_out(
         *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
         HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=F % config.block_k == 0, EVEN_N=D % config.block_n == 0,
-        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, TMA_ROWS=tma_rows,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y_RD
