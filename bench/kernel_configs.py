@@ -122,7 +122,7 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     record("ffn_in", "_grouped_mm (pre-gathered x)", time_config(grouped_in, h_SF, in_floor, args), in_floor)
     record("ffn_out", "_grouped_mm (no scale, no scatter)",
            time_config(lambda: torch._grouped_mm(h_SF, w_out, offs=offs32_E), y_mm_SD, out_floor, args), out_floor)
-    chosen = {"ffn_in": default_config(dtype, gated, expert_bytes(w_in)),
+    chosen = {"ffn_in": default_config(dtype, gated, expert_bytes(w_in), tma_rows=F_ >= 2 * D),
               "ffn_out": default_config(dtype, expert_bytes=expert_bytes(w_out))}
     for config in CANDIDATES:
         label = config_label(config)

@@ -10,13 +10,15 @@ offs_E in registers (`_tile`), so there is no host sync and no recompilation whe
 changes. Programs past the last real tile return at once: empty experts cost nothing.
 With TileConfig.persistent_tma (the default for bf16/fp16 on sm_90+) the grid is one program per
 SM instead, each looping over every num_programs-th real tile and reading the weights through
-device-made TMA descriptors; the token gather stays on pointer loads (Hopper's TMA cannot gather).
+device-made TMA descriptors; with tma_rows the rows come by TMA too (ffn_out's h, ffn_in's x once
+copied to x[rows]), else by pointer loads (Hopper's TMA cannot gather rows).
 
 Two kernels, each one launch for all experts:
   ffn_in:  h[r] = act(x[rows[r]] @ w_gate[e] + b_gate[e]) * (x[rows[r]] @ w_in[e] + b_in[e])
-           (or act(x[rows[r]] @ w_in[e] + b_in[e])): the token gather is in the x loads and
-           activation and gate product are in the epilogue, so neither x[rows] nor the
-           pre-activation ever reach memory.
+           (or act(x[rows[r]] @ w_in[e] + b_in[e])): the token gather is in the x loads (except
+           where launch_ffn_in copies x[rows] first because TMA then reads it faster) and
+           activation and gate product are in the epilogue, so the pre-activation never
+           reaches memory.
   ffn_out: y[dest[r]] = (h[r] @ w_out[e] + b_out[e]) * scale[r] (exactly 0 where scale is 0):
            the routing weight and the return to token (or rank) order are in the epilogue.
 
@@ -62,7 +64,7 @@ class TileConfig:
 ZIGZAG_MAX_EXPERT_BYTES = 16 * 2**20  # a weight matrix this small stays in the H100's 50 MB L2 beside another
 
 
-def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 0) -> TileConfig:
+def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 0, tma_rows: bool = True) -> TileConfig:
     """The fastest of bench/kernel_configs.py's candidates on an H100 (docs/performance.md).
 
     128x256 output tiles, 4 stages of 128-byte K slices (64 bf16/fp16, 32 fp32); a gated
@@ -70,10 +72,12 @@ def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 
     persistent TMA kernel for 2-byte dtypes where the chip and layout allow it (in fp32 its
     epilogue would not fit shared memory beside 4 stages); otherwise one program per tile, in
     zigzag order where one expert's weight matrix (`expert_bytes`) is small: 4-6% faster on
-    Switch-Base's 4.7 MB experts under skew, 38% slower on Mixtral's 117 MB ones.
+    Switch-Base's 4.7 MB experts under skew, 38% slower on Mixtral's 117 MB ones. `tma_rows`: see
+    launch_ffn_in, which asks for it only where the copy of x[rows] pays.
     """
     return TileConfig(block_m=128, block_n=128 if gated else 256, block_k=128 // dtype.itemsize, num_warps=8,
-                      num_stages=4, persistent_tma=dtype.itemsize == 2, zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES)
+                      num_stages=4, persistent_tma=dtype.itemsize == 2, tma_rows=tma_rows,
+                      zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES)
 
 
 def expert_bytes(w_EAB: torch.Tensor) -> int:
@@ -451,9 +455,14 @@ def launch_ffn_in(
     b_in_EF: torch.Tensor | None, b_gate_EF: torch.Tensor | None,
     activation: str, config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """h_RF of moeshard::gather_grouped_ffn_in with one kernel launch (any device Triton runs on)."""
-    config = config or default_config(x_XD.dtype, w_gate_EDF is not None, expert_bytes(w_in_EDF))
+    """h_RF of moeshard::gather_grouped_ffn_in with one kernel launch (any device Triton runs on).
+
+    By default the persistent TMA kernel copies x[rows] first and reads it by TMA where F >= 2 D:
+    that unfused gather made ffn_in 6-10% faster on Switch-Base (F = 4 D) and 4% on Mixtral, and
+    17% slower on the f/4 shard (F = D), where the copy weighs as much as a quarter of the matmul.
+    """
     R, (E, D, F) = rows_R.shape[0], w_in_EDF.shape
+    config = config or default_config(x_XD.dtype, w_gate_EDF is not None, expert_bytes(w_in_EDF), tma_rows=F >= 2 * D)
     h_RF = x_XD.new_empty(R, F)
     num_n = triton.cdiv(F, config.block_n)
     tma = _use_tma(config, x_XD.device, w_in_EDF, w_gate_EDF)
