@@ -16,9 +16,8 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
                               activation, grouped matmul, scale, index_add: what passes/lower.py emits, eager
     sort_grouped_mm_inductor  the same function under torch.compile(mode="max-autotune"), which also
                               replays it as a CUDA graph (no launch overhead); CPU: default mode
-    moeshard_fused            moeshard::group_by_expert (a counting sort in Triton on CUDA, torch.sort elsewhere),
-                              moeshard::gather_grouped_ffn_in and moeshard::grouped_ffn_out_scatter (stored in
-                              slot order), the K slots summed: the fused Triton kernels on CUDA, eager
+    moeshard_fused            sort, then moeshard::gather_grouped_ffn_in and moeshard::grouped_ffn_out_scatter
+                              (stored in slot order), the K slots summed: the fused Triton kernels on CUDA, eager
     moeshard_fused_inductor   the same function under torch.compile, mode reduce-overhead on CUDA (replayed
                               as a CUDA graph, like the max-autotune variant; nothing to autotune), default on CPU
 Each variant is checked against a float64 per-expert loop of the same computation (max_rel_err =
@@ -75,9 +74,9 @@ from bench.moe_layer import (  # noqa: E402
     DEFAULT_PEAK_TFLOPS, DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops, median_ms,
     parse_with_smoke,
 )
+from moeshard_compile.kernels.ops import use_triton  # noqa: E402  (registers the fused ops)
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402  (registers the op)
-from moeshard_compile.kernels.ops import sort_key_dtype, use_triton  # noqa: E402  (registers the fused ops)
-from passes.lower import ACTIVATIONS  # noqa: E402
+from passes.lower import ACTIVATIONS, sort_key_dtype  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG
@@ -191,8 +190,7 @@ def hf_eager(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activati
 
 
 def dispatch(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """order_S, token_S, offs_E: the T*K rows sorted by expert with torch.sort, their tokens, group ends
-    (the baselines' dispatch; the backend uses moeshard::group_by_expert)."""
+    """order_S, token_S, offs_E: the T*K rows sorted by expert, their tokens, group ends (as lower.py)."""
     K = ids_TK.shape[1]
     ids_S = ids_TK.reshape(-1)
     order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
@@ -218,11 +216,9 @@ def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, a
 
 
 def moeshard_fused(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
-    """What the backend emits: group_by_expert (a counting sort on CUDA), then the two fused ops
-    (gather + matmul + activation, matmul + scale + scatter)."""
+    """Sort, then the two fused ops: gather + matmul + activation, matmul + scale + scatter-add."""
     T, K = ids_TK.shape
-    order_S, counts_E = torch.ops.moeshard.group_by_expert(ids_TK.reshape(-1), w_in_EDF.shape[0])
-    token_S, offs_E = order_S // K, counts_E.cumsum(0)
+    order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
     h_SF = torch.ops.moeshard.gather_grouped_ffn_in(x_TD, token_S, offs_E, w_in_EDF, w_gate_EDF, None, None, activation)
     scale_S = weights_TK.reshape(-1)[order_S]
     y_SD = torch.ops.moeshard.grouped_ffn_out_scatter(h_SF, offs_E, w_out_EFD, None, order_S, scale_S)  # slot order

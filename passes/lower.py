@@ -6,13 +6,13 @@ Before (any recognised form, e.g. a per-expert loop)::
 
 After, on one rank::
 
-    order_S, counts_E = group_by_expert(ids_TK.reshape(-1))   # the (token, slot) rows, stably by expert
-    token_S = order_S // K;  offs_E = cumsum(counts_E)
+    order_S = sort(ids_TK.reshape(-1)).indices                # group the (token, slot) rows by expert
+    token_S = order_S // K;  offs_E = cumsum(counts of ids_S)
     h_SF = gather_grouped_ffn_in(x_TD, token_S, offs_E, ...)  # x[token_S] @ w_in[e], activation (and gate)
     y_SD = grouped_ffn_out_scatter(h_SF, offs_E, w_out, b_out, dest=order_S, scale=weight_S[order_S])
     out_TD = y_SD.unflatten(0, (T, K)).sum(1)                  # rows were stored at their (token, slot) place
 
-The three ops (moeshard_compile/kernels) run Triton kernels on CUDA and a torch reference
+The two ops (moeshard_compile/kernels) run fused Triton kernels on CUDA and a torch reference
 elsewhere; a zero-weight slot contributes exactly 0 even where its expert output is inf/nan.
 
 Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
@@ -109,11 +109,14 @@ def lower_region(
         # dispatch: group this rank's T*K (token, slot) rows by expert
         ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
         weight_S = emit.method("reshape", routing.weights_TK, -1, name="weight_S")
-        group = emit.fn(torch.ops.moeshard.group_by_expert.default, ids_S, E, name="group")
-        order_S = emit.fn(operator.getitem, group, 0, name="order_S")
-        counts_E = emit.fn(operator.getitem, group, 1, name="counts_E")
+        sort = emit.fn(torch.sort, _sort_keys(emit, ids_S, E, "keys_S"), stable=True, name="sort")
+        order_S = emit.fn(operator.getitem, sort, 1, name="order_S")
         token_S = emit.fn(torch.floor_divide, order_S, K, name="token_S")
         weight_sorted_S = emit.fn(operator.getitem, weight_S, order_S, name="weight_sorted_S")
+        # bincount's output size depends on the data; a scatter into E zeros does not
+        zeros_E = emit.method("new_zeros", ids_S, E, name="zeros_E")
+        ones_S = emit.fn(torch.ones_like, ids_S, name="ones_S")
+        counts_E = emit.fn(torch.scatter_add, zeros_E, 0, ids_S, ones_S, name="counts_E")
         experts = _ExpertFFN(emit, w, region.activation)
 
         if data_parallel:
@@ -222,8 +225,9 @@ def _chunk_experts(emit: Emitter, experts: _ExpertFFN, x_SD, gathered_RD, counts
     row_NS = emit.method("repeat", row_S, N, 1, name=f"row_NS{suffix}")
     ids_NS = emit.fn(torch.searchsorted, ends_NE, row_NS, right=True, name=f"ids_NS{suffix}")
     ids_rank_major_R = emit.method("reshape", ids_NS, -1, name=f"ids_rank_major_R{suffix}")
-    group = emit.fn(torch.ops.moeshard.group_by_expert.default, ids_rank_major_R, E, name=f"group_R{suffix}")
-    perm_R = emit.fn(operator.getitem, group, 0, name=f"perm_R{suffix}")
+    sort = emit.fn(torch.sort, _sort_keys(emit, ids_rank_major_R, E, f"keys_R{suffix}"), stable=True,
+                   name=f"sort_R{suffix}")
+    perm_R = emit.fn(operator.getitem, sort, 1, name=f"perm_R{suffix}")
     offs_E = emit.method("cumsum", emit.method("sum", counts_NE, 0, name=f"counts_E_all{suffix}"), 0,
                          name=f"offs_E{suffix}")
     h_RF = experts.ffn_in(gathered_RD, perm_R, offs_E, name=f"h_RF{suffix}")
@@ -246,6 +250,14 @@ def _split(emit: Emitter, t, sizes: list[int], name: str) -> list[fx.Node]:
     return [emit.fn(operator.getitem, pieces, c, name=f"{name}{c}") for c in range(len(sizes))]
 
 
+def sort_key_dtype(num_experts: int) -> torch.dtype:
+    """The narrowest integers that hold expert ids: a radix sort makes one pass per key byte
+    (16384 int16 keys sort in 0.030 ms on an H100, int64 in 0.076 ms)."""
+    return torch.int16 if num_experts < 2**15 else torch.int32
+
+
+def _sort_keys(emit: Emitter, ids, num_experts: int, name: str) -> fx.Node:
+    return emit.method("to", ids, sort_key_dtype(num_experts), name=name)
 
 
 def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:

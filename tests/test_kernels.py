@@ -291,14 +291,14 @@ def run_self(mode: str, interpret: bool) -> str:
 def test_triton_kernels_interpreted():
     """Both kernels under TRITON_INTERPRET=1 on CPU tensors vs the float64 loop (interpret_cases), and their tile schedule."""
     stdout = run_self("interpret", interpret=True)
-    assert stdout.count("ok ") == len(list(interpret_cases())) + 2, stdout  # + the schedule, the grouping
+    assert stdout.count("ok ") == len(list(interpret_cases())) + 1, stdout  # + the schedule
 
 
 def test_triton_kernels_compile_for_sm90():
     """Triton's compiler accepts both kernels for sm_90 (fp32 and bf16, every flag, the default tiles),
     down to a cubin whose shared memory fits an H100."""
     stdout = run_self("compile", interpret=False)
-    assert stdout.count("ok ") == len(list(compile_cases())) + 4, stdout  # + the counting sort's kernels
+    assert stdout.count("ok ") == len(list(compile_cases())), stdout
 
 
 def interpret_cases():
@@ -337,26 +337,6 @@ def run_interpreted() -> None:
         check_ffn_out(lambda *a: launch_ffn_out(*a, config=config), case, h_RF)
         print("ok", routing, dtype, "gated" if gated else "plain", "bias" if bias else "no bias", activation, D, F, flush=True)
     check_tile_schedule()
-    check_group_by_expert()
-
-
-def check_group_by_expert() -> None:
-    """The counting sort's two kernels: torch.sort's stable order and the counts, on several blocks
-    (E up to 256: blocks of 64 to 1024 rows), with empty experts, one crowded expert and no rows."""
-    from moeshard_compile.kernels.group_rows import launch_group_by_expert
-
-    generator = torch.Generator().manual_seed(0)
-    for rows, experts in [(0, 4), (1, 1), (37, 5), (2100, 64), (1000, 3), (513, 130), (300, 256)]:
-        for routing in ("random", "one_expert", "every_third"):
-            ids_S = torch.randint(0, experts, (rows,), generator=generator)
-            if routing == "one_expert":
-                ids_S[:] = experts - 1
-            elif routing == "every_third":
-                ids_S = ids_S - ids_S % 3
-            order_S, counts_E = launch_group_by_expert(ids_S, experts)
-            assert torch.equal(order_S, torch.sort(ids_S, stable=True).indices), (rows, experts, routing)
-            assert torch.equal(counts_E, torch.bincount(ids_S, minlength=experts)), (rows, experts, routing)
-    print("ok group_by_expert", flush=True)
 
 
 def check_tile_schedule() -> None:
@@ -479,26 +459,6 @@ def run_compile() -> None:
         # the default tiles must fit an H100's shared memory (227 KiB per block), or launches fail there
         assert compiled.metadata.shared <= H100_SHARED_MEMORY, f"{name} {dtype}: {compiled.metadata.shared} bytes"
         print("ok", name, dtype, flags, "persistent tma" if tma else "one tile per program", flush=True)
-    compile_group_kernels()
-
-
-def compile_group_kernels() -> None:
-    """The counting sort's kernels at E 64 (blocks of 256 rows) and E 256 (64 rows)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from moeshard_compile.kernels import group_rows
-
-    for kernel in (group_rows._block_counts_kernel, group_rows._place_rows_kernel):
-        for e_pow2 in (64, 256):
-            constexprs = {"BLOCK": group_rows.ONE_HOT_ELEMENTS // e_pow2, "E_POW2": e_pow2}
-            signature = {arg: "constexpr" if arg in constexprs else "i32" if arg in ("S", "E")
-                         else "*i32" if arg == "counts_ptr" else "*i64" for arg in kernel.arg_names}
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=4))
-            assert compiled.asm.get("cubin"), kernel.fn.__name__
-            print("ok", kernel.fn.__name__, e_pow2, flush=True)
 
 
 if __name__ == "__main__":

@@ -144,18 +144,3 @@ def test_backend_runs_the_kernels_on_gpu(model_name, dtype):
     assert any("_ffn_in_kernel" in code and "_ffn_out_kernel" in code for code in codes)
     err = ((out[0].double() - expected.double()).abs().max() / expected.double().abs().max()).item()
     assert err < (3e-2 if dtype == torch.bfloat16 else 1e-4), err
-
-
-@pytest.mark.parametrize("rows,experts", [(0, 8), (5, 8), (16384, 64), (32768, 128), (60000, 256), (4096, 3)])
-@pytest.mark.parametrize("routing", ["random", "one_expert_has_all", "skew"])
-def test_group_by_expert_on_gpu(rows, experts, routing):
-    """The Triton counting sort is torch.sort's stable order, and its counts are bincount's."""
-    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**32)
-    ids_S = torch.randint(0, experts, (rows,), generator=g, device="cuda")
-    if routing == "one_expert_has_all":
-        ids_S[:] = experts // 2
-    elif routing == "skew":  # a tenth of the experts take most rows
-        ids_S = torch.where(torch.rand(rows, generator=g, device="cuda") < 0.8, ids_S % max(1, experts // 10), ids_S)
-    order_S, counts_E = torch.ops.moeshard.group_by_expert(ids_S, experts)
-    assert torch.equal(order_S, torch.sort(ids_S, stable=True).indices)
-    assert torch.equal(counts_E, torch.bincount(ids_S, minlength=experts))

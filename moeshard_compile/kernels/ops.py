@@ -1,12 +1,7 @@
-"""The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine,
-and the grouping of the rows by expert that feeds them.
+"""The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine.
 
-    order_S, counts_E = moeshard::group_by_expert(ids_S, num_experts)
     h_RF = moeshard::gather_grouped_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF?, b_in_EF?, b_gate_EF?, activation)
     y_RD = moeshard::grouped_ffn_out_scatter(h_RF, offs_E, w_out_EFD, b_out_ED?, dest_R, scale_R?)
-
-group_by_expert is torch.sort(ids, stable=True).indices and the per-expert counts: on CUDA a
-counting sort in two Triton launches (group_rows.py), elsewhere torch.sort and scatter_add.
 
 Row r belongs to expert e when offs_E[e-1] <= r < offs_E[e] (offs_E an int cumsum, offs_E[-1] == R
 in the lowering). Rows past offs_E[-1] are not computed: their h, and the rows of y that no
@@ -36,16 +31,9 @@ from passes.lower import ACTIVATIONS
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from moeshard_compile.kernels.group_rows import launch_group_by_expert
     from moeshard_compile.kernels.grouped_ffn import launch_ffn_in, launch_ffn_out
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def sort_key_dtype(num_experts: int) -> torch.dtype:
-    """The narrowest integers that hold expert ids: a radix sort makes one pass per key byte
-    (16384 int16 keys sort in 0.030 ms on an H100, int64 in 0.076 ms)."""
-    return torch.int16 if num_experts < 2**15 else torch.int32
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -172,16 +160,3 @@ def grouped_ffn_out_scatter(
     if use_triton(h_RF, w_out_EFD):
         return launch_ffn_out(*args)
     return torch.ops.moeshard.grouped_ffn_out_scatter_reference(*args)
-
-
-@_op("moeshard::group_by_expert")
-def group_by_expert(ids_S: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order_S, counts_E): the rows sorted by expert id, stably (torch.sort's stable indices), and
-    the rows per expert. ids must lie in [0, num_experts): a routing's top-k ids do."""
-    torch._check(ids_S.dim() == 1, lambda: f"group_by_expert: ids_S must be 1-D, got {ids_S.dim()}-D")
-    torch._check(not ids_S.is_floating_point(), lambda: f"group_by_expert: ids_S must be integers, got {ids_S.dtype}")
-    if HAS_TRITON and ids_S.is_cuda:
-        return launch_group_by_expert(ids_S, num_experts)
-    order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
-    ids64_S = ids_S.long()
-    return order_S, ids64_S.new_zeros(num_experts).scatter_add_(0, ids64_S, torch.ones_like(ids64_S))
