@@ -281,8 +281,8 @@ def _ffn_in_kernel(
 ):
     """h tiles: one per program with pointer loads, or (PERSISTENT_TMA) every num_programs-th tile
     with TMA weight loads, in one flattened loop that Triton pipelines across tiles so that the
-    next tile's loads overlap this one's epilogue (5-9% faster on Switch-Base and Mixtral shapes;
-    persistent with pointer loads was 1.7x slower: its flattened loop kept 2 stages)."""
+    next tile's loads overlap this one's epilogue (ffn_in 6-11% faster on Switch-Base and Mixtral
+    shapes; persistent with pointer loads was 1.7x slower: its flattened loop kept 2 stages)."""
     starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
     total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
