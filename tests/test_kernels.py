@@ -276,6 +276,22 @@ def require_triton():
     return grouped_ffn
 
 
+def test_persistent_tma_only_where_it_applies():
+    """The default takes the persistent TMA kernel for 2-byte dtypes only, and the launch falls back
+    to pointer loads for weights a TMA descriptor cannot describe."""
+    grouped_ffn = require_triton()
+    bf16, fp32 = grouped_ffn.default_config(torch.bfloat16), grouped_ffn.default_config(torch.float32)
+    assert bf16.persistent_tma and not fp32.persistent_tma
+    cpu = torch.device("cpu")  # Triton's interpreter runs descriptors, so only the layouts decide here
+    w_EDF = torch.empty(4, 32, 48, dtype=torch.bfloat16)
+    assert grouped_ffn._use_tma(bf16, cpu, w_EDF, None)
+    assert not grouped_ffn._use_tma(replace(bf16, persistent_tma=False), cpu, w_EDF)
+    assert not grouped_ffn._use_tma(bf16, cpu, torch.empty(4, 48, 32, dtype=torch.bfloat16).transpose(1, 2))
+    assert not grouped_ffn._use_tma(bf16, cpu, torch.empty(4, 32, 21, dtype=torch.bfloat16))  # 42-byte rows
+    assert not grouped_ffn._use_tma(bf16, cpu, torch.empty(4 * 32 * 48 + 1, dtype=torch.bfloat16)[1:].view(4, 32, 48))
+    assert not grouped_ffn._use_tma(bf16, cpu, w_EDF, torch.empty(4, 32, 21, dtype=torch.bfloat16))  # gate too
+
+
 def run_self(mode: str, interpret: bool) -> str:
     require_triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
