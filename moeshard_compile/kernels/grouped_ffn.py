@@ -434,8 +434,8 @@ def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
 
 @functools.cache
 def _install_scratch_allocator() -> None:
-    """Once per process, for eager launches (Inductor installs its own before each of its launches);
-    a user's later triton.set_allocator is left alone."""
+    """At the first TMA launch of the process, for eager launches (Inductor installs its own before
+    each of its launches); an allocator the user sets after that stays."""
     triton.set_allocator(_scratch)
 
 
