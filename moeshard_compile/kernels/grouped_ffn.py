@@ -187,6 +187,17 @@ def _weight_descriptor(w_ptr, E, K, N, stride_e, stride_k, BLOCK_K: tl.constexpr
 
 
 @triton.jit
+def _rows_source(rows_ptr, R, K, stride_r, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What _rows_tile reads: with TMA a descriptor of the [R, K] rows (unit K stride) in
+    [BLOCK_M, BLOCK_K] tiles, else the pointer itself."""
+    if TMA:
+        source = tl.make_tensor_descriptor(rows_ptr, shape=[R, K], strides=[stride_r, 1], block_shape=[BLOCK_M, BLOCK_K])
+    else:
+        source = rows_ptr
+    return source
+
+
+@triton.jit
 def _rows_tile(src, row_start, rows, k0, K, stride_r, stride_k, MASKED: tl.constexpr, TMA: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns k0.. of BLOCK_M rows: rows row_start.. by TMA from descriptor src (zeros past its
@@ -291,10 +302,7 @@ def _ffn_in_kernel(
             w_gate = _weight_descriptor(w_gate_ptr, E, D, F, stride_gE, stride_gD, BLOCK_K, BLOCK_N)
         else:
             w_gate = w_in
-        if TMA_ROWS:
-            x = tl.make_tensor_descriptor(x_ptr, shape=[R, D], strides=[stride_xX, 1], block_shape=[BLOCK_M, BLOCK_K])
-        else:
-            x = x_ptr
+        x = _rows_source(x_ptr, R, D, stride_xX, TMA_ROWS, BLOCK_M, BLOCK_K)
         for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
             _ffn_in_tile(
                 tile_id, starts, ends, tiles, tile_ends, x, rows_ptr, w_in, w_gate, b_in_ptr, b_gate_ptr,
@@ -371,10 +379,7 @@ def _ffn_out_kernel(
     total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
         w_out = _weight_descriptor(w_out_ptr, E, F, D, stride_wE, stride_wF, BLOCK_K, BLOCK_N)
-        if TMA_ROWS:
-            h = tl.make_tensor_descriptor(h_ptr, shape=[R, F], strides=[stride_hR, 1], block_shape=[BLOCK_M, BLOCK_K])
-        else:
-            h = h_ptr
+        h = _rows_source(h_ptr, R, F, stride_hR, TMA_ROWS, BLOCK_M, BLOCK_K)
         for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
             _ffn_out_tile(
                 tile_id, starts, ends, tiles, tile_ends, h, w_out, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
