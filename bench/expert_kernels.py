@@ -16,8 +16,9 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
                               activation, grouped matmul, scale, index_add: what passes/lower.py emits, eager
     sort_grouped_mm_inductor  the same function under torch.compile(mode="max-autotune"), which also
                               replays it as a CUDA graph (no launch overhead); CPU: default mode
-    moeshard_fused            sort, then moeshard::gather_grouped_ffn_in and moeshard::grouped_ffn_out_scatter
-                              (stored in slot order), the K slots summed: the fused Triton kernels on CUDA, eager
+    moeshard_fused            moeshard::group_by_expert (a counting sort in Triton on CUDA, torch.sort elsewhere),
+                              moeshard::gather_grouped_ffn_in and moeshard::grouped_ffn_out_scatter (stored in
+                              slot order), the K slots summed: the fused Triton kernels on CUDA, eager
     moeshard_fused_inductor   the same function under torch.compile, mode reduce-overhead on CUDA (replayed
                               as a CUDA graph, like the max-autotune variant; nothing to autotune), default on CPU
 Each variant is checked against a float64 per-expert loop of the same computation (max_rel_err =
@@ -190,7 +191,8 @@ def hf_eager(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activati
 
 
 def dispatch(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """order_S, token_S, offs_E: the T*K rows sorted by expert, their tokens, group ends (as lower.py)."""
+    """order_S, token_S, offs_E: the T*K rows sorted by expert with torch.sort, their tokens, group ends
+    (the baselines' dispatch; the backend uses moeshard::group_by_expert)."""
     K = ids_TK.shape[1]
     ids_S = ids_TK.reshape(-1)
     order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
@@ -216,11 +218,12 @@ def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, a
 
 
 def moeshard_fused(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
-    """Sort, then the two fused ops: gather + matmul + activation, matmul + scale + scatter-add."""
+    """What the backend emits: group_by_expert (a counting sort on CUDA), then the two fused ops
+    (gather + matmul + activation, matmul + scale + scatter)."""
     T, K = ids_TK.shape
-    order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
+    order_S, token_S, scale_S, _, offs_E = torch.ops.moeshard.group_by_expert(
+        ids_TK.reshape(-1), weights_TK.reshape(-1), w_in_EDF.shape[0], K)
     h_SF = torch.ops.moeshard.gather_grouped_ffn_in(x_TD, token_S, offs_E, w_in_EDF, w_gate_EDF, None, None, activation)
-    scale_S = weights_TK.reshape(-1)[order_S]
     y_SD = torch.ops.moeshard.grouped_ffn_out_scatter(h_SF, offs_E, w_out_EFD, None, order_S, scale_S)  # slot order
     return y_SD.view(T, K, -1).sum(1) if K > 1 else y_SD
 

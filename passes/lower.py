@@ -6,13 +6,14 @@ Before (any recognised form, e.g. a per-expert loop)::
 
 After, on one rank::
 
-    order_S = sort(ids_TK.reshape(-1)).indices                # group the (token, slot) rows by expert
-    token_S = order_S // K;  offs_E = cumsum(counts of ids_S)
+    order_S, token_S, weight_sorted_S, counts_E, offs_E = group_by_expert(ids_TK.reshape(-1), weights)
+                          # the (token, slot) rows stably by expert, their tokens (order_S // K),
+                          # weights, counts per expert and the counts' cumsum
     h_SF = gather_grouped_ffn_in(x_TD, token_S, offs_E, ...)  # x[token_S] @ w_in[e], activation (and gate)
-    y_SD = grouped_ffn_out_scatter(h_SF, offs_E, w_out, b_out, dest=order_S, scale=weight_S[order_S])
+    y_SD = grouped_ffn_out_scatter(h_SF, offs_E, w_out, b_out, dest=order_S, scale=weight_sorted_S)
     out_TD = y_SD.unflatten(0, (T, K)).sum(1)                  # rows were stored at their (token, slot) place
 
-The two ops (moeshard_compile/kernels) run fused Triton kernels on CUDA and a torch reference
+The three ops (moeshard_compile/kernels) run Triton kernels on CUDA and a torch reference
 elsewhere; a zero-weight slot contributes exactly 0 even where its expert output is inf/nan.
 
 Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
@@ -109,14 +110,10 @@ def lower_region(
         # dispatch: group this rank's T*K (token, slot) rows by expert
         ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
         weight_S = emit.method("reshape", routing.weights_TK, -1, name="weight_S")
-        sort = emit.fn(torch.sort, _sort_keys(emit, ids_S, E, "keys_S"), stable=True, name="sort")
-        order_S = emit.fn(operator.getitem, sort, 1, name="order_S")
-        token_S = emit.fn(torch.floor_divide, order_S, K, name="token_S")
-        weight_sorted_S = emit.fn(operator.getitem, weight_S, order_S, name="weight_sorted_S")
-        # bincount's output size depends on the data; a scatter into E zeros does not
-        zeros_E = emit.method("new_zeros", ids_S, E, name="zeros_E")
-        ones_S = emit.fn(torch.ones_like, ids_S, name="ones_S")
-        counts_E = emit.fn(torch.scatter_add, zeros_E, 0, ids_S, ones_S, name="counts_E")
+        group = emit.fn(torch.ops.moeshard.group_by_expert.default, ids_S, weight_S, E, K, name="group")
+        order_S, token_S, weight_sorted_S, counts_E, offs_E = (
+            emit.fn(operator.getitem, group, i, name=name)
+            for i, name in enumerate(("order_S", "token_S", "weight_sorted_S", "counts_E", "offs_E")))
         experts = _ExpertFFN(emit, w, region.activation)
 
         if data_parallel:
@@ -125,7 +122,6 @@ def lower_region(
         else:
             # one kernel gathers the tokens into the first matmul; one scales and puts every row
             # back at its (token, slot) place; summing the K slots is a reduction Inductor fuses
-            offs_E = emit.method("cumsum", counts_E, 0, name="offs_E")
             h_SF = experts.ffn_in(region.tokens_TD, token_S, offs_E)
             b_out = w.get("b_out_ED") if plan is None or plan.rank == 0 else None  # b_out is added exactly once
             y_SD = experts.ffn_out(h_SF, offs_E, b_out, order_S, weight_sorted_S, name="y_SD")

@@ -307,14 +307,14 @@ def run_self(mode: str, interpret: bool) -> str:
 def test_triton_kernels_interpreted():
     """Both kernels under TRITON_INTERPRET=1 on CPU tensors vs the float64 loop (interpret_cases), and their tile schedule."""
     stdout = run_self("interpret", interpret=True)
-    assert stdout.count("ok ") == len(list(interpret_cases())) + 1, stdout  # + the schedule
+    assert stdout.count("ok ") == len(list(interpret_cases())) + 2, stdout  # + the schedule, the grouping
 
 
 def test_triton_kernels_compile_for_sm90():
     """Triton's compiler accepts both kernels for sm_90 (fp32 and bf16, every flag, the default tiles),
     down to a cubin whose shared memory fits an H100."""
     stdout = run_self("compile", interpret=False)
-    assert stdout.count("ok ") == len(list(compile_cases())), stdout
+    assert stdout.count("ok ") == len(list(compile_cases())) + 4, stdout  # + the counting sort's kernels
 
 
 def interpret_cases():
@@ -353,6 +353,32 @@ def run_interpreted() -> None:
         check_ffn_out(lambda *a: launch_ffn_out(*a, config=config), case, h_RF)
         print("ok", routing, dtype, "gated" if gated else "plain", "bias" if bias else "no bias", activation, D, F, flush=True)
     check_tile_schedule()
+    check_group_by_expert()
+
+
+def check_group_by_expert() -> None:
+    """The counting sort's two kernels against the definitions of their five outputs: one chunk or
+    several per block (E up to 512: chunks of 16 to 1024 rows, up to MAX_BLOCKS blocks), with
+    empty experts, one crowded expert and no rows."""
+    from moeshard_compile.kernels.group_rows import launch_group_by_expert
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, experts, top_k in [(0, 4, 1), (1, 1, 1), (37, 5, 1), (2100, 64, 2), (1000, 3, 1), (513, 130, 3),
+                                 (300, 256, 1), (20000, 64, 1), (2500, 512, 8)]:
+        for routing in ("random", "one_expert", "every_third"):
+            ids_S = torch.randint(0, experts, (rows,), generator=generator)
+            if routing == "one_expert":
+                ids_S[:] = experts - 1
+            elif routing == "every_third":
+                ids_S = ids_S - ids_S % 3
+            weight_S = torch.rand(rows, generator=generator).to(torch.bfloat16)
+            got = launch_group_by_expert(ids_S, weight_S, experts, top_k)
+            order_S = torch.sort(ids_S, stable=True).indices
+            counts_E = torch.bincount(ids_S, minlength=experts)
+            want = (order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0))
+            for name, g, w in zip(("order", "token", "weight", "counts", "offs"), got, want):
+                assert torch.equal(g, w), (name, rows, experts, routing)
+    print("ok group_by_expert", flush=True)
 
 
 def check_tile_schedule() -> None:
@@ -475,6 +501,30 @@ def run_compile() -> None:
         # the default tiles must fit an H100's shared memory (227 KiB per block), or launches fail there
         assert compiled.metadata.shared <= H100_SHARED_MEMORY, f"{name} {dtype}: {compiled.metadata.shared} bytes"
         print("ok", name, dtype, flags, "persistent tma" if tma else "one tile per program", flush=True)
+    compile_group_kernels()
+
+
+def compile_group_kernels() -> None:
+    """The counting sort's kernels at E 64 (chunks of 128 rows) and E 512 (16 rows)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from moeshard_compile.kernels import group_rows
+
+    for kernel in (group_rows._block_counts_kernel, group_rows._place_rows_kernel):
+        for e_pow2 in (64, 512):
+            constexprs = {"CHUNK": max(16, group_rows.ONE_HOT_ELEMENTS // e_pow2), "E_POW2": e_pow2,
+                          "BLOCK_ROWS": group_rows.ONE_HOT_ELEMENTS // e_pow2}
+            constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+            signature = {arg: "constexpr" if arg in constexprs
+                         else "*bf16" if arg in ("weight_ptr", "weight_sorted_ptr")
+                         else "*i32" if arg == "block_counts_ptr"
+                         else "*i64" if arg.endswith("_ptr") else "i32" for arg in kernel.arg_names}
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=4))
+            assert compiled.asm.get("cubin"), kernel.fn.__name__
+            print("ok", kernel.fn.__name__, e_pow2, flush=True)
 
 
 if __name__ == "__main__":

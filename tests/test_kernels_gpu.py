@@ -141,6 +141,28 @@ def test_backend_runs_the_kernels_on_gpu(model_name, dtype):
     with torch.no_grad():
         out, codes = run_and_get_code(compiled, **kwargs)
         expected = model(**kwargs)[0]
-    assert any("_ffn_in_kernel" in code and "_ffn_out_kernel" in code for code in codes)
+    assert any("_ffn_in_kernel" in code and "_ffn_out_kernel" in code and "_place_rows_kernel" in code for code in codes)
     err = ((out[0].double() - expected.double()).abs().max() / expected.double().abs().max()).item()
     assert err < (3e-2 if dtype == torch.bfloat16 else 1e-4), err
+
+
+@pytest.mark.parametrize("rows,experts,top_k", [(0, 8, 1), (5, 8, 1), (16384, 64, 1), (32768, 128, 2), (60000, 256, 8),
+                                               (4096, 3, 1), (300000, 64, 2), (2000, 1024, 4)])
+@pytest.mark.parametrize("routing", ["random", "one_expert_has_all", "skew"])
+def test_group_by_expert_on_gpu(rows, experts, top_k, routing):
+    """The Triton counting sort is torch.sort's stable order, and its other outputs follow from it
+    (outputs poisoned first: an unwritten row fails)."""
+    poison_allocator(torch.float32)
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**32)
+    ids_S = torch.randint(0, experts, (rows,), generator=g, device="cuda")
+    if routing == "one_expert_has_all":
+        ids_S[:] = experts // 2
+    elif routing == "skew":  # a tenth of the experts take most rows
+        ids_S = torch.where(torch.rand(rows, generator=g, device="cuda") < 0.8, ids_S % max(1, experts // 10), ids_S)
+    weight_S = torch.rand(rows, generator=g, device="cuda")
+    got = torch.ops.moeshard.group_by_expert(ids_S, weight_S, experts, top_k)
+    order_S = torch.sort(ids_S, stable=True).indices
+    counts_E = torch.bincount(ids_S, minlength=experts)
+    for name, g_, want in zip(("order", "token", "weight", "counts", "offs"), got,
+                              (order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0))):
+        assert torch.equal(g_, want), name

@@ -1,7 +1,12 @@
-"""The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine.
+"""The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine,
+and the grouping of the rows by expert that feeds them.
 
+    order_S, token_S, weight_sorted_S, counts_E, offs_E = moeshard::group_by_expert(ids_S, weight_S, E, K)
     h_RF = moeshard::gather_grouped_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF?, b_in_EF?, b_gate_EF?, activation)
     y_RD = moeshard::grouped_ffn_out_scatter(h_RF, offs_E, w_out_EFD, b_out_ED?, dest_R, scale_R?)
+
+group_by_expert is torch.sort(ids_S, stable=True).indices and what the lowering derives from it:
+on CUDA a counting sort in two Triton launches (group_rows.py), elsewhere torch.sort and friends.
 
 Row r belongs to expert e when offs_E[e-1] <= r < offs_E[e] (offs_E an int cumsum, offs_E[-1] == R
 in the lowering). Rows past offs_E[-1] are not computed: their h, and the rows of y that no
@@ -27,10 +32,11 @@ import importlib.util
 
 import torch
 
-from passes.lower import ACTIVATIONS
+from passes.lower import ACTIVATIONS, sort_key_dtype
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
+    from moeshard_compile.kernels.group_rows import MAX_EXPERTS, launch_group_by_expert
     from moeshard_compile.kernels.grouped_ffn import launch_ffn_in, launch_ffn_out
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -160,3 +166,24 @@ def grouped_ffn_out_scatter(
     if use_triton(h_RF, w_out_EFD):
         return launch_ffn_out(*args)
     return torch.ops.moeshard.grouped_ffn_out_scatter_reference(*args)
+
+
+@_op("moeshard::group_by_expert")
+def group_by_expert(
+    ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order_S, token_S, weight_sorted_S, counts_E, offs_E) of the S = T * K (token, slot) rows:
+    order_S = torch.sort(ids_S, stable=True).indices, token_S = order_S // top_k,
+    weight_sorted_S = weight_S[order_S], counts_E the rows per expert, offs_E = counts_E.cumsum(0).
+    ids must lie in [0, num_experts), as a router's top-k ids do."""
+    torch._check(ids_S.dim() == 1 and weight_S.shape == ids_S.shape,
+                 lambda: f"group_by_expert: ids_S and weight_S must be 1-D of one length, got "
+                         f"{tuple(ids_S.shape)} and {tuple(weight_S.shape)}")
+    torch._check(not ids_S.is_floating_point(), lambda: f"group_by_expert: ids_S must be integers, got {ids_S.dtype}")
+    torch._check(num_experts >= 1 and top_k >= 1, lambda: "group_by_expert: num_experts and top_k must be positive")
+    if HAS_TRITON and ids_S.is_cuda and num_experts <= MAX_EXPERTS:
+        return launch_group_by_expert(ids_S, weight_S, num_experts, top_k)
+    order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
+    ids64_S = ids_S.long()
+    counts_E = ids64_S.new_zeros(num_experts).scatter_add_(0, ids64_S, torch.ones_like(ids64_S))
+    return order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0)
