@@ -519,7 +519,7 @@ def compile_group_kernels() -> None:
             constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
             signature = {arg: "constexpr" if arg in constexprs
                          else "*bf16" if arg in ("weight_ptr", "weight_sorted_ptr")
-                         else "*i32" if arg == "block_counts_ptr"
+                         else "*i32" if arg in ("ids_ptr", "block_counts_ptr")
                          else "*i64" if arg.endswith("_ptr") else "i32" for arg in kernel.arg_names}
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                                       options=dict(num_warps=4))

@@ -88,7 +88,10 @@ def launch_group_by_expert(
     chunk = max(16, min(1024, ONE_HOT_ELEMENTS // e_pow2))
     blocks = min(triton.cdiv(S, chunk), MAX_BLOCKS)
     rows_per_block = triton.cdiv(triton.cdiv(S, chunk), max(blocks, 1)) * chunk
-    ids_S, weight_S = ids_S.contiguous(), weight_S.contiguous()
+    # An int32 copy of the ids: half the bytes to read, and the copy, not the caller's ids, is what
+    # torch's mutation analysis marks as written (it follows loaded values into store addresses; a
+    # graph input marked written stops CUDA graphs under mode="reduce-overhead").
+    ids_S, weight_S = ids_S.to(torch.int32, copy=True), weight_S.contiguous()
     order_S = torch.empty(S, dtype=torch.int64, device=ids_S.device)
     token_S = torch.empty_like(order_S)
     weight_sorted_S = torch.empty_like(weight_S)
