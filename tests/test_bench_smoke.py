@@ -1,4 +1,4 @@
-"""bench/expert_kernels.py and bench/encoder.py --smoke end to end, so that the scripts a GPU session runs cannot rot.
+"""bench/expert_kernels.py, bench/encoder.py and bench/dispatch.py --smoke end to end, so that the scripts a GPU session runs cannot rot.
 
 A subprocess, as the GPU session runs it: tiny shapes on CPU, every variant, about 30 s on 2 cores
 with a cold Inductor cache (conftest gives each test run its own).
@@ -55,3 +55,10 @@ def test_compile_time_reports_the_first_call():
                        "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
                        "--stack-every", "300")
     assert "moeshard: first call" in result.stdout and "2 layers, E 4" in result.stdout
+
+
+def test_dispatch_smoke_checks_and_times_both():
+    """bench/dispatch.py --smoke: the op equals the torch ops it replaced (it exits non-zero if not), both timed."""
+    result = run_bench("dispatch.py", "--smoke")
+    table = [line for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    assert len(table) == 1 + 2 and "group_by_expert ms" in table[0], result.stdout
