@@ -62,3 +62,9 @@ def test_dispatch_smoke_checks_and_times_both():
     result = run_bench("dispatch.py", "--smoke")
     table = [line for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
     assert len(table) == 1 + 2 and "group_by_expert ms" in table[0], result.stdout
+
+
+def test_expert_ceilings_imports_and_parses():
+    """bench/expert_ceilings.py needs a GPU to measure; here its imports and options must still hold."""
+    result = run_bench("expert_ceilings.py", "--help")
+    assert "--split" in result.stdout

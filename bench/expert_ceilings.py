@@ -1,0 +1,181 @@
+"""Where the fused expert kernels' time goes: the device's ceilings, the same matmuls dense in
+cuBLAS, and the kernels on parts of one skewed routing.
+
+    python bench/expert_ceilings.py            # H100, about a minute
+    python bench/expert_ceilings.py --split    # and the crowded and sparse experts as two kernels on disjoint SMs
+
+Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA-graph replay:
+  ceilings   a 1 GiB read (sum) and copy (bytes read + written), an 8192^3 matmul;
+  dense      cuBLAS x @ w_in and h @ w_out with every row one expert's: what one big GEMM of the
+             kernels' shapes reaches;
+  parts      launch_ffn_in / launch_ffn_out (default tiles) on the E 64 skew routing's rows: its
+             crowded experts alone (more rows than the mean: compute-bound), its sparse experts
+             alone (weight-bound), all of them, and for comparison uniform routing and one expert.
+             If the crowded and the sparse parts overlapped, the whole would take about the larger
+             of the two; if not, their sum.
+  --split    both parts at once, the crowded experts' kernel on some SMs and the sparse ones' on the
+             rest (two streams in one CUDA graph, each kernel's persistent grid cut to its share),
+             with 128- and 64-row tiles for the sparse part: what a kernel that splits its SMs
+             between the two kinds of tile could gain at best.
+Names: R rows, D d_model, F d_ff, E experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.moe_layer import environment  # noqa: E402
+from moeshard_compile.kernels import grouped_ffn  # noqa: E402
+from moeshard_compile.kernels.grouped_ffn import TileConfig, launch_ffn_in, launch_ffn_out  # noqa: E402
+
+D, F, E, ROWS = 768, 3072, 64, 16384
+DEVICE = torch.device("cuda")
+DTYPE = torch.bfloat16
+SPARSE_TILES = {"128x256 (default)": TileConfig(128, 256, 64, 8, 4, persistent_tma=True, tma_rows=True),
+                "64x256 w4 s5": TileConfig(64, 256, 64, 4, 5, persistent_tma=True, tma_rows=True)}
+SPLITS = (22, 33, 44, 66)  # SMs given to the sparse experts' kernel
+
+
+def graph_ms(fn) -> float:
+    """Median of CUDA-graph replays of fn's launches (streams fn forks are captured too)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, rep=60, return_mode="median")
+
+
+def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) * std).to(DTYPE)
+
+
+class Experts:
+    """The kernels' operands for rows grouped by counts_E: x_RD already in expert order (rows_R = arange)."""
+
+    def __init__(self, counts_E: torch.Tensor, d_ff: int = F):
+        self.R = int(counts_E.sum())
+        self.x_RD, self.rows_R, self.offs_E = randn(self.R, D), torch.arange(self.R, device=DEVICE), counts_E.cumsum(0)
+        self.w_in_EDF = randn(counts_E.numel(), D, d_ff, std=D**-0.5)
+        self.w_out_EFD = randn(counts_E.numel(), d_ff, D, std=d_ff**-0.5)
+        self.scale_R = torch.rand(self.R, device=DEVICE).to(DTYPE)
+        self.h_RF = self.ffn_in()
+        self.experts_used = int((counts_E > 0).sum())
+
+    def ffn_in(self, config: TileConfig | None = None) -> torch.Tensor:
+        return launch_ffn_in(self.x_RD, self.rows_R, self.offs_E, self.w_in_EDF, None, None, None, "relu", config)
+
+    def ffn_out(self, config: TileConfig | None = None) -> torch.Tensor:
+        return launch_ffn_out(self.h_RF, self.offs_E, self.w_out_EFD, None, self.rows_R, self.scale_R, config)
+
+
+def ceilings() -> tuple[list[list], float]:
+    data = torch.randn(2**29, device=DEVICE).to(DTYPE)
+    copy = torch.empty_like(data)
+    gib = data.numel() * data.element_size()
+    read_ms = graph_ms(lambda: data.sum(dtype=torch.float32))
+    copy_ms = graph_ms(lambda: copy.copy_(data))
+    del data, copy
+    a, b = randn(8192, 8192), randn(8192, 8192)
+    peak = 2 * 8192**3 / graph_ms(lambda: a @ b) / 1e9
+    return [["read 1 GiB (sum)", f"{gib / read_ms / 1e9:.2f} TB/s"],
+            ["copy 1 GiB (read + write)", f"{2 * gib / copy_ms / 1e9:.2f} TB/s"],
+            ["bf16 matmul 8192^3", f"{peak:.0f} TFLOP/s"]], peak
+
+
+def dense(peak: float) -> list[list]:
+    rows = []
+    for name, (m, k, n) in {"x @ w_in": (ROWS, D, F), "h @ w_out": (ROWS, F, D), "x @ w_in, f/4 shard": (ROWS, D, F // 4),
+                            "h @ w_out, f/4 shard": (ROWS, F // 4, D)}.items():
+        a, b = randn(m, k), randn(k, n)
+        ms = graph_ms(lambda: a @ b)
+        rows.append([f"cuBLAS {name} ({m}x{k}x{n})", ms, 2 * m * k * n / ms / 1e9, ms / (2 * m * k * n / peak / 1e9)])
+    return rows
+
+
+def routing_parts() -> dict[str, torch.Tensor]:
+    ids_TK, _ = synthetic_routing("skew", ROWS, E, 1, seed=0, device=DEVICE)
+    counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+    crowded = counts_E > ROWS // E
+    return {"skew: crowded experts alone": torch.where(crowded, counts_E, 0),
+            "skew: sparse experts alone": torch.where(crowded, 0, counts_E),
+            "skew: all (the target shape)": counts_E,
+            "uniform": torch.full((E,), ROWS // E, device=DEVICE),
+            "one expert, 16384 rows": torch.tensor([ROWS], device=DEVICE)}
+
+
+def parts(peak: float) -> list[list]:
+    rows = []
+    for name, counts_E in routing_parts().items():
+        experts = Experts(counts_E)
+        flops = 2 * experts.R * D * F
+        weight_bytes = experts.experts_used * D * F * DTYPE.itemsize
+        for kernel, run in (("ffn_in", experts.ffn_in), ("ffn_out", experts.ffn_out)):
+            ms = graph_ms(run)
+            rows.append([name, kernel, experts.R, experts.experts_used, ms, flops / ms / 1e9, weight_bytes / ms / 1e9,
+                         ms / (flops / peak / 1e9)])
+    return rows
+
+
+@contextlib.contextmanager
+def programs(count: int):
+    """Persistent launches inside get `count` programs (SMs) instead of one per SM."""
+    sm_count = grouped_ffn._sm_count
+    grouped_ffn._sm_count = lambda device_index: count
+    try:
+        yield
+    finally:
+        grouped_ffn._sm_count = sm_count
+
+
+def split() -> list[list]:
+    named = routing_parts()
+    crowded, sparse = Experts(named["skew: crowded experts alone"]), Experts(named["skew: sparse experts alone"])
+    sms, side = grouped_ffn._sm_count(DEVICE.index or 0), torch.cuda.Stream()
+    rows = []
+    for tile_name, tiles in SPARSE_TILES.items():
+        for kernel in ("ffn_in", "ffn_out"):
+            alone = graph_ms(lambda: getattr(sparse, kernel)(tiles))
+            row = [tile_name, kernel, alone]
+            for sparse_sms in SPLITS:
+                def both():
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side), programs(sparse_sms):
+                        getattr(sparse, kernel)(tiles)
+                    with programs(sms - sparse_sms):
+                        getattr(crowded, kernel)()
+                    torch.cuda.current_stream().wait_stream(side)
+                row.append(graph_ms(both))
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", action="store_true", help="also the two parts concurrently on disjoint SMs")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    print(" | ".join(f"{k} {v}" for k, v in environment(DEVICE).items()))
+    table, peak = ceilings()
+    print(tabulate(table, headers=["ceiling", "measured"], tablefmt="github"))
+    print(tabulate(dense(peak), headers=["dense", "ms", "TFLOP/s", "x floor"], tablefmt="github", floatfmt=".4g"))
+    print(tabulate(parts(peak), headers=["rows", "kernel", "R", "experts", "ms", "TFLOP/s", "weights TB/s", "x floor"],
+                   tablefmt="github", floatfmt=".4g"))
+    if args.split:
+        sms = grouped_ffn._sm_count(DEVICE.index or 0)
+        print(tabulate(split(), tablefmt="github", floatfmt=".4g", headers=[
+            "sparse experts' tiles", "kernel", "sparse alone ms",
+            *(f"both, {sms - s} + {s} SMs" for s in SPLITS)]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
