@@ -74,6 +74,8 @@ def test_rejects_bad_input():
         group_by_expert(torch.zeros(3), torch.zeros(3), 4, 1)
     with pytest.raises(Exception, match="must be positive"):
         group_by_expert(torch.zeros(3, dtype=torch.long), torch.zeros(3), 4, 0)
+    with pytest.raises(RuntimeError, match="out of bounds"):  # an id past the experts: never silently grouped
+        group_by_expert(torch.tensor([0, 4, 1]), torch.zeros(3), 4, 1)
 
 
 def test_opcheck():

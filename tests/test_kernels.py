@@ -378,6 +378,11 @@ def check_group_by_expert() -> None:
             want = (order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0))
             for name, g, w in zip(("order", "token", "weight", "counts", "offs"), got, want):
                 assert torch.equal(g, w), (name, rows, experts, routing)
+    # ids outside [0, E) are left out of every group; the others keep their places
+    ids_S = torch.tensor([2, 7, 0, -1, 2, 1])
+    order_S, token_S, _, counts_E, offs_E = launch_group_by_expert(ids_S, torch.rand(6), 3, 2)
+    assert order_S[:4].tolist() == [2, 5, 0, 4] and token_S[:4].tolist() == [1, 2, 0, 2]
+    assert counts_E.tolist() == [1, 1, 2] and offs_E.tolist() == [1, 2, 4]
     print("ok group_by_expert", flush=True)
 
 

@@ -1,5 +1,5 @@
-"""The expert FFN on expert-grouped rows as two torch ops, fused with the dispatch and the combine,
-and the grouping of the rows by expert that feeds them.
+"""The expert computation as three torch ops: the rows grouped by expert, then the expert FFN on
+them in two ops fused with the dispatch and the combine.
 
     order_S, token_S, weight_sorted_S, counts_E, offs_E = moeshard::group_by_expert(ids_S, weight_S, E, K)
     h_RF = moeshard::gather_grouped_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF?, b_in_EF?, b_gate_EF?, activation)
@@ -175,7 +175,8 @@ def group_by_expert(
     """(order_S, token_S, weight_sorted_S, counts_E, offs_E) of the S = T * K (token, slot) rows:
     order_S = torch.sort(ids_S, stable=True).indices, token_S = order_S // top_k,
     weight_sorted_S = weight_S[order_S], counts_E the rows per expert, offs_E = counts_E.cumsum(0).
-    ids must lie in [0, num_experts), as a router's top-k ids do."""
+    ids must lie in [0, num_experts), as a router's top-k ids do (others: the reference raises in
+    scatter_add, the CUDA kernels leave those rows out of every group)."""
     torch._check(ids_S.dim() == 1 and weight_S.shape == ids_S.shape,
                  lambda: f"group_by_expert: ids_S and weight_S must be 1-D of one length, got "
                          f"{tuple(ids_S.shape)} and {tuple(weight_S.shape)}")
