@@ -5,8 +5,9 @@
 
 Both compute, from the S = T * K routed (token, slot) rows' expert ids and weights, the rows in
 stable expert order, their tokens, their weights in that order, the rows per expert and the
-experts' row offsets. `torch_ops` is what the lowering emitted before: torch.sort of int16 keys,
-// K, a gather, scatter_add into E zeros, cumsum (five launches and CUB's sort passes);
+experts' row offsets. `torch_ops` (moeshard_compile.kernels.ops.sort_by_expert) is what the lowering
+emitted before: torch.sort of int16 keys, // K, a gather, scatter_add into E zeros, cumsum (five
+launches and CUB's sort passes);
 `group_by_expert` is the op (two Triton launches on CUDA). Each is checked equal to the other, then
 timed as CUDA graph replays (what reduce-overhead sees; launch gaps shrink to the GPU's own). A sort
 has no matmul floor; the memory floor is a few hundred KB, microseconds below either.
@@ -24,21 +25,10 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.moe_layer import environment, median_ms  # noqa: E402
-from moeshard_compile.kernels import ops  # noqa: E402, F401  (registers the op)
-from passes.lower import sort_key_dtype  # noqa: E402
+from moeshard_compile.kernels.ops import sort_by_expert  # noqa: E402  (and registers the op)
 
 SHAPES = [(16384, 64, 1), (16384, 64, 2), (30000, 64, 1), (16384, 128, 1), (4096, 128, 8), (16384, 8, 2)]
 SMOKE_SHAPES = [(64, 8, 1), (48, 4, 2)]
-
-
-def torch_ops(ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int):
-    order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
-    counts_E = ids_S.new_zeros(num_experts).scatter_add(0, ids_S, torch.ones_like(ids_S))
-    return order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0)
-
-
-def group_by_expert(ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int):
-    return torch.ops.moeshard.group_by_expert(ids_S, weight_S, num_experts, top_k)
 
 
 def time_ms(fn, device: torch.device) -> float:
@@ -60,10 +50,10 @@ def main(argv: list[str]) -> None:
     for T, E, K in SMOKE_SHAPES if args.smoke else SHAPES:
         ids_TK, weights_TK = synthetic_routing(args.routing, T, E, K, seed=0, device=device, dtype=torch.bfloat16)
         inputs = (ids_TK.reshape(-1), weights_TK.reshape(-1), E, K)
-        same = all(torch.equal(a, b) for a, b in zip(torch_ops(*inputs), group_by_expert(*inputs)))
-        if not same:
+        group_by_expert = torch.ops.moeshard.group_by_expert
+        if not all(torch.equal(a, b) for a, b in zip(sort_by_expert(*inputs), group_by_expert(*inputs))):
             raise SystemExit(f"group_by_expert differs from the torch ops at T {T} E {E} K {K}")
-        base, ours = time_ms(lambda: torch_ops(*inputs), device), time_ms(lambda: group_by_expert(*inputs), device)
+        base, ours = time_ms(lambda: sort_by_expert(*inputs), device), time_ms(lambda: group_by_expert(*inputs), device)
         rows.append([T, E, K, T * K, base, ours, base / ours])
     print(" | ".join(f"{k} {v}" for k, v in environment(device).items()), f"| routing {args.routing}")
     print(tabulate(rows, headers=["T", "E", "K", "rows", "torch_ops ms", "group_by_expert ms", "speed-up"],

@@ -75,9 +75,9 @@ from bench.moe_layer import (  # noqa: E402
     DEFAULT_PEAK_TFLOPS, DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops, median_ms,
     parse_with_smoke,
 )
-from moeshard_compile.kernels.ops import use_triton  # noqa: E402  (registers the fused ops)
+from moeshard_compile.kernels.ops import sort_by_expert, use_triton  # noqa: E402  (registers the fused ops)
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402  (registers the op)
-from passes.lower import ACTIVATIONS, sort_key_dtype  # noqa: E402
+from passes.lower import ACTIVATIONS  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG
@@ -190,16 +190,6 @@ def hf_eager(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activati
     return out_TD
 
 
-def dispatch(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """order_S, token_S, offs_E: the T*K rows sorted by expert with torch.sort, their tokens, group ends
-    (the baselines' dispatch; the backend uses moeshard::group_by_expert)."""
-    K = ids_TK.shape[1]
-    ids_S = ids_TK.reshape(-1)
-    order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
-    counts_E = ids_S.new_zeros(num_experts).scatter_add(0, ids_S, torch.ones_like(ids_S))  # static shape, unlike bincount
-    return order_S, order_S // K, counts_E.cumsum(0)
-
-
 def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str, *,
                     native: bool) -> torch.Tensor:
     """Sort, gather, grouped matmul, activation, grouped matmul, scale, index_add (passes/lower.py's graph).
@@ -207,13 +197,14 @@ def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, a
     native: torch._grouped_mm, else moeshard_bench::grouped_mm (its per-expert loop where _grouped_mm can't run).
     """
     act = ACTIVATIONS[activation]
-    order_S, token_S, offs_E = dispatch(ids_TK, w_in_EDF.shape[0])
+    _, token_S, weight_sorted_S, _, offs_E = sort_by_expert(
+        ids_TK.reshape(-1), weights_TK.reshape(-1), w_in_EDF.shape[0], ids_TK.shape[1])
     offs_E = offs_E.to(torch.int32)
     grouped_mm = torch._grouped_mm if native else torch.ops.moeshard_bench.grouped_mm
     x_SD = x_TD.index_select(0, token_S)
     h_SF = grouped_mm(x_SD, w_in_EDF, offs_E)
     h_SF = act(h_SF) if w_gate_EDF is None else act(grouped_mm(x_SD, w_gate_EDF, offs_E)) * h_SF
-    y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weights_TK.reshape(-1)[order_S, None]
+    y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weight_sorted_S[:, None]
     return torch.zeros_like(x_TD).index_add(0, token_S, y_SD)
 
 

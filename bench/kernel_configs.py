@@ -25,8 +25,9 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.routers import synthetic_routing  # noqa: E402
-from bench.expert_kernels import MODELS, Shape, dispatch, make_problem  # noqa: E402
+from bench.expert_kernels import MODELS, Shape, make_problem  # noqa: E402
 from bench.moe_layer import DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops  # noqa: E402
+from moeshard_compile.kernels.ops import sort_by_expert  # noqa: E402
 from moeshard_compile.kernels.grouped_ffn import (  # noqa: E402
     TileConfig, default_config, expert_bytes, launch_ffn_in, launch_ffn_out,
 )
@@ -97,9 +98,8 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     problem = make_problem(shape, dtype, device, seed=0)
     D, F_, gated, activation = MODELS[shape.model]
     ids_TK, weights_TK = synthetic_routing(shape.routing, shape.T, shape.E, shape.K, seed=0, device=device, dtype=dtype)
-    order_S, token_S, offs_E = dispatch(ids_TK, shape.E)
+    order_S, token_S, scale_S, _, offs_E = sort_by_expert(ids_TK.reshape(-1), weights_TK.reshape(-1), shape.E, shape.K)
     offs32_E = offs_E.to(torch.int32)
-    scale_S = weights_TK.reshape(-1)[order_S]
     x_SD = problem.x_TD.index_select(0, token_S)
     w_in, w_gate, w_out = problem.w_in_EDF, problem.w_gate_EDF, problem.w_out_EFD
     act = ACTIVATIONS[activation]

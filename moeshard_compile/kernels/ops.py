@@ -184,6 +184,14 @@ def group_by_expert(
     torch._check(num_experts >= 1 and top_k >= 1, lambda: "group_by_expert: num_experts and top_k must be positive")
     if HAS_TRITON and ids_S.is_cuda and num_experts <= MAX_EXPERTS:
         return launch_group_by_expert(ids_S, weight_S, num_experts, top_k)
+    return sort_by_expert(ids_S, weight_S, num_experts, top_k)
+
+
+def sort_by_expert(
+    ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """group_by_expert's five outputs from torch ops (a stable torch.sort of narrow keys, scatter_add,
+    cumsum): its path off CUDA, and the dispatch of the benchmarks' torch baselines."""
     order_S = torch.sort(ids_S.to(sort_key_dtype(num_experts)), stable=True).indices
     ids64_S = ids_S.long()
     counts_E = ids64_S.new_zeros(num_experts).scatter_add_(0, ids64_S, torch.ones_like(ids64_S))
