@@ -3,6 +3,7 @@ cuBLAS, and the kernels on parts of one skewed routing.
 
     python bench/expert_ceilings.py            # H100, about a minute
     python bench/expert_ceilings.py --split    # and the crowded and sparse experts as two kernels on disjoint SMs
+    python bench/expert_ceilings.py --coresident   # ... as two kernels sharing every SM
 
 Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA-graph replay:
   ceilings   a 1 GiB read (sum) and copy (bytes read + written), an 8192^3 matmul;
@@ -17,6 +18,9 @@ Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA
              rest (two streams in one CUDA graph, each kernel's persistent grid cut to its share),
              with 128- and 64-row tiles for the sparse part: what a kernel that splits its SMs
              between the two kinds of tile could gain at best.
+  --coresident  both parts at once on every SM: with 128x128 tiles (106 KB of shared memory) two
+             programs fit one SM, so each SM can multiply for a crowded expert while it streams a
+             sparse expert's weights; also the whole routing with two programs per SM.
 Names: R rows, D d_model, F d_ff, E experts.
 """
 
@@ -43,6 +47,7 @@ DTYPE = torch.bfloat16
 SPARSE_TILES = {"128x256 (default)": TileConfig(128, 256, 64, 8, 4, persistent_tma=True, tma_rows=True),
                 "64x256 w4 s5": TileConfig(64, 256, 64, 4, 5, persistent_tma=True, tma_rows=True)}
 SPLITS = (22, 33, 44, 66)  # SMs given to the sparse experts' kernel
+CORESIDENT_TILES = TileConfig(128, 128, 64, 4, 3, persistent_tma=True, tma_rows=True)  # 106 KB of shared memory: 2 programs per SM
 
 
 def graph_ms(fn) -> float:
@@ -137,31 +142,57 @@ def programs(count: int):
         grouped_ffn._sm_count = sm_count
 
 
+def concurrently(kernel: str, crowded: Experts, crowded_tiles: TileConfig | None, crowded_sms: int,
+                 sparse: Experts, sparse_tiles: TileConfig | None, sparse_sms: int) -> float:
+    """ms of the crowded and the sparse experts' kernels at once (two streams in one CUDA graph), each
+    persistent grid cut to its number of programs."""
+    side = torch.cuda.Stream()
+
+    def both():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), programs(sparse_sms):
+            getattr(sparse, kernel)(sparse_tiles)
+        with programs(crowded_sms):
+            getattr(crowded, kernel)(crowded_tiles)
+        torch.cuda.current_stream().wait_stream(side)
+    return graph_ms(both)
+
+
 def split() -> list[list]:
     named = routing_parts()
     crowded, sparse = Experts(named["skew: crowded experts alone"]), Experts(named["skew: sparse experts alone"])
-    sms, side = grouped_ffn._sm_count(DEVICE.index or 0), torch.cuda.Stream()
+    sms = grouped_ffn._sm_count(DEVICE.index or 0)
     rows = []
     for tile_name, tiles in SPARSE_TILES.items():
         for kernel in ("ffn_in", "ffn_out"):
             alone = graph_ms(lambda: getattr(sparse, kernel)(tiles))
-            row = [tile_name, kernel, alone]
-            for sparse_sms in SPLITS:
-                def both():
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side), programs(sparse_sms):
-                        getattr(sparse, kernel)(tiles)
-                    with programs(sms - sparse_sms):
-                        getattr(crowded, kernel)()
-                    torch.cuda.current_stream().wait_stream(side)
-                row.append(graph_ms(both))
-            rows.append(row)
+            rows.append([tile_name, kernel, alone, *(concurrently(kernel, crowded, None, sms - sparse_sms, sparse, tiles,
+                                                                  sparse_sms) for sparse_sms in SPLITS)])
+    return rows
+
+
+def coresident() -> list[list]:
+    """Both parts at once on every SM, in tiles small enough for two programs to share one SM."""
+    named = routing_parts()
+    full, crowded, sparse = (Experts(named[name]) for name in (
+        "skew: all (the target shape)", "skew: crowded experts alone", "skew: sparse experts alone"))
+    sms = grouped_ffn._sm_count(DEVICE.index or 0)
+    rows = []
+    for kernel in ("ffn_in", "ffn_out"):
+        for tile_name, tiles in (("128x256 w8 s4 (default)", None), ("128x128 w4 s3", CORESIDENT_TILES)):
+            with programs(2 * sms):
+                two_per_sm = graph_ms(lambda: getattr(full, kernel)(tiles))
+            rows.append([kernel, tile_name, graph_ms(lambda: getattr(full, kernel)(tiles)), two_per_sm,
+                         graph_ms(lambda: getattr(crowded, kernel)(tiles)), graph_ms(lambda: getattr(sparse, kernel)(tiles)),
+                         concurrently(kernel, crowded, tiles, sms, sparse, tiles, sms)])
     return rows
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", action="store_true", help="also the two parts concurrently on disjoint SMs")
+    parser.add_argument("--coresident", action="store_true",
+                        help="also the two parts concurrently on every SM, two programs per SM")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     print(" | ".join(f"{k} {v}" for k, v in environment(DEVICE).items()))
@@ -175,6 +206,10 @@ def main(argv: list[str]) -> None:
         print(tabulate(split(), tablefmt="github", floatfmt=".4g", headers=[
             "sparse experts' tiles", "kernel", "sparse alone ms",
             *(f"both, {sms - s} + {s} SMs" for s in SPLITS)]))
+    if args.coresident:
+        print(tabulate(coresident(), tablefmt="github", floatfmt=".4g", headers=[
+            "kernel", "tiles", "all, 1 program per SM", "all, 2 per SM", "crowded alone", "sparse alone",
+            "crowded + sparse at once, each on every SM"]))
 
 
 if __name__ == "__main__":

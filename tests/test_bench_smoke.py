@@ -1,4 +1,4 @@
-"""bench/expert_kernels.py, bench/encoder.py and bench/dispatch.py --smoke end to end, so that the scripts a GPU session runs cannot rot.
+"""The bench scripts a GPU session runs, end to end on CPU (--smoke) or as far as CPU allows (--help, an sm_90 compile), so that they cannot rot.
 
 A subprocess, as the GPU session runs it: tiny shapes on CPU, every variant, about 30 s on 2 cores
 with a cold Inductor cache (conftest gives each test run its own).
@@ -68,3 +68,23 @@ def test_expert_ceilings_imports_and_parses():
     """bench/expert_ceilings.py needs a GPU to measure; here its imports and options must still hold."""
     result = run_bench("expert_ceilings.py", "--help")
     assert "--split" in result.stdout
+
+
+def test_gluon_experts_imports_and_parses():
+    """bench/gluon_experts.py needs an H100 to run; here its imports and options must still hold."""
+    result = run_bench("gluon_experts.py", "--help")
+    assert "Gluon" in result.stdout
+
+
+@pytest.mark.parametrize("variant", ["pingpong 2x[128,128] s4", "cooperative [128,256] s4"])
+def test_gluon_experts_kernel_compiles_for_sm90(variant):
+    """Gluon has no interpreter, so compiling for sm_90 is CI's check: warp-specialised (setmaxnreg moves
+    registers between the partitions), wgmma and TMA, and the ring fits an H100's shared memory."""
+    sys.path.insert(0, str(ROOT))
+    from bench.gluon_experts import compile_for_sm90
+
+    for ffn_out in (False, True):
+        compiled = compile_for_sm90(variant, ffn_out)
+        ptx = compiled.asm["ptx"]
+        assert "setmaxnreg" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, variant
+        assert compiled.metadata.num_warps == 12 and compiled.metadata.shared <= 232448, compiled.metadata
