@@ -4,6 +4,7 @@ cuBLAS, and the kernels on parts of one skewed routing.
     python bench/expert_ceilings.py            # H100, about a minute
     python bench/expert_ceilings.py --split    # and the crowded and sparse experts as two kernels on disjoint SMs
     python bench/expert_ceilings.py --coresident   # ... as two kernels sharing every SM
+    ncu --clock-control none -k regex:_ffn_ --section SpeedOfLight python bench/expert_ceilings.py --profile
 
 Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA-graph replay:
   ceilings   a 1 GiB read (sum) and copy (bytes read + written), an 8192^3 matmul;
@@ -21,6 +22,8 @@ Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA
   --coresident  both parts at once on every SM: with 128x128 tiles (106 KB of shared memory) two
              programs fit one SM, so each SM can multiply for a crowded expert while it streams a
              sparse expert's weights; also the whole routing with two programs per SM.
+  --profile  nothing timed: each kernel launched on each part of the routing, after a warm-up
+             launch, for a profiler to measure (the ncu line above).
 Names: R rows, D d_model, F d_ff, E experts.
 """
 
@@ -188,13 +191,26 @@ def coresident() -> list[list]:
     return rows
 
 
+def profile() -> None:
+    """Each kernel on each part, once after a warm-up, with nothing else launched around them."""
+    for name, counts_E in routing_parts().items():
+        experts = Experts(counts_E)
+        for _ in range(2):
+            experts.ffn_in(), experts.ffn_out()
+        torch.cuda.synchronize()
+        print("launched ffn_in and ffn_out twice (warm-up, profiled):", name, flush=True)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", action="store_true", help="also the two parts concurrently on disjoint SMs")
     parser.add_argument("--coresident", action="store_true",
                         help="also the two parts concurrently on every SM, two programs per SM")
+    parser.add_argument("--profile", action="store_true", help="only launch the kernels, for a profiler (ncu)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.profile:
+        return profile()
     print(" | ".join(f"{k} {v}" for k, v in environment(DEVICE).items()))
     table, peak = ceilings()
     print(tabulate(table, headers=["ceiling", "measured"], tablefmt="github"))
