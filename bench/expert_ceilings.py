@@ -192,11 +192,12 @@ def coresident() -> list[list]:
 
 
 def profile() -> None:
-    """Each kernel on each part, once after a warm-up, with nothing else launched around them."""
+    """Each kernel on each part, twice after the launch that makes h, with nothing else around them."""
     for name, counts_E in routing_parts().items():
         experts = Experts(counts_E)
         for _ in range(2):
-            experts.ffn_in(), experts.ffn_out()
+            experts.ffn_in()
+            experts.ffn_out()
         torch.cuda.synchronize()
         print("launched ffn_in and ffn_out twice (warm-up, profiled):", name, flush=True)
 

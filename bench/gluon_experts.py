@@ -11,8 +11,9 @@ tiles into a ring of shared-memory buffers, independently of the MMAs, and eithe
   cooperative  one consumer of two warpgroups takes each [128, 256] tile (the Triton kernels' tile).
 The question it answers: does decoupling the loads let the sparse experts' weight streaming
 overlap the crowded experts' MMAs under skewed routing? The rows, grouping and epilogues are the
-Triton kernels' (ffn_in's x[rows] copied first, as its default does at F = 4 D), so every output
-must be bit-identical to theirs; the script exits non-zero if one is not. Not used by the backend:
+Triton kernels' (ffn_in reads a copy of x[rows], since TMA cannot gather; the Triton default copies
+too at F = 4 D, not on the f/4 shard), so every output must be bit-identical to theirs; the script
+exits non-zero if one is not. Not used by the backend:
 docs/performance.md has the numbers and why.
 
 Gluon is Triton's experimental tile-level language (triton.experimental.gluon): it runs only on
