@@ -12,3 +12,11 @@ def assert_close_to_eager(out: torch.Tensor, ref: torch.Tensor) -> None:
     err = (out.double() - ref.double()).abs().max().item() if out.numel() else 0.0
     limit = TOL[ref.dtype] * (1 + ref.double().abs().max().item() if ref.numel() else 1)
     assert err <= limit, f"max error {err:.3g} > {limit:.3g} ({ref.dtype})"
+
+
+def grouping_by_definition(ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int):
+    """moeshard::group_by_expert's five outputs from their definitions: a stable sort, a floor
+    division, a gather, bincount and its cumsum."""
+    order_S = torch.sort(ids_S, stable=True).indices
+    counts_E = torch.bincount(ids_S, minlength=num_experts)
+    return order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0)

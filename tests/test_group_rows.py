@@ -12,16 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops  # noqa: F401  (registers the op)
 
 group_by_expert = torch.ops.moeshard.group_by_expert.default
-
-
-def expected(ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int):
-    """The five outputs from their definitions: a stable sort, a floor division, a gather, bincount, cumsum."""
-    order_S = torch.sort(ids_S, stable=True).indices
-    counts_E = torch.bincount(ids_S, minlength=num_experts)
-    return order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0)
 
 
 def routed_ids(counts: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -33,7 +27,8 @@ def routed_ids(counts: list[int], generator: torch.Generator) -> torch.Tensor:
 def check(ids_S: torch.Tensor, num_experts: int, top_k: int, generator: torch.Generator) -> None:
     weight_S = torch.rand(ids_S.shape[0], generator=generator)
     got = group_by_expert(ids_S, weight_S, num_experts, top_k)
-    for name, g, want in zip(("order", "token", "weight", "counts", "offs"), got, expected(ids_S, weight_S, num_experts, top_k)):
+    want_all = grouping_by_definition(ids_S, weight_S, num_experts, top_k)
+    for name, g, want in zip(("order", "token", "weight", "counts", "offs"), got, want_all):
         assert torch.equal(g, want), (name, g, want)
     assert all(t.dtype == torch.int64 for t in (got[0], got[1], got[3], got[4]))
 
@@ -88,5 +83,5 @@ def test_under_inductor():
     generator = torch.Generator().manual_seed(2)
     ids_S, weight_S = routed_ids([4, 1, 0, 6], generator), torch.rand(11, generator=generator)
     compiled = torch.compile(lambda ids, w: group_by_expert(ids, w, 4, 1), fullgraph=True)
-    for got, want in zip(compiled(ids_S, weight_S), expected(ids_S, weight_S, 4, 1)):
+    for got, want in zip(compiled(ids_S, weight_S), grouping_by_definition(ids_S, weight_S, 4, 1)):
         assert torch.equal(got, want)

@@ -21,6 +21,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops as kernel_ops
 from passes.lower import ACTIVATIONS
 
@@ -373,9 +374,7 @@ def check_group_by_expert() -> None:
                 ids_S = ids_S - ids_S % 3
             weight_S = torch.rand(rows, generator=generator).to(torch.bfloat16)
             got = launch_group_by_expert(ids_S, weight_S, experts, top_k)
-            order_S = torch.sort(ids_S, stable=True).indices
-            counts_E = torch.bincount(ids_S, minlength=experts)
-            want = (order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0))
+            want = grouping_by_definition(ids_S, weight_S, experts, top_k)
             for name, g, w in zip(("order", "token", "weight", "counts", "offs"), got, want):
                 assert torch.equal(g, w), (name, rows, experts, routing)
     # ids outside [0, E) are left out of every group; the others keep their places

@@ -13,6 +13,7 @@ import functools
 import pytest
 import torch
 
+from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops  # noqa: F401  (registers the fused ops)
 from passes.lower import ACTIVATIONS
 
@@ -161,8 +162,6 @@ def test_group_by_expert_on_gpu(rows, experts, top_k, routing):
         ids_S = torch.where(torch.rand(rows, generator=g, device="cuda") < 0.8, ids_S % max(1, experts // 10), ids_S)
     weight_S = torch.rand(rows, generator=g, device="cuda")
     got = torch.ops.moeshard.group_by_expert(ids_S, weight_S, experts, top_k)
-    order_S = torch.sort(ids_S, stable=True).indices
-    counts_E = torch.bincount(ids_S, minlength=experts)
     for name, g_, want in zip(("order", "token", "weight", "counts", "offs"), got,
-                              (order_S, order_S // top_k, weight_S[order_S], counts_E, counts_E.cumsum(0))):
+                              grouping_by_definition(ids_S, weight_S, experts, top_k)):
         assert torch.equal(g_, want), name
