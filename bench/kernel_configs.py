@@ -36,6 +36,9 @@ from passes.lower import ACTIVATIONS  # noqa: E402
 SHAPES = {
     "switch-base/E64/T16384/k1/skew": Shape("switch-base", 64, 16384, 1, "skew"),
     "switch-base/E64/T16384/k1/uniform": Shape("switch-base", 64, 16384, 1, "uniform"),
+    "switch-base/E64/T16384/k1/zipf": Shape("switch-base", 64, 16384, 1, "zipf"),
+    "switch-base/E64/T16384/k2/skew": Shape("switch-base", 64, 16384, 2, "skew"),
+    "switch-base/E128/T16384/k1/skew": Shape("switch-base", 128, 16384, 1, "skew"),
     "switch-base/E8/T16384/k1/skew": Shape("switch-base", 8, 16384, 1, "skew"),
     "switch-base-f4/E64/T16384/k1/skew": Shape("switch-base-f4", 64, 16384, 1, "skew"),
     "switch-base-f8/E64/T16384/k1/skew": Shape("switch-base-f8", 64, 16384, 1, "skew"),
@@ -51,17 +54,21 @@ TILES = [
 ZIGZAG_TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 64, 64, 8, 4)]  # the fastest, in zigzag order too
 PERSISTENT_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (256, 128, 64, 8, 4),
                     (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
+STREAM_TILE_COSTS = (0.8, 0.9, 1.0, 1.15, 1.3)  # the default persistent tiles, their programs split (grouped_ffn._share)
+SPLIT_TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]
 CANDIDATES = (
     [TileConfig(*tile) for tile in TILES] + [TileConfig(*tile, zigzag=True) for tile in ZIGZAG_TILES]
     + [TileConfig(*tile, persistent_tma=True) for tile in PERSISTENT_TILES]
     + [TileConfig(*tile, persistent_tma=True, tma_rows=True) for tile in PERSISTENT_TILES]
+    + [TileConfig(*tile, persistent_tma=True, tma_rows=rows, stream_tile_cost=cost)
+       for tile in SPLIT_TILES for cost in STREAM_TILE_COSTS for rows in (False, True)]
 )
 
 
 def config_label(config: TileConfig) -> str:
-    """128x256x64 w8 s4 [persistent tma [rows] | zigzag]"""
-    flags = (["persistent tma"] + ["rows"] * config.tma_rows if config.persistent_tma
-             else ["zigzag"] if config.zigzag else [])
+    """128x256x64 w8 s4 [persistent tma [rows] [split c] | zigzag]"""
+    flags = (["persistent tma"] + ["rows"] * config.tma_rows + [f"split {config.stream_tile_cost:g}"] * (
+        config.stream_tile_cost > 0) if config.persistent_tma else ["zigzag"] if config.zigzag else [])
     return " ".join([f"{config.block_m}x{config.block_n}x{config.block_k} w{config.num_warps} s{config.num_stages}", *flags])
 
 
@@ -72,6 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="for --measure-peak")
     parser.add_argument("--rep-ms", type=float, default=50.0)
+    parser.add_argument("--repeat", type=int, default=1, help="time every candidate this many times, round-robin; report the median")
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no new shape after this many seconds")
     parser.add_argument("--configs", default=None, help="regex: time only the candidates whose label matches (re.search)")
     parser.add_argument("--json", type=Path, default=None)
@@ -79,18 +87,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def time_config(run, reference, floor_ms: float, args) -> dict:
-    """Check run() against reference (a tensor), then time it; failures (out of resources) become the row.
+def time_entries(entries: list[tuple], repeat: int, rep_ms: float) -> list[dict]:
+    """Check each (run, reference, floor_ms) entry once, then time the runnable ones `repeat` times
+    round-robin; a failure (out of resources) becomes that entry's row.
 
     Timed as CUDA graph replays: the kernels alone, without the host's launch cost (which is
     what the compiled model sees: Inductor's wrapper, and CUDA graphs under reduce-overhead).
+    Round-robin rounds spread the machine's drift (clocks, temperature) over every candidate
+    instead of the last ones; `spread` is (slowest - fastest) / median over the rounds.
     """
-    try:
-        err = max_rel_error(run(), reference)
-        ms = triton.testing.do_bench_cudagraph(run, rep=args.rep_ms, return_mode="median")
-        return {"median_ms": ms, "x_floor": ms / floor_ms, "max_rel_err": err}
-    except Exception as error:  # noqa: BLE001  (a config the chip cannot run: say so, try the next)
-        return {"median_ms": None, "x_floor": None, "max_rel_err": None, "error": f"{type(error).__name__}: {str(error)[:120]}"}
+    results, runnable = [], []
+    for i, (run, reference, floor_ms) in enumerate(entries):
+        try:
+            results.append({"max_rel_err": max_rel_error(run(), reference), "times": []})
+            runnable.append(i)
+        except Exception as error:  # noqa: BLE001  (a config the chip cannot run: say so, try the next)
+            results.append({"median_ms": None, "x_floor": None, "max_rel_err": None,
+                            "error": f"{type(error).__name__}: {str(error)[:120]}"})
+    for _ in range(repeat):
+        for i in runnable:
+            results[i]["times"].append(triton.testing.do_bench_cudagraph(entries[i][0], rep=rep_ms, return_mode="median"))
+    for i in runnable:
+        times = sorted(results[i].pop("times"))
+        ms = times[len(times) // 2]
+        results[i].update(median_ms=ms, x_floor=ms / entries[i][2], spread=(times[-1] - times[0]) / ms)
+    return results
 
 
 def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> list[dict]:
@@ -114,14 +135,11 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     rows_S = token_S.shape[0]
     in_floor = (2 if gated else 1) * 2 * rows_S * D * F_ / (peak_tflops * 1e12) * 1e3
     out_floor = 2 * rows_S * D * F_ / (peak_tflops * 1e12) * 1e3
-    rows = []
-
-    def record(kernel: str, config: str, result: dict, floor_ms: float) -> None:
-        rows.append({"shape": shape.name, "kernel": kernel, "config": config, "floor_ms": floor_ms, **result})
-
-    record("ffn_in", "_grouped_mm (pre-gathered x)", time_config(grouped_in, h_SF, in_floor, args), in_floor)
-    record("ffn_out", "_grouped_mm (no scale, no scatter)",
-           time_config(lambda: torch._grouped_mm(h_SF, w_out, offs=offs32_E), y_mm_SD, out_floor, args), out_floor)
+    entries: list[tuple[str, str, tuple]] = [
+        ("ffn_in", "_grouped_mm (pre-gathered x)", (grouped_in, h_SF, in_floor)),
+        ("ffn_out", "_grouped_mm (no scale, no scatter)",
+         (lambda: torch._grouped_mm(h_SF, w_out, offs=offs32_E), y_mm_SD, out_floor)),
+    ]
     chosen = {"ffn_in": default_config(dtype, gated, expert_bytes(w_in), tma_rows=F_ >= 2 * D),
               "ffn_out": default_config(dtype, expert_bytes=expert_bytes(w_out))}
     for config in CANDIDATES:
@@ -132,18 +150,20 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
         def labelled(kernel: str) -> str:
             return label + (" default" if config == chosen[kernel] else "")
 
-        record("ffn_in", labelled("ffn_in"), time_config(
-            lambda: launch_ffn_in(problem.x_TD, token_S, offs_E, w_in, w_gate, None, None, activation, config),
-            h_SF, in_floor, args), in_floor)
-        record("ffn_out", labelled("ffn_out"), time_config(
-            lambda: launch_ffn_out(h_SF, offs_E, w_out, None, order_S, scale_S, config), y_ref_SD, out_floor, args),
-            out_floor)
-    columns = ("kernel", "config", "median_ms", "x_floor", "max_rel_err", "error")
+        entries.append(("ffn_in", labelled("ffn_in"), (
+            lambda config=config: launch_ffn_in(problem.x_TD, token_S, offs_E, w_in, w_gate, None, None, activation, config),
+            h_SF, in_floor)))
+        entries.append(("ffn_out", labelled("ffn_out"), (
+            lambda config=config: launch_ffn_out(h_SF, offs_E, w_out, None, order_S, scale_S, config), y_ref_SD, out_floor)))
+    results = time_entries([entry for _, _, entry in entries], args.repeat, args.rep_ms)
+    rows = [{"shape": shape.name, "kernel": kernel, "config": label, "floor_ms": entry[2], **result}
+            for (kernel, label, entry), result in zip(entries, results)]
+    columns = ("kernel", "config", "median_ms", "x_floor", "spread", "max_rel_err", "error")
     print(f"\n## {shape.name} (D {D}, F {F_}{', gated' if gated else ''}): floors ffn_in {in_floor:.4g} ms, "
           f"ffn_out {out_floor:.4g} ms")
     ordered = sorted(rows, key=lambda r: (r["kernel"], r["median_ms"] is None, r["median_ms"] or 0))
     print(tabulate([[r.get(c) for c in columns] for r in ordered], headers=columns, tablefmt="github",
-                   floatfmt=("", "", ".4g", ".3g", ".2e", ""), missingval=""))
+                   floatfmt=("", "", ".4g", ".3g", ".1%", ".2e", ""), missingval=""))
     return rows
 
 

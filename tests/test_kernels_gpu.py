@@ -55,15 +55,18 @@ def float64_reference(x_XD, rows_R, offs_E, w_in, w_gate, b_in, b_gate, w_out, b
     return h_RF, y_RD
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype,loop", [(dtype, loop) for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                                        for loop in ("default", "per_tile", "split_rows")
+                                        if dtype.itemsize == 2 or loop != "split_rows"])
 @pytest.mark.parametrize("routing", list(COUNTS))
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("loop", ["default", "per_tile"])
 def test_kernels_match_float64_on_gpu(dtype, routing, gated, loop):
     """D and F not multiples of the blocks; fresh random inputs each run; zero routing weights kept.
 
-    loop: the ops' default kernels (persistent TMA in bf16 and fp16), or one program per tile
-    with pointer loads (the fallback for other layouts, and fp32's default)."""
+    loop: the ops' default kernels (persistent TMA in bf16 and fp16), one program per tile with
+    pointer loads (the fallback for other layouts, and fp32's default), or the persistent kernels
+    with rows by TMA and the programs split between sparse and crowded experts in both (the
+    default does so in ffn_in only where F >= 2 D)."""
     g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**32)
     E, X, D, F = 8, 700, 264, 328
     counts = COUNTS[routing] or torch.randint(0, 300, (E,), generator=g, device="cuda").tolist()
@@ -86,8 +89,10 @@ def test_kernels_match_float64_on_gpu(dtype, routing, gated, loop):
                                      dest_R, scale_R, activation)
 
     run_in, run_out = ffn_in, ffn_out
-    if loop == "per_tile":
-        config = dataclasses.replace(grouped_ffn.default_config(dtype, gated), persistent_tma=False)
+    if loop != "default":
+        config = grouped_ffn.default_config(dtype, gated)
+        config = (dataclasses.replace(config, persistent_tma=False) if loop == "per_tile" else
+                  dataclasses.replace(config, tma_rows=True, stream_tile_cost=grouped_ffn.STREAM_TILE_COST))
         run_in = functools.partial(grouped_ffn.launch_ffn_in, config=config)
         run_out = functools.partial(grouped_ffn.launch_ffn_out, config=config)
     poison_allocator(dtype)

@@ -59,9 +59,12 @@ class TileConfig:
     persistent_tma: bool = False  # one program per SM, weights by TMA, where the layout allows (see _use_tma)
     tma_rows: bool = False  # persistent_tma: rows by TMA too (ffn_out's h; ffn_in's x after copying x[rows])
     zigzag: bool = False  # one program per tile only: tiles taken from both ends of the expert order (see _tile)
+    stream_tile_cost: float = 0.0  # persistent_tma: > 0 splits the programs between stream and MMA tiles (_share)
 
 
 ZIGZAG_MAX_EXPERT_BYTES = 16 * 2**20  # a weight matrix this small stays in the H100's 50 MB L2 beside another
+STREAM_TILE_COST = 1.0  # 128-row tiles on an H100: a sparse expert's tile takes about an MMA-bound tile's time
+MAX_PERSISTENT_PROGRAMS = tl.constexpr(256)  # the persistent grid's cap (an H100 has 132 SMs): _share weighs every split at once
 
 
 def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 0, tma_rows: bool = True) -> TileConfig:
@@ -73,11 +76,14 @@ def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 
     epilogue would not fit shared memory beside 4 stages); otherwise one program per tile, in
     zigzag order where one expert's weight matrix (`expert_bytes`) is small: 4-6% faster on
     Switch-Base's 4.7 MB experts under skew, 38% slower on Mixtral's 117 MB ones. `tma_rows`: see
-    launch_ffn_in, which asks for it only where the copy of x[rows] pays.
+    launch_ffn_in, which asks for it only where the copy of x[rows] pays. The persistent programs
+    are split between the sparse and the crowded experts' tiles (_share) where the rows come by
+    TMA: 5-8% faster under skew; with gathered rows (ffn_in at F < 2 D) it measured no faster.
     """
     return TileConfig(block_m=128, block_n=128 if gated else 256, block_k=128 // dtype.itemsize, num_warps=8,
                       num_stages=4, persistent_tma=dtype.itemsize == 2, tma_rows=tma_rows,
-                      zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES)
+                      zigzag=0 < expert_bytes <= ZIGZAG_MAX_EXPERT_BYTES,
+                      stream_tile_cost=STREAM_TILE_COST if tma_rows else 0.0)
 
 
 def expert_bytes(w_EAB: torch.Tensor) -> int:
@@ -146,6 +152,51 @@ def _schedule(offs_ptr, R, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     starts = tl.minimum(tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0).to(tl.int32), ends)
     tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
     return starts, ends, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _share(starts, ends, tiles, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, STREAM_TILE_COST: tl.constexpr):
+    """A persistent program's tiles: every step-th from first up to total, of the experts whose
+    M tiles are tiles_E (tile ids as _tile numbers them over those experts alone).
+
+    With STREAM_TILE_COST = 0 every program takes every num_programs-th tile of every expert. Under
+    skew that runs the crowded experts' tiles (bound by the MMAs) and the sparse experts' (one M
+    tile each, bound by streaming the expert's weights from DRAM) in separate waves, and a kernel
+    costs about the sum of the two. With STREAM_TILE_COST > 0 the sparse experts' tiles go to the
+    first p_s programs and the others' to the rest, so that the two run at once. One stream tile
+    is taken to cost STREAM_TILE_COST MMA tiles (a ratio that holds for any K and N: both costs
+    scale with K * BLOCK_N), and p_s minimises the later of the two groups' ends, counted in
+    whole waves (cdiv(tiles, programs)): a split that leaves one group a fraction of a wave more
+    costs the whole wave. Ties go to the split nearest the two groups' fractional balance.
+    """
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    if STREAM_TILE_COST > 0:
+        stream_E = ends - starts <= BLOCK_M
+        stream_tiles_E = tl.where(stream_E, tiles, 0)
+        mma_tiles_E = tiles - stream_tiles_E
+        stream_total = tl.sum(stream_tiles_E, 0) * NUM_N
+        mma_total = tl.sum(mma_tiles_E, 0) * NUM_N
+        p_P = tl.arange(0, MAX_PERSISTENT_PROGRAMS)
+        valid_P = (p_P >= 1) & (p_P < programs)
+        stream_P = tl.maximum(p_P, 1)
+        mma_P = tl.maximum(programs - p_P, 1)
+        waves_P = tl.maximum(((stream_total + stream_P - 1) // stream_P).to(tl.float32) * STREAM_TILE_COST,
+                             ((mma_total + mma_P - 1) // mma_P).to(tl.float32))
+        balance_P = tl.maximum(stream_total.to(tl.float32) * STREAM_TILE_COST / stream_P.to(tl.float32),
+                               mma_total.to(tl.float32) / mma_P.to(tl.float32))
+        waves_P = tl.where(valid_P, waves_P, float("inf"))
+        fewest_waves = tl.min(waves_P, 0)
+        p_s = tl.argmin(tl.where(waves_P == fewest_waves, balance_P, float("inf")), 0).to(tl.int32)
+        p_s = tl.where(stream_total > 0, p_s, 0)
+        p_s = tl.where(mma_total > 0, p_s, programs)
+        streams = pid < p_s
+        first = tl.where(streams, pid, pid - p_s)
+        total = tl.where(streams, stream_total, mma_total)
+        step = tl.where(streams, p_s, programs - p_s)
+        tiles_E = tl.where(streams, stream_tiles_E, mma_tiles_E)
+    else:
+        first, total, step, tiles_E = pid, tl.sum(tiles, 0) * NUM_N, programs, tiles
+    return first, total, step, tiles_E
 
 
 @triton.jit
@@ -287,7 +338,7 @@ def _ffn_in_kernel(
     stride_hR, stride_hF,
     GATED: tl.constexpr, HAS_B_IN: tl.constexpr, HAS_B_GATE: tl.constexpr, ACTIVATION: tl.constexpr,
     ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr, E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    ZIGZAG: tl.constexpr, PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr,
+    ZIGZAG: tl.constexpr, PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr, STREAM_TILE_COST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """h tiles: one per program with pointer loads, or (PERSISTENT_TMA) every num_programs-th tile
@@ -295,15 +346,16 @@ def _ffn_in_kernel(
     next tile's loads overlap this one's epilogue (ffn_in 6-11% faster on Switch-Base and Mixtral
     shapes; persistent with pointer loads was 1.7x slower: its flattened loop kept 2 stages)."""
     starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
-    total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
+        first, total, step, tiles = _share(starts, ends, tiles, NUM_N, BLOCK_M, STREAM_TILE_COST)
+        tile_ends = tl.cumsum(tiles, 0)
         w_in = _weight_descriptor(w_in_ptr, E, D, F, stride_wE, stride_wD, BLOCK_K, BLOCK_N)
         if GATED:
             w_gate = _weight_descriptor(w_gate_ptr, E, D, F, stride_gE, stride_gD, BLOCK_K, BLOCK_N)
         else:
             w_gate = w_in
         x = _rows_source(x_ptr, R, D, stride_xX, TMA_ROWS, BLOCK_M, BLOCK_K)
-        for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+        for tile_id in tl.range(first, total, step, flatten=True):
             _ffn_in_tile(
                 tile_id, starts, ends, tiles, tile_ends, x, rows_ptr, w_in, w_gate, b_in_ptr, b_gate_ptr,
                 h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD, stride_gF,
@@ -311,7 +363,7 @@ def _ffn_in_kernel(
                 ACTIVATION, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA, TMA_ROWS,
                 BLOCK_M, BLOCK_N, BLOCK_K,
             )
-    elif tl.program_id(0) < total:  # programs past the last real tile return at once
+    elif tl.program_id(0) < tl.sum(tiles, 0) * NUM_N:  # programs past the last real tile return at once
         _ffn_in_tile(
             tl.program_id(0), starts, ends, tiles, tile_ends, x_ptr, rows_ptr, w_in_ptr, w_gate_ptr, b_in_ptr,
             b_gate_ptr, h_ptr, D, F, stride_xX, stride_xD, stride_wE, stride_wD, stride_wF, stride_gE, stride_gD,
@@ -371,23 +423,24 @@ def _ffn_out_kernel(
     stride_yY, stride_yD,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr, NUM_N: tl.constexpr,
     E_POW2: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, ZIGZAG: tl.constexpr,
-    PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr,
+    PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr, STREAM_TILE_COST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y tiles, one per program or (PERSISTENT_TMA) in a flattened loop, as _ffn_in_kernel."""
     starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
-    total = tl.sum(tiles, 0) * NUM_N
     if PERSISTENT_TMA:
+        first, total, step, tiles = _share(starts, ends, tiles, NUM_N, BLOCK_M, STREAM_TILE_COST)
+        tile_ends = tl.cumsum(tiles, 0)
         w_out = _weight_descriptor(w_out_ptr, E, F, D, stride_wE, stride_wF, BLOCK_K, BLOCK_N)
         h = _rows_source(h_ptr, R, F, stride_hR, TMA_ROWS, BLOCK_M, BLOCK_K)
-        for tile_id in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=True):
+        for tile_id in tl.range(first, total, step, flatten=True):
             _ffn_out_tile(
                 tile_id, starts, ends, tiles, tile_ends, h, w_out, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
                 R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
                 stride_yD, HAS_BIAS, HAS_SCALE, ALLOW_TF32, NUM_N, E_POW2, EVEN_K, EVEN_N, ZIGZAG, PERSISTENT_TMA,
                 TMA_ROWS, BLOCK_M, BLOCK_N, BLOCK_K,
             )
-    elif tl.program_id(0) < total:
+    elif tl.program_id(0) < tl.sum(tiles, 0) * NUM_N:
         _ffn_out_tile(
             tl.program_id(0), starts, ends, tiles, tile_ends, h_ptr, w_out_ptr, b_out_ptr, dest_ptr, scale_ptr, y_ptr,
             R, D, F, stride_hR, stride_hF, stride_wE, stride_wF, stride_wD, stride_bE, stride_bD, stride_yY,
@@ -451,7 +504,7 @@ def _grid(tma: bool, tiles: int, device: torch.device) -> tuple[int]:
     if device.type != "cuda":
         return (min(tiles, 3),)
     _install_scratch_allocator()
-    return (max(1, min(tiles, _sm_count(_index(device)))),)
+    return (max(1, min(tiles, _sm_count(_index(device)), MAX_PERSISTENT_PROGRAMS.value)),)
 
 
 def launch_ffn_in(
@@ -484,7 +537,8 @@ def launch_ffn_in(
         ACTIVATION=ACTIVATION_CODES[activation], ALLOW_TF32=_input_precision_tf32(x_XD.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=D % config.block_k == 0, EVEN_N=F % config.block_n == 0,
         ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma,
-        TMA_ROWS=tma_rows, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        TMA_ROWS=tma_rows, STREAM_TILE_COST=config.stream_tile_cost,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return h_RF
@@ -508,7 +562,7 @@ def launch_ffn_out(
         *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
         HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=F % config.block_k == 0, EVEN_N=D % config.block_n == 0,
-        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, TMA_ROWS=tma_rows,
+        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, TMA_ROWS=tma_rows, STREAM_TILE_COST=config.stream_tile_cost,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
