@@ -1,13 +1,17 @@
 """Tile configurations of the two fused expert kernels, each kernel alone, against torch._grouped_mm.
 
-    python bench/kernel_configs.py --measure-peak --json kernel_configs.json   # H100, ~5 min
+    python bench/kernel_configs.py --measure-peak --json kernel_configs.json   # H100, ~8 min
+    python bench/kernel_configs.py --repeat 3 --configs 'persistent tma rows( split 1)?$'   # a few, 3 rounds
 
 For each shape (bench/expert_kernels.py's names) and each candidate TileConfig, times
 moeshard's ffn_in kernel (gather + matmul + activation [+ gate]) and ffn_out kernel (matmul +
-scale + scatter) on their own, as CUDA graph replays (no host launch cost), checked against the same step done by torch._grouped_mm in fp32
-accumulation (max_rel_err), and prints each as a multiple of its own compute floor. The rows
-`_grouped_mm` time the unfused library matmul on pre-gathered rows: what the fusions compete with.
-Used to choose grouped_ffn.default_config; the chosen one is marked `default`.
+scale + scatter) on their own, as CUDA graph replays (no host launch cost), checked against the
+same step done by torch._grouped_mm in fp32 accumulation (max_rel_err), and prints each as a
+multiple of its own compute floor. The rows `_grouped_mm` time the unfused library matmul on
+pre-gathered rows: what the fusions compete with. The candidates include the persistent kernels
+with their programs split between sparse and crowded experts at several stream-tile costs
+(`split c`). With --repeat N every candidate is timed N times round-robin and the median reported,
+with the spread. Used to choose grouped_ffn.default_config; the chosen one is marked `default`.
 """
 
 from __future__ import annotations
@@ -84,7 +88,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--configs", default=None, help="regex: time only the candidates whose label matches (re.search)")
     parser.add_argument("--json", type=Path, default=None)
     add_peak_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    return args
 
 
 def time_entries(entries: list[tuple], repeat: int, rep_ms: float) -> list[dict]:

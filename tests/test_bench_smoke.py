@@ -70,6 +70,19 @@ def test_expert_ceilings_imports_and_parses():
     assert "--split" in result.stdout
 
 
+def test_kernel_configs_imports_parses_and_rejects_no_rounds():
+    """bench/kernel_configs.py needs a GPU to time; here its imports, its candidates (the split ones
+    among them) and its options must hold, and --repeat 0 is an error, not an empty table."""
+    assert "--repeat" in run_bench("kernel_configs.py", "--help").stdout
+    sys.path.insert(0, str(ROOT))
+    from bench.kernel_configs import CANDIDATES, config_label
+
+    assert any(config_label(config).endswith("rows split 1") for config in CANDIDATES)
+    result = subprocess.run([sys.executable, "bench/kernel_configs.py", "--repeat", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2 and "--repeat must be at least 1" in result.stderr
+
+
 def test_gluon_experts_imports_and_parses():
     """bench/gluon_experts.py needs an H100 to run; here its imports and options must still hold."""
     result = run_bench("gluon_experts.py", "--help")

@@ -283,6 +283,8 @@ def test_persistent_tma_only_where_it_applies():
     grouped_ffn = require_triton()
     bf16, fp32 = grouped_ffn.default_config(torch.bfloat16), grouped_ffn.default_config(torch.float32)
     assert bf16.persistent_tma and not fp32.persistent_tma
+    # the programs split between sparse and crowded experts only where the rows come by TMA (measured faster there)
+    assert bf16.stream_tile_cost > 0 and grouped_ffn.default_config(torch.bfloat16, tma_rows=False).stream_tile_cost == 0
     cpu = torch.device("cpu")  # Triton's interpreter runs descriptors, so only the layouts decide here
     w_EDF = torch.empty(4, 32, 48, dtype=torch.bfloat16)
     assert grouped_ffn._use_tma(bf16, cpu, w_EDF, None)
@@ -308,7 +310,7 @@ def run_self(mode: str, interpret: bool) -> str:
 def test_triton_kernels_interpreted():
     """Both kernels under TRITON_INTERPRET=1 on CPU tensors vs the float64 loop (interpret_cases), and their tile schedule."""
     stdout = run_self("interpret", interpret=True)
-    assert stdout.count("ok ") == len(list(interpret_cases())) + 2, stdout  # + the schedule, the grouping
+    assert stdout.count("ok ") == len(list(interpret_cases())) + 3, stdout  # + the schedule, the split, the grouping
 
 
 def test_triton_kernels_compile_for_sm90():
@@ -347,13 +349,14 @@ def run_interpreted() -> None:
     InterpreterBuilder.create_dot = create_dot_bf16_as_fp32
     for i, (routing, dtype, gated, bias, activation, (D, F)) in enumerate(interpret_cases()):
         config = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=2, zigzag=i % 2 == 1,
-                            persistent_tma=i % 4 >= 2, tma_rows=i % 8 >= 5)
+                            persistent_tma=i % 4 >= 2, tma_rows=i % 8 >= 5, stream_tile_cost=(0.0, 1.0, 0.5)[i % 3])
         counts = [c * 5 for c in ROUTINGS[routing]]  # 45 rows for one expert: 3 M-tiles
         case = make_case(counts, D=D, F=F, dtype=dtype, gated=gated, bias=bias, seed=len(counts))
         h_RF = check_ffn_in(lambda *a: launch_ffn_in(*a, config=config), case, activation)
         check_ffn_out(lambda *a: launch_ffn_out(*a, config=config), case, h_RF)
         print("ok", routing, dtype, "gated" if gated else "plain", "bias" if bias else "no bias", activation, D, F, flush=True)
     check_tile_schedule()
+    check_program_split()
     check_group_by_expert()
 
 
@@ -423,11 +426,53 @@ def check_tile_schedule() -> None:
     print("ok schedule", flush=True)
 
 
+def check_program_split() -> None:
+    """_share on random counts and program counts: every tile of every expert goes to exactly one
+    program; the sparse experts' (one M tile or less) to the first p_s programs and the others' to
+    the rest; and p_s is a split with the fewest waves (cdiv(tiles, programs), the stream tiles
+    weighted by the cost), found here by trying every split."""
+    import math
+    import random
+
+    import triton
+
+    from moeshard_compile.kernels.grouped_ffn import num_tiles
+
+    rng = random.Random(1)
+    for trial in range(40):
+        counts = [rng.choice([0, 1, 3, 4, 9, 17, 30]) for _ in range(rng.randint(1, 9))]
+        block_m, num_n, cost = rng.choice([4, 8]), rng.choice([1, 3]), rng.choice([0.5, 1.0, 2.0])
+        E, R = len(counts), sum(counts)
+        programs = rng.randint(1, 12)
+        capacity = num_tiles(R, E, block_m) * num_n
+        tiles_PT = torch.full((programs, capacity), -1, dtype=torch.int64)
+        step_P = torch.zeros(programs, dtype=torch.int64)
+        share_kernel[(programs,)](torch.tensor(counts).cumsum(0), tiles_PT, step_P, R, E, capacity, NUM_N=num_n,
+                                  BLOCK_M=block_m, E_POW2=triton.next_power_of_2(E), STREAM_TILE_COST=cost)
+        tiles_E = [math.ceil(c / block_m) for c in counts]
+        stream_E = [c <= block_m for c in counts]
+        got = sorted(t for t in tiles_PT.flatten().tolist() if t >= 0)
+        want = sorted((e * capacity + m) * num_n + n for e in range(E) for m in range(tiles_E[e]) for n in range(num_n))
+        assert got == want, (counts, block_m, programs)
+        stream_total = sum(t for t, s in zip(tiles_E, stream_E) if s) * num_n
+        mma_total = sum(tiles_E) * num_n - stream_total
+        stream_P = [all(stream_E[t // num_n // capacity] for t in row if t >= 0) and any(t >= 0 for t in row)
+                    for row in tiles_PT.tolist()]
+        p_s = sum(stream_P)
+        assert stream_P == [p < p_s for p in range(programs)], (counts, stream_P)
+        if stream_total and mma_total and programs > 1:
+            def waves(p: int) -> float:
+                return max(math.ceil(stream_total / p) * cost, math.ceil(mma_total / (programs - p)))
+            splits = range(1, min(programs - 1, stream_total) + 1)  # no stream program without a tile
+            assert step_P[0] == p_s and waves(p_s) == min(map(waves, splits)), (counts, programs, p_s)
+    print("ok split", flush=True)
+
+
 if kernel_ops.HAS_TRITON:  # a module-level kernel: the interpreter resolves _tile in this module's globals
     import triton
     import triton.language as tl
 
-    from moeshard_compile.kernels.grouped_ffn import _schedule, _tile
+    from moeshard_compile.kernels.grouped_ffn import _schedule, _share, _tile
 
     @triton.jit
     def schedule_kernel(offs_ptr, expert_ptr, m_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -439,6 +484,24 @@ if kernel_ops.HAS_TRITON:  # a module-level kernel: the interpreter resolves _ti
                                                       ZIGZAG)
         tl.store(expert_ptr + pid, expert * NUM_N + n_block)
         tl.store(m_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(m_mask, m, -1))
+
+    @triton.jit
+    def share_kernel(offs_ptr, tiles_ptr, step_ptr, R, E, CAPACITY, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     E_POW2: tl.constexpr, STREAM_TILE_COST: tl.constexpr):
+        """Writes each program's step and its tiles, as (expert * CAPACITY + M tile of the expert) * NUM_N + N block."""
+        pid = tl.program_id(0)
+        starts, ends, tiles, _ = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
+        first, total, step, tiles = _share(starts, ends, tiles, NUM_N, BLOCK_M, STREAM_TILE_COST)
+        tile_ends = tl.cumsum(tiles, 0)
+        tl.store(step_ptr + pid, step)
+        i = 0
+        for tile_id in range(first, total, step):
+            expert, row_start, m, m_mask, n_block = _tile(tile_id, starts, ends, tiles, tile_ends, NUM_N, BLOCK_M,
+                                                          E_POW2, False)
+            first_row = tl.sum(tl.where(tl.arange(0, E_POW2) == expert, starts, 0), 0)
+            m_tile = (row_start - first_row) // BLOCK_M
+            tl.store(tiles_ptr + pid * CAPACITY + i, (expert * CAPACITY + m_tile) * NUM_N + n_block)
+            i += 1
 
 
 def compile_cases():
@@ -481,7 +544,8 @@ def run_compile() -> None:
         assert not tma or config.persistent_tma, f"{name} {dtype}: the default config has no persistent TMA kernel"
         kernel = getattr(grouped_ffn, f"_{name}_kernel")
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
-                      "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "TMA_ROWS": tma and dtype == "bf16", "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
+                      "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "TMA_ROWS": tma and dtype == "bf16",
+                      "STREAM_TILE_COST": config.stream_tile_cost, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                       "BLOCK_K": config.block_k, **{arg: 1 for arg in UNIT_STRIDES[name]}}
         signature = {
             arg: "constexpr" if arg in constexprs

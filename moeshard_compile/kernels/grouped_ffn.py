@@ -11,7 +11,9 @@ changes. Programs past the last real tile return at once: empty experts cost not
 With TileConfig.persistent_tma (the default for bf16/fp16 on sm_90+) the grid is one program per
 SM instead, each looping over every num_programs-th real tile and reading the weights through
 device-made TMA descriptors; with tma_rows the rows come by TMA too (ffn_out's h, ffn_in's x once
-copied to x[rows]), else by pointer loads (Hopper's TMA cannot gather rows).
+copied to x[rows]), else by pointer loads (Hopper's TMA cannot gather rows). With
+TileConfig.stream_tile_cost the persistent programs split into two groups that run at once: one
+streams the weights of the experts with a single M tile, the other multiplies for the rest (_share).
 
 Two kernels, each one launch for all experts:
   ffn_in:  h[r] = act(x[rows[r]] @ w_gate[e] + b_gate[e]) * (x[rows[r]] @ w_in[e] + b_in[e])
@@ -64,7 +66,7 @@ class TileConfig:
 
 ZIGZAG_MAX_EXPERT_BYTES = 16 * 2**20  # a weight matrix this small stays in the H100's 50 MB L2 beside another
 STREAM_TILE_COST = 1.0  # 128-row tiles on an H100: a sparse expert's tile takes about an MMA-bound tile's time
-MAX_PERSISTENT_PROGRAMS = tl.constexpr(256)  # the persistent grid's cap (an H100 has 132 SMs): _share weighs every split at once
+MAX_PERSISTENT_PROGRAMS = tl.constexpr(256)  # the persistent grid's cap (H100: 132 SMs); _share weighs each split
 
 
 def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 0, tma_rows: bool = True) -> TileConfig:
@@ -167,35 +169,30 @@ def _share(starts, ends, tiles, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, STRE
     is taken to cost STREAM_TILE_COST MMA tiles (a ratio that holds for any K and N: both costs
     scale with K * BLOCK_N), and p_s minimises the later of the two groups' ends, counted in
     whole waves (cdiv(tiles, programs)): a split that leaves one group a fraction of a wave more
-    costs the whole wave. Ties go to the split nearest the two groups' fractional balance.
+    costs the whole wave. Ties go to the split nearest the two groups' fractional balance; p_s
+    never exceeds the stream tiles. A single program, or routing with one kind of tile, is not split.
     """
     pid, programs = tl.program_id(0), tl.num_programs(0)
+    first, total, step, tiles_E = pid, tl.sum(tiles, 0) * NUM_N, programs, tiles
     if STREAM_TILE_COST > 0:
-        stream_E = ends - starts <= BLOCK_M
-        stream_tiles_E = tl.where(stream_E, tiles, 0)
+        stream_tiles_E = tl.where(ends - starts <= BLOCK_M, tiles, 0)
         mma_tiles_E = tiles - stream_tiles_E
         stream_total = tl.sum(stream_tiles_E, 0) * NUM_N
         mma_total = tl.sum(mma_tiles_E, 0) * NUM_N
-        p_P = tl.arange(0, MAX_PERSISTENT_PROGRAMS)
-        valid_P = (p_P >= 1) & (p_P < programs)
-        stream_P = tl.maximum(p_P, 1)
-        mma_P = tl.maximum(programs - p_P, 1)
+        p_P = tl.arange(0, MAX_PERSISTENT_PROGRAMS)  # candidate p_s; none idle for want of stream tiles
+        stream_P, mma_P = tl.maximum(p_P, 1), tl.maximum(programs - p_P, 1)
         waves_P = tl.maximum(((stream_total + stream_P - 1) // stream_P).to(tl.float32) * STREAM_TILE_COST,
                              ((mma_total + mma_P - 1) // mma_P).to(tl.float32))
+        waves_P = tl.where((p_P >= 1) & (p_P < programs) & (p_P <= stream_total), waves_P, float("inf"))
         balance_P = tl.maximum(stream_total.to(tl.float32) * STREAM_TILE_COST / stream_P.to(tl.float32),
                                mma_total.to(tl.float32) / mma_P.to(tl.float32))
-        waves_P = tl.where(valid_P, waves_P, float("inf"))
-        fewest_waves = tl.min(waves_P, 0)
-        p_s = tl.argmin(tl.where(waves_P == fewest_waves, balance_P, float("inf")), 0).to(tl.int32)
-        p_s = tl.where(stream_total > 0, p_s, 0)
-        p_s = tl.where(mma_total > 0, p_s, programs)
+        p_s = tl.argmin(tl.where(waves_P == tl.min(waves_P, 0), balance_P, float("inf")), 0).to(tl.int32)
+        split = (stream_total > 0) & (mma_total > 0) & (programs > 1)
         streams = pid < p_s
-        first = tl.where(streams, pid, pid - p_s)
-        total = tl.where(streams, stream_total, mma_total)
-        step = tl.where(streams, p_s, programs - p_s)
-        tiles_E = tl.where(streams, stream_tiles_E, mma_tiles_E)
-    else:
-        first, total, step, tiles_E = pid, tl.sum(tiles, 0) * NUM_N, programs, tiles
+        first = tl.where(split, tl.where(streams, pid, pid - p_s), first)
+        total = tl.where(split, tl.where(streams, stream_total, mma_total), total)
+        step = tl.where(split, tl.where(streams, p_s, programs - p_s), step)
+        tiles_E = tl.where(split, tl.where(streams, stream_tiles_E, mma_tiles_E), tiles_E)
     return first, total, step, tiles_E
 
 
@@ -562,8 +559,8 @@ def launch_ffn_out(
         *h_RF.stride(), *w_out_EFD.stride(), *_strides(b_out_ED, 2), *y_RD.stride(),
         HAS_BIAS=b_out_ED is not None, HAS_SCALE=scale_R is not None, ALLOW_TF32=_input_precision_tf32(h_RF.dtype),
         NUM_N=num_n, E_POW2=triton.next_power_of_2(E), EVEN_K=F % config.block_k == 0, EVEN_N=D % config.block_n == 0,
-        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, TMA_ROWS=tma_rows, STREAM_TILE_COST=config.stream_tile_cost,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        ZIGZAG=config.zigzag and not tma, PERSISTENT_TMA=tma, TMA_ROWS=tma_rows,
+        STREAM_TILE_COST=config.stream_tile_cost, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y_RD
