@@ -179,11 +179,12 @@ def _share(starts, ends, tiles, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr, STRE
         mma_tiles_E = tiles - stream_tiles_E
         stream_total = tl.sum(stream_tiles_E, 0) * NUM_N
         mma_total = tl.sum(mma_tiles_E, 0) * NUM_N
-        p_P = tl.arange(0, MAX_PERSISTENT_PROGRAMS)  # candidate p_s; none idle for want of stream tiles
+        p_P = tl.arange(0, MAX_PERSISTENT_PROGRAMS)  # every candidate p_s at once
         stream_P, mma_P = tl.maximum(p_P, 1), tl.maximum(programs - p_P, 1)
         waves_P = tl.maximum(((stream_total + stream_P - 1) // stream_P).to(tl.float32) * STREAM_TILE_COST,
                              ((mma_total + mma_P - 1) // mma_P).to(tl.float32))
-        waves_P = tl.where((p_P >= 1) & (p_P < programs) & (p_P <= stream_total), waves_P, float("inf"))
+        valid_P = (p_P >= 1) & (p_P < programs) & (p_P <= stream_total)  # no stream program without a tile
+        waves_P = tl.where(valid_P, waves_P, float("inf"))
         balance_P = tl.maximum(stream_total.to(tl.float32) * STREAM_TILE_COST / stream_P.to(tl.float32),
                                mma_total.to(tl.float32) / mma_P.to(tl.float32))
         p_s = tl.argmin(tl.where(waves_P == tl.min(waves_P, 0), balance_P, float("inf")), 0).to(tl.int32)
@@ -338,10 +339,11 @@ def _ffn_in_kernel(
     ZIGZAG: tl.constexpr, PERSISTENT_TMA: tl.constexpr, TMA_ROWS: tl.constexpr, STREAM_TILE_COST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """h tiles: one per program with pointer loads, or (PERSISTENT_TMA) every num_programs-th tile
-    with TMA weight loads, in one flattened loop that Triton pipelines across tiles so that the
-    next tile's loads overlap this one's epilogue (ffn_in 6-11% faster on Switch-Base and Mixtral
-    shapes; persistent with pointer loads was 1.7x slower: its flattened loop kept 2 stages)."""
+    """h tiles: one per program with pointer loads, or (PERSISTENT_TMA) every step-th tile of the
+    program's share (_share) with TMA weight loads, in one flattened loop that Triton pipelines
+    across tiles so that the next tile's loads overlap this one's epilogue (ffn_in 6-11% faster on
+    Switch-Base and Mixtral shapes; persistent with pointer loads was 1.7x slower: its flattened
+    loop kept 2 stages)."""
     starts, ends, tiles, tile_ends = _schedule(offs_ptr, R, E, BLOCK_M, E_POW2)
     if PERSISTENT_TMA:
         first, total, step, tiles = _share(starts, ends, tiles, NUM_N, BLOCK_M, STREAM_TILE_COST)
