@@ -77,7 +77,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
                 region.skip(fallback)
     if plan is not None:
         distributed.check_fits(regions, plan)
-    feed = WeightFeed(gm, example_inputs)
+    feed = WeightFeed(gm, example_inputs, with_digest=plan is not None)
     attempted = [r for r in regions if r.status == "recognised"]
     try:
         passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless, plan=plan)
@@ -91,7 +91,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         for region in attempted:
             region.skip(reason)
         report.fallbacks.append({"graph": graph_id, "reason": reason})
-        gm, feed = original, WeightFeed(original, example_inputs)
+        gm, feed = original, WeightFeed(original, example_inputs, with_digest=plan is not None)
         compiled = _lower(original, example_inputs, [], opts)
     feed.describe([r for r in regions if r.status == "rewritten"])
     if opts.release_unsharded and plan is not None:
@@ -103,10 +103,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if opts.dump_dir:
         _dump(opts.dump_dir, f"graph_{graph_id}_after.py", gm)
         report.write(opts.dump_dir)
-    compiled = feed.bind(compiled)
-    if group is not None and opts.check_inputs and feed.regions:
-        compiled = _checked(compiled, distributed.check_same_inputs(group))
-    return compiled
+    if group is None or not regions:
+        return feed.bind(compiled)
+    # every rank that found MoE regions takes part in the check, also one that runs them unsharded
+    rewritten = [r for r in regions if r.status == "rewritten"]
+    check = distributed.RankCheck(group, opts, rewritten, skipped=len(regions) - len(rewritten))
+    if not rewritten:
+        return _checked(compiled, check)
+    inner = feed.bind(compiled, check)
+    return lambda *args: distributed.guarded(lambda: inner(*args), group, "a collective of the sharded MoE graph")
 
 
 def _first_line(what: str, error: Exception) -> str:
@@ -175,6 +180,11 @@ def _fallback_reason(gm: fx.GraphModule, example_inputs: list) -> str | None:
 
 def _dump(directory: str, name: str, gm: fx.GraphModule) -> None:
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / name).touch()
+    except OSError as error:
+        raise OptionError(f"moeshard: option 'dump_dir': cannot write dumps into {directory!r}: "
+                          f"{type(error).__name__}: {error.strerror or error}") from None
     (path / name).write_text(gm.print_readable(print_output=False, include_stride=False, include_device=False))
     log.debug("moeshard: wrote %s", os.path.join(directory, name))

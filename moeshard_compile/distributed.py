@@ -6,17 +6,18 @@ so every rank raises the same error instead of one rank hanging in a collective.
 
 from __future__ import annotations
 
+import zlib
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from moeshard_compile.options import OptionError, Options
+from moeshard_compile.options import INPUT_MODES, OptionError, Options
 from passes.region import MoERegion
 from passes.shard import ShardPlan
 
 c10d = torch.ops._c10d_functional
-_SIGNATURE_LEN = 64  # ints per rank in the per-call shape comparison
+_SIGNATURE_LEN = 64  # ints per rank in the check row
 
 
 def resolve(opts: Options) -> tuple[ShardPlan | None, "dist.ProcessGroup | None"]:
@@ -55,24 +56,114 @@ def check_fits(regions: list[MoERegion], plan: ShardPlan) -> None:
             )
 
 
-def check_same_inputs(group: "dist.ProcessGroup") -> Callable[[tuple], None]:
-    """A per-call check that every rank's inputs have this rank's shapes (one small all-gather)."""
-    world = dist.get_world_size(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+# The facts every rank must agree on before running a sharded graph, in the check row's order.
+FACTS = ("input_mode", "comm_chunks", "check_inputs", "dropless", "world_size", "regions sharded", "region shapes",
+         "expert weights")
+_MAGIC = 0x6D6F657368617264 & (2**62 - 1)  # marks a moeshard check row ("moeshard")
+_HEAD = 1 + len(FACTS)
 
-    def check(args: tuple) -> None:
-        signature = _signature(_input_shapes(args))
-        mine = torch.tensor(signature, dtype=torch.int64, device=device)
-        every = c10d.wait_tensor(c10d.all_gather_into_tensor(mine, world, group.group_name))
-        rows = every.view(world, _SIGNATURE_LEN).tolist()
-        if any(row != signature for row in rows):
-            described = "; ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(rows))
-            raise ValueError(
-                "moeshard: the ranks called the compiled model with inputs of different shapes "
-                f"({described}); every rank must bring a batch of the same shape"
-            )
 
-    return check
+class RankMismatchError(ValueError):
+    """The ranks disagree on what a sharded graph must compute; raised on every rank."""
+
+
+class CollectiveFailedError(RuntimeError):
+    """A collective of a sharded graph failed: another rank is missing, or the link broke."""
+
+
+class RankCheck:
+    """Before a call of a sharded graph: one all-gather of a fixed-size row per rank, holding the
+    options that shape the collectives, the regions sharded, a checksum of the expert weights and
+    the input shapes. Every rank sees every row, so every rank raises the same error.
+
+    Runs before every call when check_inputs is on, otherwise at the first call and after any
+    rebuild of the stacked weights (one host sync each time)."""
+
+    def __init__(self, group: "dist.ProcessGroup", opts: Options, rewritten: list[MoERegion], skipped: int):
+        self.group, self.every_call = group, opts.check_inputs
+        self.world = dist.get_world_size(group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        shapes = [(r.module, r.num_experts, r.top_k, r.d_model, r.d_ff, r.activation, r.gated) for r in rewritten]
+        self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, int(opts.check_inputs), int(opts.dropless),
+                      self.world, len(rewritten), zlib.crc32(repr(shapes).encode()), 0]
+        self.skipped = skipped
+        self.agreed_builds: tuple | None = None
+
+    def __call__(self, args: tuple, stacks: list = ()) -> None:
+        builds = tuple(s.build for s in stacks)
+        if not self.every_call and builds == self.agreed_builds:
+            return
+        facts = self.facts[:-1] + [hash(tuple(s.digest for s in stacks)) & (2**62 - 1)]
+        shapes = _signature(_input_shapes(args), _SIGNATURE_LEN - _HEAD)
+        mine = torch.tensor([_MAGIC, *facts, *shapes], dtype=torch.int64, device=self.device)
+        every = guarded(lambda: c10d.wait_tensor(c10d.all_gather_into_tensor(mine, self.world, self.group.group_name)),
+                        self.group, "the ranks' check before a sharded call")
+        rows = every.view(self.world, _SIGNATURE_LEN).tolist()
+        if any(row != rows[0] for row in rows):
+            raise RankMismatchError(self._explain(rows))
+        self.agreed_builds = builds
+
+    def _explain(self, rows: list[list[int]]) -> str:
+        rank = dist.get_rank(self.group)
+        if any(row[0] != _MAGIC for row in rows):
+            odd = [r for r, row in enumerate(rows) if row[0] != _MAGIC]
+            return (f"moeshard: rank {rank}: ranks {odd} were in another collective than moeshard's check before a "
+                    "sharded call: the ranks run different graphs (different models, or a rank that compiles a "
+                    "graph the others do not)")
+        problems = []
+        for i, name in enumerate(FACTS, start=1):
+            values = [row[i] for row in rows]
+            if len(set(values)) == 1:
+                continue
+            if name == "expert weights":
+                odd = [r for r, v in enumerate(values) if v != values[0]]
+                problems.append(f"the expert weights of ranks {odd} differ from rank 0's (every rank must hold the "
+                                "same model: build it from the same seed or checkpoint)")
+            elif name == "regions sharded":
+                problems.append("MoE regions sharded: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                                + " (a rank that rewrote fewer runs them unsharded: its report says why, e.g. "
+                                "autograd on or dropout active)")
+            elif name == "region shapes":
+                problems.append("the ranks' sharded MoE regions differ in shapes (different models)")
+            else:
+                shown = [INPUT_MODES[v] if name == "input_mode" else bool(v) if name in ("check_inputs", "dropless") else v
+                         for v in values]
+                problems.append(f"option {name!r}: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(shown)))
+        if any(row[_HEAD:] != rows[0][_HEAD:] for row in rows):
+            described = "; ".join(f"rank {r}: {_describe(row[_HEAD:])}" for r, row in enumerate(rows))
+            problems.append(f"the ranks called the compiled model with inputs of different shapes ({described}); "
+                            "every rank must bring a batch of the same shape")
+        skipped = f" This rank left {self.skipped} MoE regions unsharded." if self.skipped else ""
+        return f"moeshard: rank {rank}: the ranks disagree: " + "; ".join(problems) + "." + skipped
+
+
+def guarded(run: Callable, group: "dist.ProcessGroup", what: str):
+    """run(), turning a failed collective into an error that says what waiting on other ranks means."""
+    try:
+        return run()
+    except RuntimeError as error:
+        if not _collective_failure(error):
+            raise
+        timeout = _timeout_s(group)
+        bound = f" (process group timeout {timeout:g} s)" if timeout is not None else ""
+        raise CollectiveFailedError(
+            f"moeshard: rank {dist.get_rank(group)}: {what} failed{bound}: another rank did not take part: it "
+            "stopped calling the compiled model, raised, exited or was killed, or calls it a different number of "
+            f"times or with other inputs. {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+
+def _collective_failure(error: RuntimeError) -> bool:
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(
+        k in text for k in ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset"))
+
+
+def _timeout_s(group: "dist.ProcessGroup") -> float | None:
+    try:
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - private API; the message just leaves the number out
+        return None
 
 
 def _input_shapes(args: tuple) -> list[tuple[int, ...]]:
@@ -82,13 +173,13 @@ def _input_shapes(args: tuple) -> list[tuple[int, ...]]:
     return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
 
 
-def _signature(shapes: list[tuple[int, ...]]) -> list[int]:
-    """_SIGNATURE_LEN ints: the shape count and each shape's (ndim, *dims) as far as they fit,
-    padded with -1, then the full length and a hash of it all (ints hash alike in every process),
-    so shapes past the readable head still count."""
+def _signature(shapes: list[tuple[int, ...]], length: int) -> list[int]:
+    """`length` ints: the shape count and each shape's (ndim, *dims) as far as they fit, padded
+    with -1, then the full length and a hash of it all (ints hash alike in every process), so
+    shapes past the readable head still count."""
     flat = [len(shapes)] + [d for shape in shapes for d in (len(shape), *shape)]
-    head = flat[: _SIGNATURE_LEN - 2]
-    return head + [-1] * (_SIGNATURE_LEN - 2 - len(head)) + [len(flat), hash(tuple(flat))]
+    head = flat[: length - 2]
+    return head + [-1] * (length - 2 - len(head)) + [len(flat), hash(tuple(flat))]
 
 
 def _describe(row: list[int]) -> str:

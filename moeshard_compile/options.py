@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any
 
 from torch._dynamo.exc import ShortenTraceback
@@ -62,37 +63,51 @@ class Options:
     comm_chunks: int = 1
     check_inputs: bool = True
 
+    def __post_init__(self):
+        """Validate every field, however the Options were built (dict, keywords, replace)."""
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"moeshard: option {name!r} must be True or False, got {getattr(self, name)!r}")
+        dump_dir = self.dump_dir
+        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+            raise OptionError(f"moeshard: option 'dump_dir' must be a path (str or os.PathLike), got {dump_dir!r}")
+        object.__setattr__(self, "dump_dir", os.fspath(dump_dir) or None if dump_dir is not None else None)
+        _check_distributed(self)
+
     @classmethod
-    def from_user(cls, options: "dict[str, Any] | Options | None") -> "Options":
+    def from_user(cls, options: "Mapping[str, Any] | Options | None") -> "Options":
+        """Options from what `torch.compile(options=...)` was given: a mapping, an Options or None."""
         if isinstance(options, Options):
             return options
-        options = dict(options or {})
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise OptionError(
+                "moeshard: options must be a dict of option names to values (or a moeshard_compile.Options), "
+                f"got {type(options).__name__} {options!r}"
+            )
+        options = dict(options)
         accepted = [f.name for f in fields(cls)]
         for key in options:
             if key not in accepted:
                 raise OptionError(f"moeshard: unknown option {key!r}; accepted options are {', '.join(accepted)}")
-        for key in ("inductor", "dropless", "release_unsharded", "check_inputs"):
-            if key in options and not isinstance(options[key], bool):
-                raise OptionError(f"moeshard: option {key!r} must be True or False, got {options[key]!r}")
-        dump_dir = options.get("dump_dir", os.environ.get("MOESHARD_DUMP_DIR") or None)
-        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
-            raise OptionError(f"moeshard: option 'dump_dir' must be a path (str or os.PathLike), got {dump_dir!r}")
-        options["dump_dir"] = os.fspath(dump_dir) if dump_dir is not None else None
-        _check_distributed(options)
         return cls(**options)
 
 
-def _check_distributed(options: dict[str, Any]) -> None:
-    world_size = options.get("world_size")
+_FLAGS = ("inductor", "dropless", "release_unsharded", "check_inputs")
+
+
+def _check_distributed(options: Options) -> None:
+    world_size = options.world_size
     if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
         raise OptionError(f"moeshard: option 'world_size' must be a positive int or None, got {world_size!r}")
-    chunks = options.get("comm_chunks", 1)
+    chunks = options.comm_chunks
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise OptionError(f"moeshard: option 'comm_chunks' must be a positive int, got {chunks!r}")
-    mode = options.get("input_mode", "data_parallel")
+    mode = options.input_mode
     if mode not in INPUT_MODES:
         raise OptionError(f"moeshard: option 'input_mode' must be one of {', '.join(map(repr, INPUT_MODES))}, got {mode!r}")
-    group, mesh = options.get("group"), options.get("mesh")
+    group, mesh = options.group, options.mesh
     if group is not None and mesh is not None:
         raise OptionError("moeshard: give either option 'group' or option 'mesh', not both")
     if group is not None:

@@ -1,15 +1,27 @@
-"""Stacked expert weights as extra graph inputs, built once and rebuilt only if a parameter changes.
+"""Stacked expert weights as extra graph inputs, always made from the parameters' current values.
 
-The rewritten graph reads stacked [E, ...] weights. Stacking per call would copy every expert's
-weights each forward, so the stacked tensors are made at compile time and passed as extra
-inputs. Each call looks at the parameters Dynamo passes in (a few identity and version-counter
-reads) and restacks if the user replaced or modified one, e.g. with `load_state_dict`.
-Graphs of the same model (recompilations for new shapes, graph breaks) share one stacked copy
-per region, keyed by the parameters it was built from and released with them.
+The rewritten graph reads stacked [E, ...] weights. Where they are views of the user's
+parameters (transformers' 3-D experts on one rank) they are made again at every call: a few view
+ops, and never stale. Where they are copies (a ModuleList's experts, every rank's shard), copying
+per call would cost a full pass over the weights, so each copy is kept with a record of what it
+was made from and checked at every call:
+
+    what changed                                   seen by
+    the parameter object (module.w = Parameter)    identity
+    in-place ops, load_state_dict                  the version counter
+    `.data = t`, model.to(dtype), assign=True      the data pointer, dtype and strides
+    in-place writes through `.data`                a fingerprint: 32 sampled elements per
+                                                   parameter, read through views (one cat)
+
+Copies are keyed by the identities of the parameters they came from, so two models running one
+compiled graph (copies of a model share Dynamo's cache) each get their own, and a fresh compile
+of a changed model never finds a stale one. A lock makes the check-and-rebuild safe from threads.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import weakref
 from typing import Callable
 
@@ -18,9 +30,14 @@ import torch.fx as fx
 
 from passes.region import MoERegion, WeightSource
 
+_SAMPLES_PER_PARAM = 32
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_LOCK = threading.RLock()
+_BUILDS = itertools.count()  # every stack built gets a new number: a rank check re-runs after a rebuild
 
-def _released(t: torch.Tensor) -> bool:
-    return t.numel() > 0 and t.untyped_storage().nbytes() == 0
+
+class ReleasedError(RuntimeError):
+    """A parameter released by release_unsharded=True was changed or is needed again."""
 
 
 def _version(t: torch.Tensor) -> int:
@@ -29,61 +46,165 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-class _Stacked:
-    """One region's stacked weights and the parameter values they were built from."""
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()
+
+
+class _Snapshot:
+    """Identity, version counter, storage and layout of each parameter."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.refs = [weakref.ref(p) for p in params]  # weak: the model may go
+        self.states = [(_version(p), _layout(p)) for p in params]
+
+    def matches(self, params: list[torch.Tensor]) -> bool:
+        return all(p is ref() and (_version(p), _layout(p)) == state
+                   for p, ref, state in zip(params, self.refs, self.states))
+
+
+class _Fingerprint:
+    """Sampled elements of every parameter, read through views of their storage, as raw bits
+    (NaN compares equal to itself): a write that moves no version counter still changes them."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(_sample(p.detach()))
+        self.views = list(by_dtype.values())
+        self.bits = [self._read(views) for views in self.views]
+
+    @staticmethod
+    def _read(views: list[torch.Tensor]) -> torch.Tensor:
+        values = torch.cat([v.reshape(-1) for v in views])
+        return values.view(_INT_OF_SIZE[values.element_size()])
+
+    def unchanged(self) -> bool:
+        return all(torch.equal(self._read(views), bits) for views, bits in zip(self.views, self.bits))
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """About _SAMPLES_PER_PARAM evenly spaced elements as a view (the whole tensor if not contiguous)."""
+    if not t.is_contiguous() or t.numel() == 0:
+        return t
+    return t.view(-1)[:: max(1, t.numel() // _SAMPLES_PER_PARAM)]
+
+
+def digest(params: list[torch.Tensor]) -> int:
+    """An exact checksum of the parameters' bits, per leading index (so the order of experts in
+    a 3-D parameter counts): equal on ranks holding equal weights, whatever their devices."""
+    sums = []
+    with torch.no_grad():
+        for p in params:
+            t = p.detach().contiguous()
+            rows = t.view(_INT_OF_SIZE[t.element_size()]).reshape(t.shape[0] if t.dim() else 1, -1)
+            sums += rows.sum(1, dtype=torch.int64).tolist()
+    return hash(tuple(sums))
+
+
+class _Views:
+    """Stacked views of the parameters, made for one call."""
+
+    digest, build = None, -1
 
     def __init__(self, source: WeightSource, params: list[torch.Tensor]):
-        self.source = source
-        self.refresh(params, force=True)
+        self.names, self.tensors = _stacked(source, params)
 
-    def refresh(self, params: list[torch.Tensor], force: bool = False) -> None:
-        if not force and all(p is q() and _version(p) == v for p, (q, v) in zip(params, self.built_from)):
-            return
-        if any(_released(p) for p in params):
-            raise RuntimeError(
-                "moeshard: the expert parameters were released (option release_unsharded=True) and then "
-                "replaced or modified: build and compile a fresh model to change its weights"
-            )
+
+class _Stacked:
+    """One region's stacked copies and what they were made from."""
+
+    def __init__(self, source: WeightSource, params: list[torch.Tensor], with_digest: bool):
+        self.names, self.tensors = _stacked(source, params)
+        self.snapshot, self.fingerprint = _Snapshot(params), _Fingerprint(params)
+        self.digest = digest(params) if with_digest else None
+        self.build = next(_BUILDS)
+        self.released = False
+
+    def current(self, params: list[torch.Tensor]) -> bool:
+        if self.released:
+            if not self.snapshot.matches(params):
+                raise ReleasedError(
+                    "moeshard: expert parameters released by release_unsharded=True were replaced or "
+                    "modified: their stacked shards cannot be rebuilt; build and compile a fresh model to "
+                    "change its weights"
+                )
+            return True
+        return self.snapshot.matches(params) and self.fingerprint.unchanged()
+
+    def release(self, params: list[torch.Tensor]) -> None:
+        """Point each parameter at one NaN broadcast to its shape: the memory goes, and any later
+        write fails with an error instead of reaching freed storage (an eager call gives NaN)."""
         with torch.no_grad():
-            weights = self.source.stack([p.detach() for p in params])
-        stacked = {name: t for name, t in weights.tensors().items() if t is not None}
-        self.names, self.tensors = list(stacked), list(stacked.values())
-        self.built_from = [(weakref.ref(p), _version(p)) for p in params]  # weak: the model may go
+            for p in params:
+                if not getattr(p, "_moeshard_released", False):
+                    p.data = torch.full((1,), float("nan"), dtype=p.dtype, device=p.device).expand(p.shape)
+                    p._moeshard_released = True
+        self.snapshot, self.fingerprint, self.released = _Snapshot(params), None, True
 
 
-# id(first parameter) -> {(parameter ids, layout): stack}; an entry dies with that parameter
-# (tensors cannot key a WeakKeyDictionary: their == is elementwise)
-_SHARED: dict[int, dict[tuple, _Stacked]] = {}
+# (parameter ids, layout) -> stack; an entry dies with its first parameter
+_SHARED: dict[tuple, _Stacked] = {}
 
 
-def _shared_stack(source: WeightSource, params: list[torch.Tensor]) -> _Stacked:
-    if not source.copies:  # views of the parameters: free to make, and they would pin the model
-        return _Stacked(source, params)
+def _current_stack(source: WeightSource, params: list[torch.Tensor], with_digest: bool) -> _Stacked:
     key = (tuple(id(p) for p in params), source.layout)
-    if id(params[0]) not in _SHARED:
-        _SHARED[id(params[0])] = {}
-        weakref.finalize(params[0], _SHARED.pop, id(params[0]), None)
-    per_param = _SHARED[id(params[0])]
-    stacked = per_param.get(key)
-    if stacked is None:
-        stacked = per_param[key] = _Stacked(source, params)
-    else:
-        stacked.refresh(params)
-    return stacked
+    with _LOCK:
+        stacked = _SHARED.get(key)
+        if stacked is not None and stacked.current(params):
+            return stacked
+        if any(getattr(p, "_moeshard_released", False) for p in params):
+            raise ReleasedError(
+                "moeshard: these expert parameters were released by release_unsharded=True (in another "
+                "compiled graph, or before a change): nothing can be stacked from them; build and compile a "
+                "fresh model"
+            )
+        if stacked is None:
+            weakref.finalize(params[0], _SHARED.pop, key, None)
+        stacked = _SHARED[key] = _Stacked(source, params, with_digest)
+        return stacked
+
+
+def _stacked(source: WeightSource, params: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    with torch.no_grad():
+        weights = source.stack([p.detach() for p in params])
+    stacked = {name: t for name, t in weights.tensors().items() if t is not None}
+    return list(stacked), list(stacked.values())
+
+
+class _RegionWeights:
+    """Where one region's stacked tensors come from: its source and its parameters' input slots."""
+
+    def __init__(self, source: WeightSource, indices: list[int], with_digest: bool):
+        self.source, self.indices, self.with_digest = source, indices, with_digest
+
+    def stack(self, args) -> _Stacked | _Views:
+        """The stacked tensors for these arguments: fresh views, or the current copies."""
+        params = [args[i] for i in self.indices]
+        if self.source.copies:
+            return _current_stack(self.source, params, self.with_digest)
+        return _Views(self.source, params)
 
 
 class WeightFeed:
-    def __init__(self, gm: fx.GraphModule, example_inputs: list):
-        self.gm, self.example_inputs = gm, list(example_inputs)
+    """The stacked weights of one graph's rewritten regions, appended to its inputs at each call.
+
+    with_digest: keep an exact checksum of every copy's parameters (sharded graphs: the ranks
+    compare them, moeshard_compile.distributed)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, with_digest: bool = False):
+        self.gm, self.example_inputs, self.with_digest = gm, list(example_inputs), with_digest
         self.input_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.regions: list[tuple[_Stacked, list[int]]] = []
+        self.regions: list[_RegionWeights] = []
+        self.built: list[tuple[list[str], list[torch.Tensor]]] = []  # at compile time, per region
+        self.release_pending = False
 
     def add_weights(self, prefix: str, source: WeightSource) -> dict[str, fx.Node]:
         """Stack `source` now and append one placeholder per stacked tensor."""
-        indices = [self.input_index[n] for n in source.inputs]
-        stacked = _shared_stack(source, [self.example_inputs[i] for i in indices])
-        self.regions.append((stacked, indices))
+        region = _RegionWeights(source, [self.input_index[n] for n in source.inputs], self.with_digest)
+        self.regions.append(region)
+        stacked = region.stack(self.example_inputs)
         names = stacked.names
+        self.built.append((names, stacked.tensors))
         graph = self.gm.graph
         last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
         nodes = {}
@@ -95,32 +216,40 @@ class WeightFeed:
     def describe(self, regions: list[MoERegion]) -> None:
         """Record on each rewritten region (in lowering order) what it holds: shapes and bytes."""
         assert len(regions) == len(self.regions), "one stacked set per rewritten region"
-        for region, (stacked, indices) in zip(regions, self.regions):
-            region.shard_shapes = {name: list(t.shape) for name, t in zip(stacked.names, stacked.tensors)}
-            region.expert_bytes_per_rank = sum(t.nbytes for t in stacked.tensors)
-            region.expert_bytes = sum(self.example_inputs[i].nbytes for i in indices)
+        for region, weights, (names, tensors) in zip(regions, self.regions, self.built):
+            region.shard_shapes = {name: list(t.shape) for name, t in zip(names, tensors)}
+            region.expert_bytes_per_rank = sum(t.nbytes for t in tensors)
+            region.expert_bytes = sum(self.example_inputs[i].nbytes for i in weights.indices)
 
     def release_unsharded(self) -> None:
-        """Free the storage of the user's expert parameters; the stacked shards stay.
-
-        Shapes and strides are kept (Dynamo's guards read them), so the compiled graphs run on.
-        """
-        for stacked, indices in self.regions:
-            assert stacked.source.copies, "shards are copies: nothing of ours views the originals"
-            for i in indices:
-                self.example_inputs[i].untyped_storage().resize_(0)
+        """At the first call (Dynamo has built its guards by then), free the user's expert parameters."""
+        assert all(r.source.copies for r in self.regions), "shards are copies: nothing of ours views the originals"
+        self.release_pending = True
 
     def tensors(self) -> list[torch.Tensor]:
-        """Current stacked tensors in placeholder order."""
-        return [t for stacked, _ in self.regions for t in stacked.tensors]
+        """The compile-time stacked tensors in placeholder order."""
+        return [t for _, tensors in self.built for t in tensors]
 
-    def bind(self, inner: Callable) -> Callable:
+    def current(self, args) -> list[_Stacked | _Views]:
+        with _LOCK:
+            stacks = [region.stack(args) for region in self.regions]
+            if self.release_pending:
+                for region, stacked in zip(self.regions, stacks):
+                    stacked.release([args[i] for i in region.indices])
+                self.release_pending = False
+        return stacks
+
+    def bind(self, inner: Callable, check: Callable[[tuple, list], None] | None = None) -> Callable:
+        """`inner` over the graph's inputs and the current stacked weights; `check(args, stacks)`
+        runs first when given (the ranks' agreement, moeshard_compile.distributed)."""
         if not self.regions:
             return inner
 
         def run(*args):  # Dynamo calls a backend's result unboxed, and so do we
-            for stacked, indices in self.regions:
-                stacked.refresh([args[i] for i in indices])
-            return inner(*args, *self.tensors())
+            stacks = self.current(args)
+            if check is not None:
+                check(args, stacks)
+            return inner(*args, *(t for stacked in stacks for t in stacked.tensors))
 
         return run
+

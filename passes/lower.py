@@ -271,17 +271,30 @@ def _wait(emit: Emitter, start: fx.Node, name: str) -> fx.Node:
 
 
 def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
-    """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row."""
+    """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row.
+
+    K bounds the non-zero, non-NaN entries of a row (passes.nnz); a NaN can stand anywhere, as
+    0 * NaN does in the model's own combine. A NaN weight makes the token's output NaN in every
+    element, as in the model, so NaN entries are taken first: every other token stays exact."""
     combine_TE = routing.combine_TE
     K = routing.top_k
-    routed_TE = emit.method("to", emit.fn(operator.ne, combine_TE, 0, name="routed_TE"), torch.float32, name="routed_f")
+    routed_TE = emit.fn(operator.ne, combine_TE, 0, name="routed_TE")
+    nan_TE = emit.fn(torch.isnan, combine_TE, name="nan_TE")
     if K < num_experts:
-        # K was proven from the routing code (passes.nnz); check it anyway, without a host sync.
-        count_T = emit.method("sum", routed_TE, -1, name="experts_per_token")
+        # K was proven from the routing code; check it anyway, without a host sync.
+        counted_TE = emit.fn(operator.and_, routed_TE, emit.fn(operator.invert, nan_TE, name="number_TE"),
+                             name="counted_TE")
+        count_T = emit.method("sum", counted_TE, -1, name="experts_per_token")
         within = emit.method("all", emit.fn(operator.le, count_T, K, name="within_k"), name="all_within_k")
-        message = f"moeshard: in {module}, a token was routed to more than top_k={K} experts (the bound proven from the routing code)"
+        message = (
+            f"moeshard: in {module}, a token has more than top_k={K} non-zero, non-NaN routing weights: the "
+            "bound proven from the routing code is wrong (a moeshard bug: please report it with the model; "
+            "NaN weights from non-finite inputs are allowed and give NaN outputs, as in eager)"
+        )
         emit.fn(torch._assert_async, within, message, name="check_k")
-    topk = emit.fn(torch.topk, routed_TE, K, dim=-1, name="topk")
+    priority_TE = emit.fn(operator.add, emit.method("to", routed_TE, torch.float32, name="routed_f"),
+                          emit.method("to", nan_TE, torch.float32, name="nan_f"), name="priority_TE")
+    topk = emit.fn(torch.topk, priority_TE, K, dim=-1, name="topk")
     ids_TK = emit.fn(operator.getitem, topk, 1, name="ids_TK")
     weights_TK = emit.fn(torch.gather, combine_TE, 1, ids_TK, name="weights_TK")
     return Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)

@@ -1,14 +1,19 @@
 """How many experts can one token be routed to? A bound read off the routing computation.
 
-The lowering computes K (token, expert) rows per token; K must bound the non-zeros of each
-row of the combine weights. We propagate a per-token non-zero bound backwards through the
-routing code, by the op that produced each tensor:
+The lowering computes K (token, expert) rows per token; K must bound the non-zero, non-NaN
+entries of each row of the combine weights. We propagate that per-token bound backwards through
+the routing code, by the op that produced each tensor:
 
     one_hot(ids, E), ids == e      ids.numel() / T   (each id selects one expert)
-    a * b, where(c, a, 0)          min(bound(a), bound(b))
-    a + b                          bound(a) + bound(b)
+    a * b, a & b                   min(bound(a), bound(b))
+    where(c, a, b), a + b          bound(a) + bound(b)
     views, casts, sums, indexing   bound(input)
+    float -> bool / int casts      E                 (NaN would become a non-zero)
     anything else                  E                 (always safe)
+
+Non-finite values cannot break the bound, only add NaNs: a product is a finite non-zero only
+where both factors are, and 0 * inf or 0 * NaN is NaN. So every entry beyond the bound is NaN,
+which the lowering routes first (the token's output is NaN, as in the model).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ _SAME = (
     "squeeze", "bool", "int", "long", "any", operator.getitem, torch.sum, torch.permute, torch.reshape,
     *spellings("truediv", inplace=True), torch.div, "div",
 )
+_CASTS = ("to", "type_as", "bool", "int", "long", "any")
 
 
 def nnz_bound(node: fx.Node, T, num_experts: int, depth: int = 24) -> int:
@@ -62,8 +68,18 @@ def _bound_of_op(n: fx.Node, d: int, bound, T, num_experts: int) -> int:
     if n.target in _SUMS:
         return bound(n.args[0], d - 1) + bound(n.args[1], d - 1)
     if n.target in _SAME:
-        return bound(n.args[0], d - 1)
+        return num_experts if _float_to_integer(n) else bound(n.args[0], d - 1)
     return num_experts
+
+
+def _float_to_integer(n: fx.Node) -> bool:
+    """A cast that can turn NaN into a non-zero number (or True); unknown dtypes count as such."""
+    if n.target not in _CASTS:
+        return False
+    source, result = fake(n.args[0]) if isinstance(n.args[0], fx.Node) else None, fake(n)
+    if source is None or result is None:
+        return True
+    return source.is_floating_point() and not result.is_floating_point()
 
 
 def _per_token(ids, T, num_experts: int) -> int:

@@ -215,14 +215,17 @@ def rank_release_unsharded():
         first_ref_BSD, second_ref_BSD = model(first_BSD), model(second_BSD)  # before compiling: afterwards eager cannot run
         compiled = _compile(model, report, release_unsharded=True)
         first_out_BSD = compiled(first_BSD)
-        released = [p.untyped_storage().nbytes() == 0 for p in expert_params]
+        released = [p.untyped_storage().nbytes() == p.element_size() for p in expert_params]
         assert all(released), f"{released.count(False)} of {len(released)} expert parameters still hold storage"
-        assert all(p.untyped_storage().nbytes() > 0 for p in other_params), "a non-expert parameter was released"
+        assert all(p.untyped_storage().nbytes() == p.nbytes for p in other_params), "a non-expert parameter was released"
+        again_out_BSD = compiled(first_BSD)
         second_out_BSD = compiled(second_BSD)
     _check_close(first_out_BSD, first_ref_BSD, report)
+    _check_close(again_out_BSD, first_ref_BSD, report)
     _check_close(second_out_BSD, second_ref_BSD, report)
-    assert report.graphs == 2, f"the second shape should have recompiled (with the experts released):\n{report}"
-    blocks = _sharded_regions(report, "data_parallel", count=2)
+    # the released parameters' new strides make Dynamo recompile once; the second shape once more
+    assert report.graphs == 3, f"expected three graphs (first shape, after the release, second shape):\n{report}"
+    blocks = _sharded_regions(report, "data_parallel", count=3)
     first = report.regions[0]
     start, stop = first["ffn_block"]
     E, D, F_r, itemsize = cfg.num_experts, cfg.d_model, stop - start, 8
@@ -230,6 +233,28 @@ def rank_release_unsharded():
     held = E * (2 * D * F_r + 2 * F_r + F_r * D + D) * itemsize
     assert (first["expert_bytes"], first["expert_bytes_per_rank"]) == (expert_bytes, held), report.regions
     return blocks, first["expert_bytes"], first["expert_bytes_per_rank"]
+
+
+def rank_release_then_misuse() -> list[str]:
+    """After the release, edits and reloads of the released parameters raise, and eager gives NaN."""
+    cfg = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=9)
+    model = _model(cfg, torch.float64)
+    x_BSD = _batch_BSD((2, 5, cfg.d_model), torch.float64, _input_seed(0, "data_parallel"))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    messages = []
+    with torch.no_grad():
+        _compile(model, Report(), release_unsharded=True)(x_BSD)
+        weight = model.moe.experts[0].w_in.weight
+        for misuse in (lambda: weight.mul_(2), lambda: weight.copy_(torch.ones_like(weight)),
+                       lambda: model.load_state_dict(state)):
+            try:
+                misuse()
+            except RuntimeError as error:
+                messages.append(str(error))
+            else:
+                raise AssertionError("a write into a released parameter did not raise")
+        assert torch.isnan(model(x_BSD)).all(), "an eager call with released experts must give NaN"
+    return messages
 
 
 def rank_different_batch_shapes() -> str:
@@ -372,6 +397,12 @@ def test_release_unsharded(world_2):
     assert_blocks_tile(list(blocks_by_rank))
     for held in bytes_per_rank:  # about 1/N: the whole b_out stays on every rank, 9 columns split 5 + 4
         assert abs(held / expert_bytes[0] - 1 / world_2.world_size) < 0.1, (held, expert_bytes)
+
+
+def test_released_parameters_refuse_writes(world_2):
+    """No write reaches freed memory: each raises torch's error for a broadcast tensor."""
+    for messages in world_2.run(rank_release_then_misuse):
+        assert len(messages) == 3 and all("single memory location" in m for m in messages), messages
 
 
 def test_different_batch_shapes_raise_on_every_rank(world_2):
