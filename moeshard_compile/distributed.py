@@ -76,8 +76,8 @@ class RankCheck:
     options that shape the collectives, the regions sharded, a checksum of the expert weights and
     the input shapes. Every rank sees every row, so every rank raises the same error.
 
-    Runs before every call when check_inputs is on, otherwise at the first call and after any
-    rebuild of the stacked weights (one host sync each time)."""
+    Runs before every call when check_inputs is on (a host sync each), otherwise at the first
+    call only: a later check on some ranks only would meet the others' graph collectives."""
 
     def __init__(self, group: "dist.ProcessGroup", opts: Options, rewritten: list[MoERegion], skipped: int):
         self.group, self.every_call = group, opts.check_inputs
@@ -87,11 +87,10 @@ class RankCheck:
         self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, int(opts.check_inputs), int(opts.dropless),
                       self.world, len(rewritten), zlib.crc32(repr(shapes).encode()), 0]
         self.skipped = skipped
-        self.agreed_builds: tuple | None = None
+        self.agreed = False
 
     def __call__(self, args: tuple, stacks: list = ()) -> None:
-        builds = tuple(s.build for s in stacks)
-        if not self.every_call and builds == self.agreed_builds:
+        if self.agreed and not self.every_call:
             return
         facts = self.facts[:-1] + [hash(tuple(s.digest for s in stacks)) & (2**62 - 1)]
         shapes = _signature(_input_shapes(args), _SIGNATURE_LEN - _HEAD)
@@ -101,7 +100,7 @@ class RankCheck:
         rows = every.view(self.world, _SIGNATURE_LEN).tolist()
         if any(row != rows[0] for row in rows):
             raise RankMismatchError(self._explain(rows))
-        self.agreed_builds = builds
+        self.agreed = True
 
     def _explain(self, rows: list[list[int]]) -> str:
         rank = dist.get_rank(self.group)
@@ -141,6 +140,8 @@ def guarded(run: Callable, group: "dist.ProcessGroup", what: str):
     """run(), turning a failed collective into an error that says what waiting on other ranks means."""
     try:
         return run()
+    except CollectiveFailedError:
+        raise
     except RuntimeError as error:
         if not _collective_failure(error):
             raise

@@ -20,7 +20,6 @@ of a changed model never finds a stale one. A lock makes the check-and-rebuild s
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 from typing import Callable
@@ -33,7 +32,6 @@ from passes.region import MoERegion, WeightSource
 _SAMPLES_PER_PARAM = 32
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LOCK = threading.RLock()
-_BUILDS = itertools.count()  # every stack built gets a new number: a rank check re-runs after a rebuild
 
 
 class ReleasedError(RuntimeError):
@@ -104,7 +102,7 @@ def digest(params: list[torch.Tensor]) -> int:
 class _Views:
     """Stacked views of the parameters, made for one call."""
 
-    digest, build = None, -1
+    digest = None
 
     def __init__(self, source: WeightSource, params: list[torch.Tensor]):
         self.names, self.tensors = _stacked(source, params)
@@ -117,7 +115,6 @@ class _Stacked:
         self.names, self.tensors = _stacked(source, params)
         self.snapshot, self.fingerprint = _Snapshot(params), _Fingerprint(params)
         self.digest = digest(params) if with_digest else None
-        self.build = next(_BUILDS)
         self.released = False
 
     def current(self, params: list[torch.Tensor]) -> bool:
