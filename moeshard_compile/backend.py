@@ -19,11 +19,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import passes
-from passes.graph_utils import dropout_args, module_paths
+from passes.graph_utils import dropout_args, module_paths, param_name
 from moeshard_compile import distributed
 from moeshard_compile.options import OptionError, Options
 from moeshard_compile.report import Report, region_row
-from moeshard_compile.weights import WeightFeed
+from moeshard_compile.weights import ReleasedError, WeightFeed
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         report.fallbacks.append({"graph": graph_id, "reason": reason})
         gm, feed = original, WeightFeed(original, example_inputs, with_digest=plan is not None)
         compiled = _lower(original, example_inputs, [], opts)
+    _refuse_released(gm, example_inputs)
     feed.describe([r for r in regions if r.status == "rewritten"])
     if opts.release_unsharded and plan is not None:
         feed.release_unsharded()
@@ -112,6 +113,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         return _checked(compiled, check)
     inner = feed.bind(compiled, check)
     return lambda *args: distributed.guarded(lambda: inner(*args), group, "a collective of the sharded MoE graph")
+
+
+def _refuse_released(gm: fx.GraphModule, example_inputs: list) -> None:
+    """A graph that still reads parameters release_unsharded=True freed would compute with NaN."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        if getattr(value, "_moeshard_released", False) and node.users:
+            raise ReleasedError(
+                f"moeshard: this graph reads {param_name(node) or node.name}, which release_unsharded=True "
+                "released, but its MoE region was not rewritten (see the report): build and compile a fresh model"
+            )
 
 
 def _first_line(what: str, error: Exception) -> str:

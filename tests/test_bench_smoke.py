@@ -101,3 +101,10 @@ def test_gluon_experts_kernel_compiles_for_sm90(variant):
         ptx = compiled.asm["ptx"]
         assert "setmaxnreg" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, variant
         assert compiled.metadata.num_warps == 12 and compiled.metadata.shared <= 232448, compiled.metadata
+
+
+def test_weight_check_smoke_prints_the_check_against_the_call():
+    result = run_bench("weight_check.py", "--smoke")
+    assert "check ms" in result.stdout and "check / call" in result.stdout
+    row = [line for line in result.stdout.splitlines() if line.startswith("|") and line.split("|")[1].strip() == "4"]
+    assert len(row) == 1 and float(row[0].split("|")[3]) > 0, result.stdout
