@@ -19,6 +19,7 @@ from helpers import TOL, assert_close_to_eager
 from moe_zoo import MoEBlock, MoEConfig
 from moeshard_compile import OptionError, Options, Report
 from moeshard_compile.backend import make_backend
+from moeshard_compile import weights
 from moeshard_compile.weights import ReleasedError
 
 
@@ -342,17 +343,23 @@ def _hammer(fns: list, models: list, x: torch.Tensor, calls: int) -> list[float]
 
 
 def test_deepcopies_compiled_separately_called_from_two_threads():
-    """The copies share Dynamo's compiled graph but never the stacked weights."""
-    original = block()
+    """Compiled with the same backend, the copies share Dynamo's compiled graph, but never the
+    stacked weights (a shared, restacked copy gave wrong results in about one call in ten)."""
+    original = block(d_model=32, d_ff=64, num_experts=8)
     duplicate = copy.deepcopy(original)
     with torch.no_grad():
         for p in duplicate.moe.experts.parameters():
             p.mul_(1.5)
-    x = batch(2, 5, 8)
+    x = batch(2, 5, 32)
     with torch.no_grad():
-        fns = [compiled(original), compiled(duplicate)]
+        fns = [torch.compile(m, backend="moeshard", options={"inductor": False}, fullgraph=True)
+               for m in (original, duplicate)]
         fns[0](x), fns[1](x)  # compile before the threads start
-        errors = _hammer(fns, [original, duplicate], x, calls=30)
+        stacks = {key: stacked for key, stacked in weights._SHARED.items()
+                  if key[0][0] in (id(original.moe.experts[0].w_in.weight), id(duplicate.moe.experts[0].w_in.weight))}
+        assert len(stacks) == 2, "each copy must have its own stacked weights"
+        errors = _hammer(fns, [original, duplicate], x, calls=100)
+        assert all(weights._SHARED[key] is stacked for key, stacked in stacks.items()), "alternating calls restacked"
     assert max(errors) <= 1e-5, max(errors)
 
 
