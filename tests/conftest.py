@@ -1,4 +1,4 @@
-"""Shared test setup: Hypothesis profiles, a clean Dynamo cache per test, isolated caches."""
+"""Shared test setup: Hypothesis profiles, a clean Dynamo cache per test, isolated caches, rank pools."""
 
 import os
 import sys
@@ -33,3 +33,23 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+def _pool(world_size: int):
+    from rank_pool import RankPool
+
+    pool = RankPool(world_size=world_size)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def world_2():
+    """2 gloo ranks, one pool per test module: starting ranks costs seconds."""
+    yield from _pool(2)
+
+
+@pytest.fixture(scope="module")
+def world_4():
+    """4 gloo ranks, one pool per test module."""
+    yield from _pool(4)

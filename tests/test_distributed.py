@@ -28,22 +28,6 @@ FAULT_PG_TIMEOUT_S = 5  # the fault pool's process-group timeout: how long rank 
 FAULT_MARGIN_S = 30  # on top of it: building and compiling the model before the collective blocks
 
 
-@pytest.fixture(scope="module")
-def world_2():
-    """One pool per module: starting ranks costs seconds."""
-    pool = RankPool(world_size=2)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture(scope="module")
-def world_4():
-    """One pool per module: starting ranks costs seconds."""
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
-
-
 # ---------------------------------------------------------------------- rank side
 
 

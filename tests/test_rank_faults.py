@@ -25,28 +25,16 @@ from test_distributed import FAULT_MARGIN_S, FAULT_PG_TIMEOUT_S, _batch_BSD, _co
 CFG = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=9)
 
 
-@pytest.fixture(scope="module")
-def world_2():
-    pool = RankPool(world_size=2)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture(scope="module")
-def world_4():
-    pool = RankPool(world_size=4)
-    yield pool
-    pool.close()
-
-
 # ---------------------------------------------------------------------- rank side
 
 
-def _call_until_error(options_by_rank: dict, seed_by_rank: dict, grad_rank: int = -1, calls: int = 2) -> str:
-    """Compile with this rank's options and weights' seed, call `calls` times; the error's type and message."""
+def _call_until_error(options_by_rank: dict, seed_by_rank: dict, grad_rank: int = -1, calls: int = 2,
+                      batch_by_rank: dict | None = None) -> str:
+    """Compile with this rank's options, weights' seed and batch size, call `calls` times; the
+    error's type and message."""
     rank = dist.get_rank()
     model = _model(CFG, torch.float64, seed=seed_by_rank.get(rank, 0))
-    x_BSD = _batch_BSD((2, 5, CFG.d_model), torch.float64, seed=rank)
+    x_BSD = _batch_BSD(((batch_by_rank or {}).get(rank, 2), 5, CFG.d_model), torch.float64, seed=rank)
     compiled = _compile(model, Report(), **options_by_rank.get(rank, {}))
     try:
         with torch.set_grad_enabled(rank == grad_rank):
@@ -57,14 +45,21 @@ def _call_until_error(options_by_rank: dict, seed_by_rank: dict, grad_rank: int 
     return "no error"
 
 
-def rank_changed_weights_then_recheck() -> str:
-    """The first call agrees; then rank 1 alone changes a weight: its rebuilt copy has another
-    checksum, which the next call's check sees."""
+def _called_once():
+    """This rank's model, its batch and the compiled model, called once (every rank agreed)."""
     model = _model(CFG, torch.float64)
     x_BSD = _batch_BSD((2, 5, CFG.d_model), torch.float64, seed=dist.get_rank())
     compiled = _compile(model, Report())
     with torch.no_grad():
         compiled(x_BSD)
+    return model, x_BSD, compiled
+
+
+def rank_changed_weights_then_recheck() -> str:
+    """The first call agrees; then rank 1 alone changes a weight: its rebuilt copy has another
+    checksum, which the next call's check sees."""
+    model, x_BSD, compiled = _called_once()
+    with torch.no_grad():
         if dist.get_rank() == 1:
             model.moe.experts[2].w_out.weight.mul_(1.01)
         try:
@@ -75,17 +70,16 @@ def rank_changed_weights_then_recheck() -> str:
 
 
 def rank_fault(fault: str) -> tuple[str, float]:
-    """Both ranks call once; then rank 1 raises in its own code before its second call, or is
-    killed during it, while rank 0 calls again. Rank 0: (its error, seconds from its call to it)."""
-    model = _model(CFG, torch.float64)
-    x_BSD = _batch_BSD((2, 5, CFG.d_model), torch.float64, seed=dist.get_rank())
-    compiled = _compile(model, Report())
+    """Both ranks call once; then rank 1 raises in its own code before its second call, stops
+    calling, or is killed, while rank 0 calls again. Rank 0: (its error, seconds from its call to it)."""
+    _, x_BSD, compiled = _called_once()
     with torch.no_grad():
-        compiled(x_BSD)
         if dist.get_rank() == 1:
             if fault == "killed":
                 threading.Timer(2.0, os._exit, args=(1,)).start()  # after this task has reported
                 return "will be killed", 0.0
+            if fault == "fewer_calls":
+                return "called once", 0.0
             raise ValueError("rank 1's own code failed")
         start = time.monotonic()
         try:
@@ -135,12 +129,17 @@ def test_options_differing_in_check_inputs_false_are_caught_at_the_first_call(wo
                        seed_by_rank={}, calls=1)
 
 
+def test_batch_shapes_that_differ_on_four_ranks_are_named(world_4):
+    _every_rank_raises(world_4, "rank 0: [2, 5, 8], [4]; rank 1: [2, 5, 8], [4]; rank 2: [2, 5, 8], [4]; rank 3: [4, 5, 8], [4]",
+                       options_by_rank={}, seed_by_rank={}, batch_by_rank={3: 4})
+
+
 def test_a_weight_change_on_one_rank_is_checked_again(world_2):
     for rank, message in enumerate(world_2.run(rank_changed_weights_then_recheck, timeout_s=90)):
         assert message.startswith("RankMismatchError") and "the expert weights of ranks [1]" in message, (rank, message)
 
 
-@pytest.mark.parametrize("fault", ["raised", "killed"])
+@pytest.mark.parametrize("fault", ["raised", "fewer_calls", "killed"])
 def test_a_failed_rank_ends_the_other_with_a_named_error(fault):
     pool = RankPool(world_size=2, pg_timeout_s=FAULT_PG_TIMEOUT_S)
     try:
@@ -150,12 +149,12 @@ def test_a_failed_rank_ends_the_other_with_a_named_error(fault):
     if fault == "raised":
         assert failed.raised("ValueError"), failed
     else:
-        assert failed.ok and failed.value[0] == "will be killed", failed
+        assert failed.ok and failed.value[0] == {"killed": "will be killed", "fewer_calls": "called once"}[fault], failed
     assert waiting.ok, waiting.traceback
     message, elapsed_s = waiting.value
     assert message.startswith("CollectiveFailedError: moeshard: rank 0: the ranks' check before a sharded call failed "
                               f"(process group timeout {FAULT_PG_TIMEOUT_S:g} s): another rank did not take part"), message
-    cause = "Timed out" if fault == "raised" else "Connection closed by peer"
+    cause = "Connection closed by peer" if fault == "killed" else "Timed out"
     assert cause in message and message.count("moeshard:") == 1, message
     assert elapsed_s <= FAULT_PG_TIMEOUT_S + FAULT_MARGIN_S, elapsed_s
     print(f"\n{fault}: rank 0 ended after {elapsed_s:.2f} s: {message[:160]}")
