@@ -38,26 +38,22 @@ class ReleasedError(RuntimeError):
     """A parameter released by release_unsharded=True was changed or is needed again."""
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place version counter; tensors made under inference_mode have none (and cannot change
-    outside it), so they count as never modified."""
-    return -1 if t.is_inference() else t._version
-
-
-def _layout(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride()
+def _state(t: torch.Tensor) -> tuple[int, int]:
+    """In-place version counter and data pointer. Tensors made under inference_mode have no
+    version counter (and cannot change outside it): they count as never modified in place. A
+    new dtype, device or layout comes with new storage, so the pointer covers them too."""
+    return (-1 if t.is_inference() else t._version), t.data_ptr()
 
 
 class _Snapshot:
-    """Identity, version counter, storage and layout of each parameter."""
+    """Identity, version counter and storage of each parameter."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.refs = [weakref.ref(p) for p in params]  # weak: the model may go
-        self.states = [(_version(p), _layout(p)) for p in params]
+        self.states = [_state(p) for p in params]
 
     def matches(self, params: list[torch.Tensor]) -> bool:
-        return all(p is ref() and (_version(p), _layout(p)) == state
-                   for p, ref, state in zip(params, self.refs, self.states))
+        return all(p is ref() and _state(p) == state for p, ref, state in zip(params, self.refs, self.states))
 
 
 class _Fingerprint:
@@ -76,8 +72,23 @@ class _Fingerprint:
         values = torch.cat([v.reshape(-1) for v in views])
         return values.view(_INT_OF_SIZE[values.element_size()])
 
-    def unchanged(self) -> bool:
-        return all(torch.equal(self._read(views), bits) for views, bits in zip(self.views, self.bits))
+    def changed(self) -> torch.Tensor:
+        """A 0-d bool tensor on the parameters' device: no host sync until it is read."""
+        flags = [(self._read(views) != bits).any() for views, bits in zip(self.views, self.bits)]
+        return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+
+
+def _any_changed(fingerprints: list[_Fingerprint]) -> list[bool]:
+    """Which fingerprints changed, read with one host sync per device."""
+    flags: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, fingerprint in enumerate(fingerprints):
+        flag = fingerprint.changed()
+        flags.setdefault(flag.device, []).append((i, flag))
+    changed = [False] * len(fingerprints)
+    for on_device in flags.values():
+        for (i, _), value in zip(on_device, torch.stack([f for _, f in on_device]).tolist()):
+            changed[i] = value
+    return changed
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -117,16 +128,16 @@ class _Stacked:
         self.digest = digest(params) if with_digest else None
         self.released = False
 
-    def current(self, params: list[torch.Tensor]) -> bool:
-        if self.released:
-            if not self.snapshot.matches(params):
-                raise ReleasedError(
-                    "moeshard: expert parameters released by release_unsharded=True were replaced or "
-                    "modified: their stacked shards cannot be rebuilt; build and compile a fresh model to "
-                    "change its weights"
-                )
-            return True
-        return self.snapshot.matches(params) and self.fingerprint.unchanged()
+    def matches(self, params: list[torch.Tensor]) -> bool:
+        """The same parameters, unmodified as far as identity, version and storage tell (the
+        fingerprint is read for all regions at once, by WeightFeed.current)."""
+        if self.released and not self.snapshot.matches(params):
+            raise ReleasedError(
+                "moeshard: expert parameters released by release_unsharded=True were replaced or "
+                "modified: their stacked shards cannot be rebuilt; build and compile a fresh model to "
+                "change its weights"
+            )
+        return self.snapshot.matches(params)
 
     def release(self, params: list[torch.Tensor]) -> None:
         """Point each parameter at one NaN broadcast to its shape: the memory goes, and any later
@@ -143,22 +154,27 @@ class _Stacked:
 _SHARED: dict[tuple, _Stacked] = {}
 
 
-def _current_stack(source: WeightSource, params: list[torch.Tensor], with_digest: bool) -> _Stacked:
+def _lookup(source: WeightSource, params: list[torch.Tensor], with_digest: bool) -> tuple[_Stacked, bool]:
+    """The stack for these parameters, and whether its fingerprint is still to be compared
+    (False when it was just built)."""
     key = (tuple(id(p) for p in params), source.layout)
-    with _LOCK:
-        stacked = _SHARED.get(key)
-        if stacked is not None and stacked.current(params):
-            return stacked
-        if any(getattr(p, "_moeshard_released", False) for p in params):
-            raise ReleasedError(
-                "moeshard: these expert parameters were released by release_unsharded=True (in another "
-                "compiled graph, or before a change): nothing can be stacked from them; build and compile a "
-                "fresh model"
-            )
-        if stacked is None:
-            weakref.finalize(params[0], _SHARED.pop, key, None)
-        stacked = _SHARED[key] = _Stacked(source, params, with_digest)
-        return stacked
+    stacked = _SHARED.get(key)
+    if stacked is not None and stacked.matches(params):
+        return stacked, not stacked.released
+    return _rebuild(key, source, params, with_digest, new=stacked is None), False
+
+
+def _rebuild(key: tuple, source: WeightSource, params: list[torch.Tensor], with_digest: bool, new: bool) -> _Stacked:
+    if any(getattr(p, "_moeshard_released", False) for p in params):
+        raise ReleasedError(
+            "moeshard: these expert parameters were released by release_unsharded=True (in another "
+            "compiled graph, or before a change): nothing can be stacked from them; build and compile a "
+            "fresh model"
+        )
+    if new:
+        weakref.finalize(params[0], _SHARED.pop, key, None)
+    stacked = _SHARED[key] = _Stacked(source, params, with_digest)
+    return stacked
 
 
 def _stacked(source: WeightSource, params: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
@@ -174,12 +190,18 @@ class _RegionWeights:
     def __init__(self, source: WeightSource, indices: list[int], with_digest: bool):
         self.source, self.indices, self.with_digest = source, indices, with_digest
 
-    def stack(self, args) -> _Stacked | _Views:
-        """The stacked tensors for these arguments: fresh views, or the current copies."""
+    def stack(self, args) -> tuple[_Stacked | _Views, bool]:
+        """The stacked tensors for these arguments (fresh views, or the copies matching their
+        identities, versions and storage), and whether a fingerprint is still to be compared."""
         params = [args[i] for i in self.indices]
         if self.source.copies:
-            return _current_stack(self.source, params, self.with_digest)
-        return _Views(self.source, params)
+            return _lookup(self.source, params, self.with_digest)
+        return _Views(self.source, params), False
+
+    def rebuild(self, args) -> _Stacked:
+        params = [args[i] for i in self.indices]
+        return _rebuild((tuple(id(p) for p in params), self.source.layout), self.source, params, self.with_digest,
+                        new=False)
 
 
 class WeightFeed:
@@ -199,7 +221,7 @@ class WeightFeed:
         """Stack `source` now and append one placeholder per stacked tensor."""
         region = _RegionWeights(source, [self.input_index[n] for n in source.inputs], self.with_digest)
         self.regions.append(region)
-        stacked = region.stack(self.example_inputs)
+        stacked, _ = region.stack(self.example_inputs)
         names = stacked.names
         self.built.append((names, stacked.tensors))
         graph = self.gm.graph
@@ -228,8 +250,16 @@ class WeightFeed:
         return [t for _, tensors in self.built for t in tensors]
 
     def current(self, args) -> list[_Stacked | _Views]:
+        """Every region's stacked tensors for this call, rebuilt where a parameter changed: the
+        fingerprints of all regions are compared together (one host sync on a GPU)."""
         with _LOCK:
-            stacks = [region.stack(args) for region in self.regions]
+            looked_up = [region.stack(args) for region in self.regions]
+            stacks = [stacked for stacked, _ in looked_up]
+            unverified = [i for i, (_, compare) in enumerate(looked_up) if compare]
+            changed = _any_changed([stacks[i].fingerprint for i in unverified]) if unverified else []
+            for i, was_changed in zip(unverified, changed):
+                if was_changed:
+                    stacks[i] = self.regions[i].rebuild(args)
             if self.release_pending:
                 for region, stacked in zip(self.regions, stacks):
                     stacked.release([args[i] for i in region.indices])
