@@ -77,7 +77,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
                 region.skip(fallback)
     if plan is not None:
         distributed.check_fits(regions, plan)
-    feed = WeightFeed(gm, example_inputs, with_digest=plan is not None)
+    feed = WeightFeed(gm, example_inputs, with_digest=plan is not None, fingerprint=opts.weight_check == "fingerprint")
     attempted = [r for r in regions if r.status == "recognised"]
     try:
         passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless, plan=plan)
@@ -91,7 +91,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         for region in attempted:
             region.skip(reason)
         report.fallbacks.append({"graph": graph_id, "reason": reason})
-        gm, feed = original, WeightFeed(original, example_inputs, with_digest=plan is not None)
+        gm, feed = original, WeightFeed(original, example_inputs)
         compiled = _lower(original, example_inputs, [], opts)
     _refuse_released(gm, example_inputs)
     feed.describe([r for r in regions if r.status == "rewritten"])

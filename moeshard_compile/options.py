@@ -10,6 +10,7 @@ from typing import Any
 from torch._dynamo.exc import ShortenTraceback
 
 INPUT_MODES = ("data_parallel", "replicated")
+WEIGHT_CHECKS = ("fingerprint", "version")
 
 
 class OptionError(ShortenTraceback, ValueError):
@@ -47,9 +48,14 @@ class Options:
         Default 1 (no split). Each chunk re-reads the expert weights, so more chunks pay only
         where the collectives take longer than that (docs/distributed.md has measurements).
         Graphs whose row count is symbolic (dynamic shapes) are not split.
-    check_inputs: before each call of a sharded graph, compare every rank's input shapes with
-        one small all-gather and raise on every rank if they differ (default True). Ranks with
-        different token counts would otherwise fail inside a collective.
+    check_inputs: before each call of a sharded graph, compare every rank's options, sharded
+        regions, expert-weight checksums and input shapes with one small all-gather and raise on
+        every rank if they differ (default True). False: compared at the first call only.
+    weight_check: how each call makes sure stacked copies of expert weights are current.
+        "fingerprint" (default): identity, version counter and storage of every expert parameter,
+        and 32 sampled elements of each (sees writes through `.data`; one host sync per call on
+        a GPU). "version": identity, version counter and storage only (no sync; in-place writes
+        through `.data` are not seen).
     """
 
     dump_dir: str | None = field(default_factory=lambda: os.environ.get("MOESHARD_DUMP_DIR") or None)
@@ -62,6 +68,7 @@ class Options:
     release_unsharded: bool = False
     comm_chunks: int = 1
     check_inputs: bool = True
+    weight_check: str = "fingerprint"
 
     def __post_init__(self):
         """Validate every field, however the Options were built (dict, keywords, replace)."""
@@ -72,6 +79,9 @@ class Options:
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise OptionError(f"moeshard: option 'dump_dir' must be a path (str or os.PathLike), got {dump_dir!r}")
         object.__setattr__(self, "dump_dir", os.fspath(dump_dir) or None if dump_dir is not None else None)
+        if self.weight_check not in WEIGHT_CHECKS:
+            raise OptionError(f"moeshard: option 'weight_check' must be one of "
+                              f"{', '.join(map(repr, WEIGHT_CHECKS))}, got {self.weight_check!r}")
         _check_distributed(self)
 
     @classmethod

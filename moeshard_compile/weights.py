@@ -208,10 +208,12 @@ class WeightFeed:
     """The stacked weights of one graph's rewritten regions, appended to its inputs at each call.
 
     with_digest: keep an exact checksum of every copy's parameters (sharded graphs: the ranks
-    compare them, moeshard_compile.distributed)."""
+    compare them, moeshard_compile.distributed). fingerprint: compare the copies' fingerprints
+    at every call (Options.weight_check)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, with_digest: bool = False):
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, with_digest: bool = False, fingerprint: bool = True):
         self.gm, self.example_inputs, self.with_digest = gm, list(example_inputs), with_digest
+        self.fingerprint = fingerprint
         self.input_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         self.regions: list[_RegionWeights] = []
         self.built: list[tuple[list[str], list[torch.Tensor]]] = []  # at compile time, per region
@@ -255,7 +257,7 @@ class WeightFeed:
         with _LOCK:
             looked_up = [region.stack(args) for region in self.regions]
             stacks = [stacked for stacked, _ in looked_up]
-            unverified = [i for i, (_, compare) in enumerate(looked_up) if compare]
+            unverified = [i for i, (_, compare) in enumerate(looked_up) if compare and self.fingerprint]
             changed = _any_changed([stacks[i].fingerprint for i in unverified]) if unverified else []
             for i, was_changed in zip(unverified, changed):
                 if was_changed:

@@ -60,6 +60,7 @@ BAD_VALUES = {
     "release_unsharded": ["yes", 1],
     "comm_chunks": [0, -2, 1.5, True, "4", None],
     "check_inputs": [0, "True"],
+    "weight_check": ["sampled", None, True],
 }
 
 
@@ -289,6 +290,20 @@ def test_model_to_another_dtype_recompiles_with_its_weights(dtype, container):
         fn(batch(2, 5, 8))
         model.to(dtype)
         x = batch(2, 5, 8, dtype=dtype)
+        assert_close_to_eager(fn(x), model(x))
+
+
+def test_weight_check_version_skips_the_fingerprint_and_nothing_else():
+    """weight_check="version": a write through `.data` goes unseen (as documented), a
+    load_state_dict is still seen."""
+    model = block()
+    fn = compiled(model, weight_check="version")
+    x = batch(2, 5, 8)
+    with torch.no_grad():
+        before = fn(x)
+        _edit(model, "data_in_place")
+        assert torch.equal(fn(x), before), "without the fingerprint a .data write must stay unseen"
+        _edit(model, "load_state_dict")
         assert_close_to_eager(fn(x), model(x))
 
 
