@@ -69,7 +69,7 @@ class _Fingerprint:
 
     @staticmethod
     def _read(views: list[torch.Tensor]) -> torch.Tensor:
-        values = torch.cat([v.reshape(-1) for v in views])
+        values = torch.cat(views)  # 1-D views: no Python work per parameter
         return values.view(_INT_OF_SIZE[values.element_size()])
 
     def changed(self) -> torch.Tensor:
@@ -92,10 +92,16 @@ def _any_changed(fingerprints: list[_Fingerprint]) -> list[bool]:
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
-    """About _SAMPLES_PER_PARAM evenly spaced elements as a view (the whole tensor if not contiguous)."""
-    if not t.is_contiguous() or t.numel() == 0:
-        return t
-    return t.view(-1)[:: max(1, t.numel() // _SAMPLES_PER_PARAM)]
+    """About _SAMPLES_PER_PARAM evenly spaced elements as a 1-D view of the tensor's storage
+    (of a non-contiguous tensor: along its first dimension, at index 0 of the others)."""
+    if t.numel() == 0:
+        return t.new_empty(0)
+    if t.dim() == 0:
+        return t.reshape(1)
+    if t.is_contiguous():
+        return t.view(-1)[:: max(1, t.numel() // _SAMPLES_PER_PARAM)]
+    column = t[(slice(None),) + (0,) * (t.dim() - 1)]
+    return column[:: max(1, column.numel() // _SAMPLES_PER_PARAM)]
 
 
 def digest(params: list[torch.Tensor]) -> int:
