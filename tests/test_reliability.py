@@ -20,7 +20,6 @@ from moe_zoo import MoEBlock, MoEConfig
 from moeshard_compile import OptionError, Options, Report
 from moeshard_compile.backend import make_backend
 from moeshard_compile import weights
-from moeshard_compile.weights import ReleasedError
 
 
 def compiled(model, report: Report | None = None, **options):
@@ -398,7 +397,3 @@ def test_copies_made_after_compiling_do_not_share_its_stack():
         _edit(duplicate, "data_in_place")
         assert_close_to_eager(compiled(duplicate)(x), duplicate(x))
         assert_close_to_eager(fn(x), model(x))
-
-
-def test_released_error_is_a_runtime_error():
-    assert issubclass(ReleasedError, RuntimeError)
