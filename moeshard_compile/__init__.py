@@ -9,10 +9,13 @@ registers the `moeshard::` ops and installs the capture shims for HF experts.
 from moeshard_compile import capture
 from moeshard_compile.kernels import ops  # noqa: F401  (registers torch.ops.moeshard)
 from moeshard_compile.backend import moeshard_backend
+from moeshard_compile.distributed import CollectiveFailedError, RankMismatchError
 from moeshard_compile.explain import explain
 from moeshard_compile.options import OptionError, Options
 from moeshard_compile.report import Report
+from moeshard_compile.weights import ReleasedError
 
 capture.install()
 
-__all__ = ["moeshard_backend", "explain", "Options", "OptionError", "Report"]
+__all__ = ["moeshard_backend", "explain", "Options", "OptionError", "Report", "RankMismatchError",
+           "CollectiveFailedError", "ReleasedError"]

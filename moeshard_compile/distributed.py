@@ -161,10 +161,12 @@ def _collective_failure(error: RuntimeError) -> bool:
 
 
 def _timeout_s(group: "dist.ProcessGroup") -> float | None:
-    try:
-        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except Exception:  # noqa: BLE001 - private API; the message just leaves the number out
-        return None
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except Exception:  # noqa: BLE001, S112 - private API; the message then leaves the number out
+            continue
+    return None
 
 
 def _input_shapes(args: tuple) -> list[tuple[int, ...]]:
