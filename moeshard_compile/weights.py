@@ -9,9 +9,11 @@ was made from and checked at every call:
     what changed                                   seen by
     the parameter object (module.w = Parameter)    identity
     in-place ops, load_state_dict                  the version counter
-    `.data = t`, model.to(dtype), assign=True      the data pointer, dtype and strides
+    `.data = t`, model.to(dtype)                   the data pointer (new storage)
     in-place writes through `.data`                a fingerprint: 32 sampled elements per
-                                                   parameter, read through views (one cat)
+                                                   parameter, read through 1-D views, compared
+                                                   for all regions at once (weight_check=
+                                                   "version" leaves it out: no host sync)
 
 Copies are keyed by the identities of the parameters they came from, so two models running one
 compiled graph (copies of a model share Dynamo's cache) each get their own, and a fresh compile
