@@ -85,16 +85,16 @@ class RankCheck:
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         shapes = [(r.module, r.num_experts, r.top_k, r.d_model, r.d_ff, r.activation, r.gated) for r in rewritten]
         self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, int(opts.check_inputs), int(opts.dropless),
-                      self.world, len(rewritten), zlib.crc32(repr(shapes).encode()), 0]
+                      self.world, len(rewritten), zlib.crc32(repr(shapes).encode())]  # FACTS but the weights
         self.skipped = skipped
         self.agreed = False
 
     def __call__(self, args: tuple, stacks: list = ()) -> None:
         if self.agreed and not self.every_call:
             return
-        facts = self.facts[:-1] + [hash(tuple(s.digest for s in stacks)) & (2**62 - 1)]
+        weights = hash(tuple(s.digest for s in stacks)) & (2**62 - 1)
         shapes = _signature(_input_shapes(args), _SIGNATURE_LEN - _HEAD)
-        mine = torch.tensor([_MAGIC, *facts, *shapes], dtype=torch.int64, device=self.device)
+        mine = torch.tensor([_MAGIC, *self.facts, weights, *shapes], dtype=torch.int64, device=self.device)
         every = guarded(lambda: c10d.wait_tensor(c10d.all_gather_into_tensor(mine, self.world, self.group.group_name)),
                         self.group, "the ranks' check before a sharded call")
         rows = every.view(self.world, _SIGNATURE_LEN).tolist()

@@ -162,10 +162,14 @@ class _Stacked:
 _SHARED: dict[tuple, _Stacked] = {}
 
 
+def _key(source: WeightSource, params: list[torch.Tensor]) -> tuple:
+    return tuple(id(p) for p in params), source.layout
+
+
 def _lookup(source: WeightSource, params: list[torch.Tensor], with_digest: bool) -> tuple[_Stacked, bool]:
     """The stack for these parameters, and whether its fingerprint is still to be compared
     (False when it was just built)."""
-    key = (tuple(id(p) for p in params), source.layout)
+    key = _key(source, params)
     stacked = _SHARED.get(key)
     if stacked is not None and stacked.matches(params):
         return stacked, not stacked.released
@@ -208,8 +212,7 @@ class _RegionWeights:
 
     def rebuild(self, args) -> _Stacked:
         params = [args[i] for i in self.indices]
-        return _rebuild((tuple(id(p) for p in params), self.source.layout), self.source, params, self.with_digest,
-                        new=False)
+        return _rebuild(_key(self.source, params), self.source, params, self.with_digest, new=False)
 
 
 class WeightFeed:

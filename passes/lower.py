@@ -282,7 +282,7 @@ def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
     nan_TE = emit.fn(torch.isnan, combine_TE, name="nan_TE")
     if K < num_experts:
         # K was proven from the routing code; check it anyway, without a host sync.
-        counted_TE = emit.fn(operator.and_, routed_TE, emit.fn(operator.invert, nan_TE, name="number_TE"),
+        counted_TE = emit.fn(operator.and_, routed_TE, emit.fn(operator.invert, nan_TE, name="not_nan_TE"),
                              name="counted_TE")
         count_T = emit.method("sum", counted_TE, -1, name="experts_per_token")
         within = emit.method("all", emit.fn(operator.le, count_T, K, name="within_k"), name="all_within_k")
