@@ -75,6 +75,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         for region in regions:
             if region.status == "recognised":
                 region.skip(fallback)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    passes.verify(gm, regions, dict(zip(placeholders, example_inputs)))
     if plan is not None:
         distributed.check_fits(regions, plan)
     feed = WeightFeed(gm, example_inputs, with_digest=plan is not None, fingerprint=opts.weight_check == "fingerprint")

@@ -2,5 +2,6 @@
 
 from passes.pipeline import recognise, rewrite
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource
+from passes.verify import verify
 
-__all__ = ["recognise", "rewrite", "MoERegion", "ExpertWeights", "Routing", "WeightSource"]
+__all__ = ["recognise", "verify", "rewrite", "MoERegion", "ExpertWeights", "Routing", "WeightSource"]

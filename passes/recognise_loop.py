@@ -93,6 +93,7 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
     region.routing = emit_routing(gm, region, columns)
     region.top_k = region.routing.top_k
     region.weights = stack_expert_weights([m for m, _, _ in pairs])
+    region.expert_calls = [(m.x, m.y) for m, _, _ in pairs]
     return region
 
 

@@ -101,6 +101,9 @@ class MoERegion:
     output_TD: fx.Node | None = None  # node whose value the rewrite replaces
     erase: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite (side-effecting ones too)
     weights: WeightSource | None = None
+    # (input, output) of each expert's own call in the graph, in expert order, where the experts
+    # are separate calls (per-expert loops); empty for a module computing all experts at once
+    expert_calls: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
     capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
     status: str = "recognised"  # -> "rewritten" | "skipped"
     reason: str = ""

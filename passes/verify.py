@@ -1,0 +1,196 @@
+"""Check every recognised region against the graph it came from, before anything is rewritten.
+
+A record claims that the region computes, from the tokens x_TD and the routing the graph
+itself derives from them,
+
+    out_t = sum_e c_e[t] * f_e(x_t)
+
+with c from the record's routing nodes (combine_TE, or ids_TK and weights_TK) and f_e the
+canonical FFN over the stacked weights: exactly what the lowering computes. Both sides are
+evaluated in float64 (passes.evaluate) on random tokens and on three routings the graph's own
+router produces from them: random tokens; every token the same, so one set of experts takes
+every token and the others none (capacity limits then drop tokens); two kinds of tokens.
+
+- Where the record knows each expert's call in the graph (per-expert loops), the experts are
+  swapped on both sides for cheap distinct stand-ins f_e(x) = x * r_e, which checks dispatch,
+  combine and routing at the cost of elementwise work; each expert's own function is then
+  checked against its stacked weights on a few random rows.
+- Otherwise (a module computing all experts at once) the region runs as it is.
+
+A region passes only if every check agrees; otherwise it is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.evaluate import Evaluator, concrete_shape
+from passes.graph_utils import fake
+from passes.lower import ACTIVATIONS
+from passes.region import ExpertWeights, MoERegion
+
+TOLERANCE = 1e-6  # relative to the output's size; float64 rounding is ~1e-15
+_ROWS = 8  # rows per expert for the expert-function check
+_CASES = ("random", "one expert set", "two token kinds")
+
+
+def verify(gm: fx.GraphModule, regions: list[MoERegion], inputs: dict[fx.Node, object]) -> None:
+    """Skip (with the reason) every recognised region whose record the graph does not confirm."""
+    evaluator = Evaluator(gm.graph, inputs)
+    for region in regions:
+        if region.status != "recognised":
+            continue
+        try:
+            reason = _check(evaluator, region)
+        except Exception as error:  # a region we cannot evaluate is a region we cannot trust
+            reason = f"could not evaluate the region: {type(error).__name__}: {error}".splitlines()[0]
+        if reason:
+            region.skip(f"verification failed: {reason}")
+
+
+def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
+    weights = region.weights.stack([_double(evaluator.inputs[p]) for p in region.weights.inputs])
+    ffn = _CanonicalFFN(weights, region.activation)
+    if region.expert_calls:
+        reason = _check_expert_functions(evaluator, region, ffn)
+        if reason:
+            return reason
+    routing = region.routing
+    routing_nodes = [routing.combine_TE] if routing.combine_TE is not None else [routing.ids_TK, routing.weights_TK]
+    source = routing_source(region, routing_nodes)
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.randn(region.num_experts, region.d_model, generator=generator, dtype=torch.float64)
+    for case in _CASES:
+        h = _tokens(concrete_shape(source), case, generator)
+        device = _device(evaluator, region)
+        h = h.to(device)
+        x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes], overrides={source: h})
+        if region.expert_calls:
+            r_ED = scales.to(device)
+            substitutes = {y: ([x], lambda x, e=e: x * r_ED[e]) for e, (x, y) in enumerate(region.expert_calls)}
+            (got,) = evaluator.run([region.output_TD], overrides={source: h}, substitutes=substitutes)
+            expert = lambda e, x: x * r_ED[e]  # noqa: E731
+        else:
+            (got,) = evaluator.run([region.output_TD], overrides={source: h})
+            expert = ffn
+        want = _combine(x_TD, route, expert, region)
+        if isinstance(want, str):
+            return f"{want} ({case} routing)"
+        error = _mismatch(got, want)
+        if error:
+            return f"the record disagrees with the graph on {case} routing: {error}"
+    return None
+
+
+def routing_source(region: MoERegion, routing_nodes: list[fx.Node]) -> fx.Node:
+    """The latest tensor of tokens that both the experts' input and the router are computed from.
+
+    Giving it random values runs the model's own router: the routings tested are ones the model
+    can produce. When the router reads nothing the tokens come from, the tokens themselves."""
+    D = region.d_model
+    token_ancestors = _ancestors([region.tokens_TD])
+    routing_ancestors = _ancestors(routing_nodes)
+    order = {n: i for i, n in enumerate(region.tokens_TD.graph.nodes)}
+    common = [n for n in token_ancestors & routing_ancestors
+              if fake(n) is not None and fake(n).is_floating_point() and fake(n).dim() >= 2 and fake(n).shape[-1] == D]
+    return max(common, key=order.__getitem__) if common else region.tokens_TD
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _tokens(shape: tuple[int, ...], case: str, generator: torch.Generator) -> torch.Tensor:
+    if case == "random":
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    rows = torch.randn(2, shape[-1], generator=generator, dtype=torch.float64)
+    if case == "one expert set":
+        return rows[0].expand(shape).clone()
+    kind = torch.arange(torch.Size(shape[:-1]).numel()) % 2
+    return rows[kind].reshape(shape)
+
+
+def _device(evaluator: Evaluator, region: MoERegion) -> torch.device:
+    value = evaluator.inputs[region.weights.inputs[0]]
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+
+
+def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoERegion) -> torch.Tensor | str:
+    """sum_e c_e[t] * expert(e, x_t) from the record's routing, or why the routing is invalid."""
+    x_TD = x_TD.reshape(-1, x_TD.shape[-1])
+    out_TD = torch.zeros_like(x_TD)
+    if len(route) == 1:
+        combine_TE = route[0].reshape(x_TD.shape[0], -1).double()
+        per_token = ((combine_TE != 0) & ~combine_TE.isnan()).sum(-1)
+        if per_token.numel() and per_token.max().item() > region.routing.top_k:
+            return f"a token has {per_token.max().item()} experts, more than the proven bound top_k={region.routing.top_k}"
+        for e in range(region.num_experts):
+            (tokens,) = torch.nonzero(combine_TE[:, e], as_tuple=True)
+            out_TD.index_add_(0, tokens, combine_TE[tokens, e, None] * expert(e, x_TD[tokens]))
+        return out_TD
+    ids_TK, weights_TK = (t.reshape(x_TD.shape[0], -1) for t in route)
+    if ids_TK.numel() and (ids_TK.min() < 0 or ids_TK.max() >= region.num_experts):
+        return f"expert ids outside [0, {region.num_experts})"
+    for e in range(region.num_experts):
+        tokens, slots = torch.nonzero(ids_TK == e, as_tuple=True)
+        out_TD.index_add_(0, tokens, weights_TK[tokens, slots, None].double() * expert(e, x_TD[tokens]))
+    return out_TD
+
+
+def _check_expert_functions(evaluator: Evaluator, region: MoERegion, ffn: "_CanonicalFFN") -> str | None:
+    generator = torch.Generator().manual_seed(1)
+    device = _device(evaluator, region)
+    for e, (x, y) in enumerate(region.expert_calls):
+        rows = torch.randn(_ROWS, region.d_model, generator=generator, dtype=torch.float64).to(device)
+        try:
+            (got,) = evaluator.run([y], overrides={x: rows})
+        except Exception:  # the expert's code fixes its row count (a view to T rows): use its own shape
+            rows = torch.randn(concrete_shape(x), generator=generator, dtype=torch.float64).to(device)
+            (got,) = evaluator.run([y], overrides={x: rows})
+        error = _mismatch(got, ffn(e, rows.reshape(-1, region.d_model)))
+        if error:
+            return f"expert {e} of {region.num_experts} does not compute {ffn.describe()} with its stacked weights: {error}"
+    return None
+
+
+class _CanonicalFFN:
+    """f_e(x) as the lowering computes it from the stacked weights."""
+
+    def __init__(self, weights: ExpertWeights, activation: str):
+        self.w, self.activation = weights, activation
+        self.act = ACTIVATIONS[activation]
+
+    def describe(self) -> str:
+        return f"{self.activation}{' (gated)' if self.w.w_gate_EDF is not None else ''}"
+
+    def __call__(self, e: int, x_XD: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        h_XF = x_XD @ w.w_in_EDF[e] + (0 if w.b_in_EF is None else w.b_in_EF[e])
+        if w.w_gate_EDF is None:
+            h_XF = self.act(h_XF)
+        else:
+            h_XF = self.act(x_XD @ w.w_gate_EDF[e] + (0 if w.b_gate_EF is None else w.b_gate_EF[e])) * h_XF
+        return h_XF @ w.w_out_EFD[e] + (0 if w.b_out_ED is None else w.b_out_ED[e])
+
+
+def _mismatch(got, want: torch.Tensor) -> str | None:
+    if not isinstance(got, torch.Tensor) or got.numel() != want.numel():
+        return f"output of shape {getattr(got, 'shape', type(got).__name__)}, expected {tuple(want.shape)}"
+    got = got.reshape(want.shape).double()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    error = (got - want).abs().max().item() if want.numel() else 0.0
+    if not error <= TOLERANCE * (1 + scale):  # also catches NaN
+        return f"max error {error:.3g} at output scale {scale:.3g}"
+    return None
+
+
+def _double(value):
+    return value.detach().to(torch.float64) if isinstance(value, torch.Tensor) and value.is_floating_point() else value

@@ -1,0 +1,116 @@
+"""The verifier confirms true records and rejects subtly wrong ones (passes.verify)."""
+
+import dataclasses
+import operator
+
+import pytest
+import torch
+
+import hf_tiny
+import passes
+from graph_capture import capture
+from moe_zoo import MoEBlock, MoEConfig
+
+
+def recognised(model, *args, **kwargs):
+    captured = capture(model, *args, **kwargs)
+    regions = captured.regions
+    assert regions and all(r.status == "recognised" for r in regions)
+    return captured, regions
+
+
+def verified(captured, regions) -> list[str]:
+    passes.verify(captured.gm, regions, captured.inputs())
+    return [r.reason for r in regions]
+
+
+def loop_model(**cfg):
+    cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **cfg})
+    return MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model)
+
+
+@pytest.mark.parametrize("style", ["index", "mask", "dense"])
+@pytest.mark.parametrize("router", ["softmax_topk", "switch"])
+def test_true_records_pass(style, router):
+    model, x = loop_model(style=style, router=router, top_k=1 if router == "switch" else 2, capacity=3)
+    captured, regions = recognised(model, x)
+    assert verified(captured, regions) == [""]
+
+
+@pytest.mark.parametrize("build", [hf_tiny.switch, hf_tiny.qwen2_moe, hf_tiny.mixtral])
+def test_true_records_of_hf_models_pass(build):
+    model = build().eval()
+    captured, regions = recognised(model, **hf_tiny.inputs(model))
+    assert set(verified(captured, regions)) == {""}
+
+
+def _scale_node(graph, node, factor):
+    with graph.inserting_after(node):
+        scaled = graph.call_function(operator.mul, (node, factor))
+    scaled.meta = dict(node.meta)
+    return scaled
+
+
+@pytest.mark.parametrize("style", ["index", "mask", "dense"])
+def test_perturbed_coefficient_is_rejected(style):
+    model, x = loop_model(style=style)
+    captured, (region,) = recognised(model, x)
+    region.routing = dataclasses.replace(region.routing, combine_TE=_scale_node(captured.gm.graph, region.routing.combine_TE, 1.001))
+    (reason,) = verified(captured, [region])
+    assert reason.startswith("verification failed: the record disagrees with the graph on random routing")
+
+
+def test_swapped_expert_is_rejected():
+    model, x = loop_model(style="index")
+    captured, (region,) = recognised(model, x)
+    calls = region.expert_calls
+    region.expert_calls = [calls[1], calls[0], *calls[2:]]
+    (reason,) = verified(captured, [region])
+    assert "expert 0 of 4 does not compute relu with its stacked weights" in reason
+
+
+def test_swapped_stacked_weights_are_rejected():
+    model, x = loop_model(style="mask")
+    captured, (region,) = recognised(model, x)
+    stack = region.weights.stack
+
+    def swapped(tensors):
+        w = stack(tensors)
+        order = torch.tensor([1, 0, 2, 3])
+        return dataclasses.replace(w, w_out_EFD=w.w_out_EFD[order])
+
+    region.weights = dataclasses.replace(region.weights, stack=swapped)
+    (reason,) = verified(captured, [region])
+    assert "expert 0 of 4 does not compute" in reason
+
+
+def test_wrong_activation_is_rejected():
+    model, x = loop_model(activation="gelu")
+    captured, (region,) = recognised(model, x)
+    region.activation = "gelu_tanh"  # 1e-3 away from the model's erf GELU
+    (reason,) = verified(captured, [region])
+    assert "does not compute gelu_tanh" in reason
+
+
+def test_too_small_top_k_bound_is_rejected():
+    model, x = loop_model(top_k=3)
+    captured, (region,) = recognised(model, x)
+    region.routing = dataclasses.replace(region.routing, top_k=2)
+    (reason,) = verified(captured, [region])
+    assert "a token has 3 experts, more than the proven bound top_k=2" in reason
+
+
+def test_shifted_expert_ids_of_stacked_experts_are_rejected():
+    model = hf_tiny.qwen3_moe().eval()
+    captured, regions = recognised(model, **hf_tiny.inputs(model))
+    region = regions[0]
+    graph = captured.gm.graph
+    ids = region.routing.ids_TK
+    with graph.inserting_after(ids):
+        plus_one = graph.call_function(operator.add, (ids, 1))
+    with graph.inserting_after(plus_one):
+        shifted = graph.call_function(operator.mod, (plus_one, region.num_experts))
+    region.routing = dataclasses.replace(region.routing, ids_TK=shifted)
+    reasons = verified(captured, regions)
+    assert reasons[0].startswith("verification failed: the record disagrees") and reasons[1] == ""
+
