@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 
 import passes
 from passes.graph_utils import dropout_args, module_paths, param_name
+from passes.unrecognised import find_unrecognised
 from moeshard_compile import distributed
 from moeshard_compile.options import OptionError, Options
-from moeshard_compile.report import Report, region_row
+from moeshard_compile.report import Report, region_row, unrecognised_row
 from moeshard_compile.weights import ReleasedError, WeightFeed
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
                 region.skip(fallback)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     passes.verify(gm, regions, dict(zip(placeholders, example_inputs)))
+    unrecognised = find_unrecognised(gm, regions)
     if plan is not None:
         distributed.check_fits(regions, plan)
     feed = WeightFeed(gm, example_inputs, with_digest=plan is not None, fingerprint=opts.weight_check == "fingerprint")
@@ -101,7 +104,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         feed.release_unsharded()
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
-    report.regions += [region_row(graph_id, r) for r in regions]
+    rows = [region_row(graph_id, r) for r in regions]
+    rows += [unrecognised_row(graph_id, u) for u in unrecognised]
+    report.regions += rows
+    _warn_skipped(graph_id, [row for row in rows if row["status"] != "rewritten"])
     report.note_graph_breaks()
     if opts.dump_dir:
         _dump(opts.dump_dir, f"graph_{graph_id}_after.py", gm)
@@ -115,6 +121,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         return _checked(compiled, check)
     inner = feed.bind(compiled, check)
     return lambda *args: distributed.guarded(lambda: inner(*args), group, "a collective of the sharded MoE graph")
+
+
+def _warn_skipped(graph_id: int, rows: list[dict]) -> None:
+    """One warning per compiled graph that leaves MoE-looking structures as they are."""
+    if rows:
+        listed = "; ".join(f"{row['module'] or '(top level)'}: {row['reason']}" for row in rows)
+        warnings.warn(f"moeshard: graph {graph_id}: {len(rows)} MoE structure(s) not rewritten ({listed}); "
+                      "see the report (moeshard_compile.explain or options dump_dir)", stacklevel=2)
 
 
 def _refuse_released(gm: fx.GraphModule, example_inputs: list) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from passes.region import MoERegion
+from passes.unrecognised import Unrecognised
 
 COLUMNS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
@@ -32,9 +33,16 @@ def region_row(graph: int, region: MoERegion) -> dict:
     return {"graph": graph, **row}
 
 
+def unrecognised_row(graph: int, item: Unrecognised) -> dict:
+    """A row for a structure that looks like an MoE layer and was not rewritten (fields it lacks empty)."""
+    row = {name: None for name in COLUMNS + SHARD_FIELDS}
+    row.update(module=item.module, form=item.form, num_experts=item.num_experts, status="skipped", reason=item.reason)
+    return {"graph": graph, **row}
+
+
 def _shard_cells(row: dict) -> list[str]:
     block = "{}:{}".format(*row["ffn_block"]) if row["ffn_block"] else ""
-    if not row["expert_bytes"]:
+    if not row.get("expert_bytes"):
         return [block, ""]
     return [block, f"{_size(row['expert_bytes_per_rank'])} of {_size(row['expert_bytes'])}"]
 

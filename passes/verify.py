@@ -128,7 +128,7 @@ def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoER
     x_TD = x_TD.reshape(-1, x_TD.shape[-1])
     out_TD = torch.zeros_like(x_TD)
     if len(route) == 1:
-        combine_TE = route[0].reshape(x_TD.shape[0], -1).double()
+        combine_TE = route[0].reshape(x_TD.shape[0], region.num_experts).double()
         per_token = ((combine_TE != 0) & ~combine_TE.isnan()).sum(-1)
         if per_token.numel() and per_token.max().item() > region.routing.top_k:
             return f"a token has {per_token.max().item()} experts, more than the proven bound top_k={region.routing.top_k}"
@@ -136,7 +136,7 @@ def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoER
             (tokens,) = torch.nonzero(combine_TE[:, e], as_tuple=True)
             out_TD.index_add_(0, tokens, combine_TE[tokens, e, None] * expert(e, x_TD[tokens]))
         return out_TD
-    ids_TK, weights_TK = (t.reshape(x_TD.shape[0], -1) for t in route)
+    ids_TK, weights_TK = (t.reshape(x_TD.shape[0], region.routing.top_k) for t in route)
     if ids_TK.numel() and (ids_TK.min() < 0 or ids_TK.max() >= region.num_experts):
         return f"expert ids outside [0, {region.num_experts})"
     for e in range(region.num_experts):

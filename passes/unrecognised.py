@@ -1,0 +1,147 @@
+"""What looks like an MoE layer but no region covers: so that nothing is passed over in silence.
+
+Two signs, either enough:
+- an expert bank: parameters of a container whose name says experts, differing only by an
+  index (`experts.3.w1.weight`, `experts.expert_3.fc.weight`), or 3-D parameters of such a module;
+- a routing decision: a top-k / argmax / max over a dim whose indices select, compare or
+  scatter (the per-expert work a router feeds; an argmax returned as a prediction is not one).
+A sign already inside a region, rewritten or skipped, is accounted for; each other one becomes
+a report row, status "skipped", naming its module and what was not understood.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from passes.graph_utils import fake, module_paths, param_name
+from passes.region import MoERegion
+
+_INDEXED = re.compile(r"^(\D*?)(\d+)$")
+_ROUTING_OPS = (torch.topk, "topk", torch.argmax, "argmax", torch.max, "max")
+_SELECTING_OPS = (operator.eq, "eq", torch.eq, operator.getitem, torch.nn.functional.one_hot, torch.where, "nonzero",
+                  torch.nonzero, torch.scatter, "scatter", "scatter_", "scatter_add_", torch.bincount, "bincount",
+                  torch.gather, torch.index_select, "index_select", torch.sort, "sort", torch.argsort, "argsort")
+
+
+@dataclass
+class Unrecognised:
+    """A report row for a structure that looks like an MoE layer and was not rewritten."""
+
+    module: str
+    form: str  # "expert_bank" | "routing"
+    num_experts: int | None
+    reason: str
+
+
+def find_unrecognised(gm: fx.GraphModule, regions: list[MoERegion]) -> list[Unrecognised]:
+    covered = _covered(regions)
+    claimed = {p for r in regions if r.weights is not None for p in r.weights.inputs}
+    region_modules = [r.module for r in regions]
+    found: dict[str, Unrecognised] = {}
+    for module, params in _expert_banks(gm).items():
+        if claimed.intersection(params) or any(covered.intersection(p.users) for p in params):
+            continue
+        if any(module == m or module.startswith(m + ".") for m in region_modules):
+            continue
+        found[module] = Unrecognised(module, "expert_bank", _bank_size(params),
+                                     "an expert bank whose dispatch and combine were not recognised")
+    for node in _routing_decisions(gm):
+        if node in covered:
+            continue
+        module = (module_paths(node) or [""])[-1]
+        bank = _bank_beside(module, [m for m, u in found.items() if u.form == "expert_bank"])
+        if bank is not None:
+            found[bank].reason = "a routing decision and an expert bank whose dispatch and combine were not recognised"
+        elif module not in found:
+            found[module] = Unrecognised(module, "routing", None,
+                                         f"a routing decision ({_op_name(node)}) whose per-expert work was not recognised")
+    return list(found.values())
+
+
+def _bank_beside(module: str, banks: list[str]) -> str | None:
+    """The bank a router in `module` feeds: inside the same module, or inside its parent
+    (`mlp.gate` beside `mlp.experts`)."""
+    parent = module.rsplit(".", 1)[0] if "." in module else ""
+    for scope in (module, parent):
+        match = next((b for b in banks if not scope or b == scope or b.startswith(scope + ".")), None)
+        if match is not None:
+            return match
+    return None
+
+
+def _covered(regions: list[MoERegion]) -> set[fx.Node]:
+    """Every node a region reads or replaces (so its router too)."""
+    stack = [n for r in regions for n in (*r.erase, r.output_TD, r.tokens_TD, *_routing_nodes(r)) if n is not None]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _routing_nodes(region: MoERegion) -> list[fx.Node]:
+    routing = region.routing
+    return [] if routing is None else [routing.ids_TK, routing.weights_TK, routing.combine_TE]
+
+
+def _expert_banks(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Container module -> its expert parameters used by the graph."""
+    banks: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        name = param_name(node)
+        if not name:
+            continue
+        parts = name.split(".")
+        for i in range(len(parts) - 2, 0, -1):  # an indexed module inside an experts container
+            if _INDEXED.match(parts[i]) and "expert" in parts[i - 1].lower():
+                banks.setdefault(".".join(parts[:i]), []).append(node)
+                break
+        else:
+            if fake(node) is not None and fake(node).dim() == 3 and "expert" in name.lower():
+                banks.setdefault(name.rsplit(".", 1)[0], []).append(node)
+    return banks
+
+
+def _bank_size(params: list[fx.Node]) -> int | None:
+    indices = {m.group(2) for p in params for part in param_name(p).split(".") if (m := _INDEXED.match(part))}
+    if indices:
+        return len(indices)
+    sizes = {fake(p).shape[0] for p in params if fake(p) is not None and fake(p).dim() == 3}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _routing_decisions(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target in _ROUTING_OPS and _has_dim(n) and _selects(n)]
+
+
+def _has_dim(node: fx.Node) -> bool:
+    """max(x) over everything is a reduction, not a choice; max(x, dim) and topk are."""
+    if node.target in (torch.max, "max"):
+        return len(node.args) > 1 and isinstance(node.args[1], int) or "dim" in node.kwargs
+    return True
+
+
+def _selects(node: fx.Node, depth: int = 6) -> bool:
+    """The decision's result reaches an op that selects, compares or scatters by it."""
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        if any(u.target in _SELECTING_OPS and not _is_plain_unpack(u) for u in frontier):
+            return True
+    return False
+
+
+def _is_plain_unpack(node: fx.Node) -> bool:
+    """`values, indices = topk(...)` is a getitem by a constant: an unpack, not a selection."""
+    return node.target is operator.getitem and isinstance(node.args[1], int)
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
