@@ -62,6 +62,38 @@ def selection(x: fx.Node) -> Selection:
     return Selection("dense", x, None, [])
 
 
+def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | None]:
+    """(tokens, the nodes selecting rows of them, the selection key) for an expert's input:
+    `x[key]`, `x[mask]`, `index_select(x, 0, key)`, `gather(x, 0, key)`, or x itself (key None),
+    through casts and reshapes. Rows only: a selection along another dim gives (None, [], None)."""
+    nodes: list[fx.Node] = []
+    base = _strip(x, nodes)
+    key = None
+    if base.op == "call_function" and base.target is operator.getitem and isinstance(base.args[0], fx.Node):
+        key = base.args[1]
+        if isinstance(key, tuple) and len(key) == 2 and key[0] is None:
+            key = key[1]
+        if not isinstance(key, fx.Node) or fake(key) is None:
+            return None, [], None
+    elif base.target in (torch.index_select, "index_select") and base.args[1] == 0:
+        key = base.args[2]
+    elif base.target in (torch.gather, "gather") and base.args[1] == 0:
+        key = base.args[2]
+    else:
+        return base, nodes, None
+    nodes.append(base)
+    return _strip(base.args[0], nodes), nodes, key
+
+
+def selection_mask(key: fx.Node) -> fx.Node:
+    """The mask a selection key was computed from (`tok` of `tok, slot = where(mask)` -> mask)."""
+    if key.target is operator.getitem and isinstance(key.args[0], fx.Node):
+        where = key.args[0]
+        if (where.target is torch.where and len(where.args) == 1) or where.target in (torch.nonzero, "nonzero"):
+            return where.args[0]
+    return key
+
+
 _MUL = spellings("mul", inplace=True)
 _ADD = spellings("add", inplace=True)
 

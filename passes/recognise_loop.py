@@ -22,10 +22,13 @@ import torch
 import torch.fx as fx
 
 from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import accumulation, selection
+from passes.dispatch_combine import accumulation, row_source, selection, selection_mask as _selection_mask
 from passes.expert_ffn import FFN, expert_key, find_ffns, stack_expert_weights
 from passes.graph_utils import fake, topo_index
-from passes.region import MoERegion
+from passes.linear_combine import emit_combine_columns, find_combine
+from passes.lower import first_user
+from passes.nnz import nnz_bound
+from passes.region import MoERegion, Routing
 
 _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_")
 
@@ -39,7 +42,10 @@ def recognise_loops(gm: fx.GraphModule, claimed: set[fx.Node]) -> list[MoERegion
             groups.setdefault(key[0], {})[key[1]] = ffn
     regions = []
     for (template, *_), members in groups.items():
-        region = _recognise_group(gm, template, [members[i] for i in sorted(members)])
+        ordered = [members[i] for i in sorted(members)]
+        region = _recognise_group(gm, template, ordered)
+        if region is None or region.status != "recognised":
+            region = _recognise_linear(gm, template, ordered) or region
         if region is not None:
             regions.append(region)
     return regions
@@ -59,29 +65,7 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
     zeros, final = _accumulator(pairs)
     if zeros is None or fake(zeros) is None or fake(zeros).shape != fake(tokens).shape:
         return None
-    first = members[0]
-    width = first.first[0].weight.out_features
-    gated = first.elementwise.gated
-    d_ff = width // 2 if gated and len(first.first) == 1 else width
-    module = template[: template.index("*")].rsplit(".", 1)[0]  # the experts container
-    region = MoERegion(
-        module=module,
-        form=f"module_loop/{pairs[0][1].kind}",
-        num_experts=len(members),
-        top_k=0,
-        d_model=fake(tokens).shape[-1],
-        d_ff=d_ff,
-        activation=first.elementwise.activation,
-        gated=gated,
-        has_bias=first.second.bias is not None or first.first[0].bias is not None,
-        dtype=fake(first.first[0].weight.param).dtype,
-        capacity=None,
-        tokens_TD=tokens,
-        output_TD=final,
-    )
-    if template.endswith("[*]"):
-        region.form = "stacked_loop/" + pairs[0][1].kind
-        region.module = template[: -len("[*]")].rsplit(".", 1)[0]
+    region = _region(template, [m for m, _, _ in pairs], pairs[0][1].kind, tokens, final)
     region.erase = [n for m, s, a in pairs for n in (*s.nodes, *m.nodes, *a.nodes)] + [zeros]
     region.erase = sorted(set(region.erase), key=order.__getitem__)
     columns = []
@@ -92,8 +76,61 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
         columns.append(column)
     region.routing = emit_routing(gm, region, columns)
     region.top_k = region.routing.top_k
-    region.weights = stack_expert_weights([m for m, _, _ in pairs])
-    region.expert_calls = [(m.x, m.y) for m, _, _ in pairs]
+    return region
+
+
+def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, output: fx.Node) -> MoERegion:
+    """The record of one group of expert calls; routing and erase are the caller's."""
+    first = members[0]
+    width = first.first[0].weight.out_features
+    gated = first.elementwise.gated
+    stacked = template.endswith("[*]")
+    region = MoERegion(
+        module=(template[: -len("[*]")] if stacked else template[: template.index("*")]).rsplit(".", 1)[0],
+        form=f"{'stacked_loop' if stacked else 'module_loop'}/{kind}",
+        num_experts=len(members),
+        top_k=0,
+        d_model=fake(tokens).shape[-1],
+        d_ff=width // 2 if gated and len(first.first) == 1 else width,
+        activation=first.elementwise.activation,
+        gated=gated,
+        has_bias=first.second.bias is not None or first.first[0].bias is not None,
+        dtype=fake(first.first[0].weight.param).dtype,
+        capacity=None,
+        tokens_TD=tokens,
+        output_TD=output,
+    )
+    region.weights = stack_expert_weights(members)
+    region.expert_calls = [(m.x, m.y) for m in members]
+    return region
+
+
+def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:
+    """Any row-selecting dispatch and any linear combine (passes.linear_combine): the combine
+    weights come from the region's own code run on indicator expert outputs."""
+    sources = [row_source(m.x) for m in members]
+    tokens = {t for t, _, _ in sources}
+    if len(tokens) != 1 or None in tokens:
+        return None
+    (tokens,) = tokens
+    if fake(tokens) is None or fake(tokens).dim() != 2:
+        return None
+    combine = find_combine(gm.graph, [m.y for m in members], tokens)
+    if combine is None:
+        return None
+    region = _region(template, members, "linear", tokens, combine.output)
+    order = topo_index(gm.graph)
+    erase = {n for m in members for n in m.nodes} | set(combine.nodes) | set(combine.buffers)
+    erase |= {n for _, nodes, _ in sources for n in nodes}
+    region.erase = sorted(erase, key=order.__getitem__)
+    prefix = f"{region.module.replace('.', '_')}_"
+    combine_TE = emit_combine_columns(gm.graph, combine, region.expert_calls, region.d_model, first_user(region), prefix)
+    E, T = len(members), fake(tokens).shape[0]
+    keys = [key for _, _, key in sources]
+    # each token is routed to at most as many experts as select it; dense dispatch proves nothing
+    bound = E if None in keys else max(nnz_bound(_selection_mask(k), T, E) for k in keys)
+    region.routing = Routing(combine_TE=combine_TE, top_k=max(1, min(bound, E)))
+    region.top_k = region.routing.top_k
     return region
 
 

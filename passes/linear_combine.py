@@ -1,0 +1,143 @@
+"""Any linear combine of per-expert outputs, read by pushing indicators through a copy of it.
+
+Given each expert's call (x_e -> y_e) in the graph, the combine is everything between the
+y_e and the first value that depends on all of them. If that code is linear in every y_e and
+scales whole rows, it computes out[t] = sum_e c_e[t] * y_e[row_e(t)], and c_e is what it
+produces when y_e is replaced by rows holding a 1 in one column (column e mod D) and every
+other expert's output by zeros. So the region's own dispatch and combine code, copied with
+those indicators, yields combine_TE: capacity drops, renormalisation, weights applied after
+the combine and every spelling of the accumulation (index_add_, out[m] += ..., out[m] = ...,
+scatter_add, a stack and a weighted sum, an einsum with a dense gate) stay the model's own.
+
+Whether the combine really has that form is not assumed: the verifier (passes.verify) checks
+the record against the original code with distinct experts before anything is rewritten.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from passes.graph_utils import fake, spellings
+
+# Ops through which the experts' outputs may flow to the combined value: linear in them.
+_LINEAR = {
+    *spellings("mul", inplace=True), *spellings("add", inplace=True), *spellings("sub", inplace=True),
+    *spellings("truediv", inplace=True), torch.div, "div", torch.neg, "neg",
+    "index_add_", torch.index_add, "index_add", "scatter_add_", torch.scatter_add, "scatter_add",
+    "index_put_", torch.index_put, "index_put", operator.setitem, "index_copy_", torch.index_copy,
+    torch.stack, torch.cat, torch.einsum, torch.matmul, operator.matmul, torch.bmm, "sum", torch.sum,
+    "view", "reshape", torch.reshape, "permute", torch.permute, "transpose", torch.transpose, "unsqueeze",
+    "squeeze", "flatten", "unflatten", "expand", "contiguous", "to", "type_as", "float", "double", "half", "bfloat16",
+    operator.getitem, torch.where, "masked_fill", torch.masked_fill, "t", "mT",
+}
+_ACCUMULATORS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_", torch.empty_like, "new_empty", torch.full,
+                 torch.full_like)
+
+
+@dataclass
+class Combine:
+    """The combine code of one group of expert calls, as found in the graph."""
+
+    output: fx.Node  # the combined value: the region's output
+    nodes: list[fx.Node]  # the combine code, graph order (what the indicator copy repeats)
+    buffers: list[fx.Node]  # accumulators the combine writes in place (copied fresh)
+
+
+def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Combine | None:
+    """The linear code joining `outputs` (the experts' y_e) into one value shaped like
+    `tokens` (a stack of the outputs is not yet combined; its weighted sum is), or None."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    reached = [_descendants(y, order) for y in outputs]
+    shape = fake(tokens).shape
+    common = [n for n in set.intersection(*reached) if _shaped_like(_buffer_root(n), shape)]
+    if not common:
+        return None
+    first = min(common, key=order.__getitem__)
+    output = _buffer_root(first)
+    nodes = sorted({n for r in reached for n in r if order[n] <= order[first]}, key=order.__getitem__)
+    if any(n.target not in _LINEAR for n in nodes):
+        return None
+    buffers = sorted({_buffer_root(n) for n in nodes if _writes_in_place(n)} - set(nodes), key=order.__getitem__)
+    if any(b.target not in _ACCUMULATORS and not _zeroed(b) for b in buffers):
+        return None
+    return Combine(output, nodes, buffers)
+
+
+def _shaped_like(node: fx.Node, shape) -> bool:
+    value = fake(node)
+    return value is not None and value.numel() == shape.numel() and value.shape[-1] == shape[-1]
+
+
+def _descendants(start: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes whose value depends on `start`, through data and through in-place writes."""
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+                if _writes_in_place(user):  # later readers of the written buffer see the value
+                    buffer = _buffer_root(user)
+                    stack.extend(u for u in _aliases_users(buffer) if order[u] > order[user] and u not in seen)
+    return seen
+
+
+def _aliases_users(buffer: fx.Node) -> list[fx.Node]:
+    users, stack = [], [buffer]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            users.append(user)
+            if _writes_in_place(user) and user.args[0] is node:
+                stack.append(user)
+    return users
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    if node.target is operator.setitem:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_") and bool(node.args)
+
+
+def _buffer_root(node: fx.Node) -> fx.Node:
+    """The tensor an in-place chain writes into (`out` for `out.index_add_(...).index_add_(...)`)."""
+    while _writes_in_place(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _zeroed(buffer: fx.Node) -> bool:
+    return any(u.target == "zero_" and u.args[0] is buffer for u in buffer.users)
+
+
+def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[tuple[fx.Node, fx.Node]], d_model: int,
+                         before: fx.Node, prefix: str) -> fx.Node:
+    """combine_TE, by running a copy of the combine on indicator expert outputs (D experts per copy)."""
+    E = len(calls)
+    chunks = []
+    with graph.inserting_before(before):
+        for start in range(0, E, d_model):
+            env: dict[fx.Node, fx.Node] = {}
+            for e, (x, y) in enumerate(calls):
+                indicator = graph.call_function(torch.zeros_like, (x,), {"dtype": fake(y).dtype})
+                if start <= e < start + d_model:
+                    graph.call_function(operator.setitem, (indicator, (Ellipsis, e - start), 1.0))
+                env[y] = indicator
+            for buffer in combine.buffers:
+                env[buffer] = graph.node_copy(buffer, lambda n: env.get(n, n))
+            for node in combine.nodes:
+                env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+            out = env.get(combine.output, env[combine.nodes[-1]])
+            flat = graph.call_method("reshape", (out, -1, d_model))
+            width = min(d_model, E - start)
+            chunks.append(graph.call_function(operator.getitem, (flat, (slice(None), slice(0, width)))))
+        combine_TE = chunks[0] if len(chunks) == 1 else graph.call_function(torch.cat, (chunks, 1))
+    combine_TE.name = f"{prefix}combine_TE"
+    return combine_TE
