@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
 from bench.encoder import add_encoder_args, build_encoder  # noqa: E402
+from moeshard_compile.backend import make_backend  # noqa: E402
+from moeshard_compile.options import Options  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,7 +39,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     model = build_encoder(args, moe=True)
     input_ids_BS = torch.randint(1, 32000, (args.batch, args.seq), device=args.device)
-    backend = moeshard_compile.moeshard_backend if args.backend == "moeshard" else "inductor"
+    report = moeshard_compile.Report()
+    backend = make_backend(Options(), report) if args.backend == "moeshard" else "inductor"
     compiled = torch.compile(model, backend=backend)
     if args.stack_every:
         faulthandler.dump_traceback_later(args.stack_every, repeat=True, file=sys.stderr)
@@ -48,8 +51,12 @@ def main(argv: list[str]) -> None:
             torch.cuda.synchronize()
     faulthandler.cancel_dump_traceback_later()
     print(torch._dynamo.utils.compile_times(repr="str"))
-    print(f"{args.backend}: first call {time.perf_counter() - started:.1f} s ({args.layers} layers, "
+    first_call = time.perf_counter() - started
+    print(f"{args.backend}: first call {first_call:.1f} s ({args.layers} layers, "
           f"E {args.experts}, {args.batch} x {args.seq} tokens, {args.dtype}, {args.device})")
+    if args.backend == "moeshard":
+        share = report.verify_seconds / first_call
+        print(f"verification of {len(report.regions)} regions: {report.verify_seconds:.2f} s ({share:.1%} of the first call)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from moeshard_compile.static_loops import static_version
+
 log = logging.getLogger(__name__)
 
 
@@ -51,21 +53,6 @@ def tracing_for_moeshard() -> bool:
             return True
         fn = getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None)
     return False
-
-
-def _add_expert(out_TD, y_TD, weight_T1):
-    """out + y * w, adding an exact zero where the token is not routed (w == 0)."""
-    return out_TD + torch.where(weight_T1 != 0, y_TD * weight_T1, 0.0).to(out_TD.dtype)
-
-
-def _switch_experts(self, hidden_states, selected_experts, routing_weights):
-    # selected_experts [T, 1, E] one-hot (capacity-masked), routing_weights [T, 1]
-    weights_TE = selected_experts.sum(dim=1) * routing_weights
-    out_TD = torch.zeros_like(hidden_states)
-    for expert in range(self.num_experts):
-        y_TD = self[f"expert_{expert}"](hidden_states)
-        out_TD = _add_expert(out_TD, y_TD, weights_TE[:, expert, None])
-    return out_TD
 
 
 def _switch_router_logits(self, hidden_states):
@@ -134,57 +121,18 @@ def _nllb_cast_classifier(original):
     return cast_classifier
 
 
-def _nllb_experts(self, hidden_states, router_mask, router_probs):
-    # The original indexes router_probs[token, slot] over `one_hot(router_mask).permute(2, 1, 0)`:
-    # expert e gets, per token, the sum of router_probs[t, j] over the j with router_mask[t, j] == e.
-    expert_mask_TJE = F.one_hot(router_mask, num_classes=self.num_experts)
-    weights_TE = (expert_mask_TJE * router_probs[:, :, None]).sum(dim=1)
-    if self.moe_token_dropout > 0:  # eval mode: a fixed scale (the shims never run in training)
-        weights_TE = weights_TE * (1 - self.moe_token_dropout)
-    out_TD = torch.zeros_like(hidden_states)
-    for expert in range(self.num_experts):
-        out_TD = _add_expert(out_TD, self[f"expert_{expert}"](hidden_states), weights_TE[:, expert, None])
-    return out_TD
-
-
-def _project(module, x, weight, bias):
-    y = x @ weight if module.is_transposed else F.linear(x, weight)
-    return y + bias if bias is not None else y
-
-
-def _stacked_eager_experts(self, hidden_states, top_k_index, top_k_weights):
-    """transformers' eager experts loop (integrations/moe.py), over range(E)."""
-    weights_TE = hidden_states.new_zeros(hidden_states.shape[0], self.num_experts + 1, dtype=top_k_weights.dtype)
-    weights_TE = weights_TE.scatter_add(1, top_k_index, top_k_weights)
-    has_bias = getattr(self, "has_bias", False)
-    out_TD = torch.zeros_like(hidden_states)
-    for expert in range(self.num_experts):
-        if getattr(self, "has_gate", True):
-            bias = self.gate_up_proj_bias[expert] if has_bias else None
-            h = self._apply_gate(_project(self, hidden_states, self.gate_up_proj[expert], bias))
-        else:
-            bias = self.up_proj_bias[expert] if has_bias else None
-            h = self.act_fn(_project(self, hidden_states, self.up_proj[expert], bias))
-        y_TD = _project(self, h, self.down_proj[expert], self.down_proj_bias[expert] if has_bias else None)
-        if getattr(self, "has_post_expert_norm", False):
-            y_TD = self.post_expert_norm(y_TD)
-        out_TD = _add_expert(out_TD, y_TD, weights_TE[:, expert, None])
-    return out_TD
-
-
 def _eager_experts_interface(self, *args, **kwargs):
     """Registered as transformers' "eager" experts function: the static loop under Dynamo,
     the class's own forward (kept by `use_experts_implementation` as __wrapped__) otherwise."""
-    if torch.compiler.is_compiling() and tracing_for_moeshard() and not self.training:
-        return _stacked_eager_experts(self, *args, **kwargs)
+    static = getattr(type(self), "_moeshard_static_forward", None)
+    if static is not None and torch.compiler.is_compiling() and tracing_for_moeshard() and not self.training:
+        return static(self, *args, **kwargs)
     return type(self).forward.__wrapped__(self, *args, **kwargs)
 
 
 _SWITCH = "transformers.models.switch_transformers.modeling_switch_transformers"
 _CLASS_SHIMS = {
-    (_SWITCH, "SwitchTransformersExperts"): _switch_experts,
     (_SWITCH, "SwitchTransformersTop1Router"): _switch_router_shim,  # picked by transformers version
-    ("transformers.models.nllb_moe.modeling_nllb_moe", "NllbMoeExperts"): _nllb_experts,
 }
 
 
@@ -203,8 +151,45 @@ def _shim_class(cls, static_forward) -> None:
     cls.forward = forward
 
 
+def shim_nonzero_loops(cls) -> bool:
+    """Trace `cls.forward` with its loops over `nonzero()` static (moeshard_compile.static_loops)."""
+    forward = cls.__dict__.get("forward")
+    if forward is None or getattr(forward, "_moeshard_original", None) is not None:
+        return False
+    if hasattr(forward, "__wrapped__"):  # transformers' experts dispatch: the eager function takes it
+        static = static_version(forward.__wrapped__)
+        if static is not None:
+            cls._moeshard_static_forward = static
+        return static is not None
+    static = static_version(forward)
+    if static is None:
+        return False
+    _shim_class(cls, static)
+    return True
+
+
+def _shim_every_module() -> None:
+    """Every nn.Module class, defined now or later, whose forward loops over `nonzero()`."""
+    stack = list(torch.nn.Module.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        shim_nonzero_loops(cls)
+    if getattr(torch.nn.Module.__init_subclass__, "_moeshard", False):
+        return
+
+    @classmethod
+    def init_subclass(cls, **kwargs):
+        super(torch.nn.Module, cls).__init_subclass__(**kwargs)
+        shim_nonzero_loops(cls)
+
+    init_subclass.__func__._moeshard = True
+    torch.nn.Module.__init_subclass__ = init_subclass
+
+
 def install() -> list[str]:
     """Install every shim whose transformers class exists; returns what was patched."""
+    _shim_every_module()
     installed = []
     for (module_name, class_name), static_forward in _CLASS_SHIMS.items():
         try:

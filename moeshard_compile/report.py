@@ -68,6 +68,7 @@ class Report:
     graph_breaks: list[str] = field(default_factory=list)
     fallbacks: list[dict] = field(default_factory=list)
     graphs: int = 0
+    verify_seconds: float = 0.0  # compile time spent checking records against their graphs (passes.verify)
     # Dynamo counts graph breaks per process; those already counted here are left out
     breaks_before: Counter = field(default_factory=Counter, repr=False)
 
@@ -76,7 +77,8 @@ class Report:
         self.graph_breaks = sorted(reason for reason, n in now.items() if n > self.breaks_before.get(reason, 0))
 
     def to_dict(self) -> dict:  # the fields report.json holds
-        return {"regions": self.regions, "graph_breaks": self.graph_breaks, "fallbacks": self.fallbacks}
+        return {"regions": self.regions, "graph_breaks": self.graph_breaks, "fallbacks": self.fallbacks,
+                "verify_seconds": round(self.verify_seconds, 3)}
 
     def table(self) -> str:
         rows = [[r[c] for c in ("graph", *COLUMNS)] + _shard_cells(r) for r in self.regions]

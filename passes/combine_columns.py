@@ -140,7 +140,8 @@ def _emit_column(emit, column: Column, e: int, T) -> fx.Node:
                 weight = emit.fn(operator.getitem, weight, (slice(None),) * dim + (i,), name=f"{name}_sel")
             weight = _align(emit, weight, column.weight_dims, ndim, name)
             # where, not mask * weight: a slot routed elsewhere adds an exact 0 even where its weight is NaN
-            weighted = emit.fn(torch.where, mask, weight, 0.0, name=f"{name}_mw")
+            routed = mask if fake(mask).dtype == torch.bool else emit.fn(operator.ne, mask, 0, name=f"{name}_routed")
+            weighted = emit.fn(torch.where, routed, weight, 0.0, name=f"{name}_mw")
         col = emit.method("sum", weighted, other, name=name) if other else weighted
     return emit.fn(operator.mul, col, column.constant, name=f"{name}_c") if column.constant != 1.0 else col
 

@@ -73,11 +73,30 @@ def _linear(node: fx.Node) -> Linear | None:
         ref = _weight_ref(w, out_in=False)
         if ref is None and isinstance(w, fx.Node) and _is_transpose(w):
             ref = _weight_ref(w.args[0], out_in=True)
+    elif node.target is torch.einsum and len(node.args) == 3 and isinstance(node.args[0], str):
+        x, w, b = node.args[1], node.args[2], None
+        out_in = _einsum_weight_layout(node.args[0])
+        ref = None if out_in is None else _weight_ref(w, out_in=out_in)
     else:
         return None
     if ref is None or not isinstance(x, fx.Node) or (b is not None and not param_name(b)):
         return None
     return Linear(node, x, ref, b)
+
+
+def _einsum_weight_layout(equation: str) -> bool | None:
+    """For `einsum("...d,df->...f", x, w)` whether w is [out, in] (True) or [in, out] (False);
+    None unless the equation is a matmul of x's last dim with a 2-D weight."""
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    x, _, w = inputs.partition(",")
+    if len(w) != 2 or not x or not out or x[:-1] != out[:-1] or "." in w:
+        return None
+    contracted, produced = x[-1], out[-1]
+    if w == contracted + produced:
+        return False
+    if w == produced + contracted:
+        return True
+    return None
 
 
 def _is_transpose(node: fx.Node) -> bool:

@@ -15,9 +15,14 @@ from passes.shard import ShardPlan
 _ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
 
 
+_EMITTED = "moeshard_emitted"
+
+
 def recognise(gm: fx.GraphModule) -> list[MoERegion]:
     """Every MoE region of the graph, in graph order. Recognisers never modify semantics;
-    the loop recogniser adds the (dead until rewritten) nodes computing its combine weights."""
+    the loop recogniser adds the (dead until rewritten) nodes computing its combine weights,
+    marked so that `rewrite` removes those of regions it does not rewrite."""
+    before = set(gm.graph.nodes)
     regions = recognise_stacked(gm)
     claimed = {n for r in regions for n in r.erase}
     regions += recognise_loops(gm, claimed)
@@ -25,6 +30,9 @@ def recognise(gm: fx.GraphModule) -> list[MoERegion]:
         if region.routing is not None:
             region.capacity_limits = find_capacity_limits(region)
             region.capacity = describe(region.capacity_limits)
+    for node in gm.graph.nodes:
+        if node not in before:
+            node.meta[_EMITTED] = True
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(regions, key=lambda r: order.get(r.output_TD, len(order)))
 
@@ -50,11 +58,27 @@ def rewrite(
             region.capacity = "removed (dropless=True)"
         lower_region(gm, region, add_weights, index, plan)
         region.status, rewritten = "rewritten", True
+    drop_unused_emitted(gm.graph)
     if rewritten:
         prune_dead_asserts(gm.graph)
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
-        gm.graph.lint()
+    gm.graph.lint()
     gm.recompile()
+
+
+def drop_unused_emitted(graph: fx.Graph) -> None:
+    """Erase what recognition added and no rewrite uses. An in-place write into an added tensor
+    (the indicators of passes.linear_combine) goes with the tensor, once nothing else reads it."""
+    emitted = [n for n in graph.nodes if n.meta.get(_EMITTED)]
+    writes = {n for n in emitted if is_impure(n) and n.args and isinstance(n.args[0], fx.Node) and not n.users}
+    for node in reversed(emitted):
+        if node in writes:
+            continue  # goes with the tensor it writes into
+        into = [u for u in node.users if u in writes and u.args[0] is node]
+        if len(into) == len(node.users):
+            for write in into:
+                graph.erase_node(write)
+            graph.erase_node(node)
 
 
 def is_impure(node: fx.Node) -> bool:

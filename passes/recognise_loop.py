@@ -86,7 +86,7 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
     gated = first.elementwise.gated
     stacked = template.endswith("[*]")
     region = MoERegion(
-        module=(template[: -len("[*]")] if stacked else template[: template.index("*")]).rsplit(".", 1)[0],
+        module=_owner(template[: -len("[*]")] if stacked else template[: template.index("*")]),
         form=f"{'stacked_loop' if stacked else 'module_loop'}/{kind}",
         num_experts=len(members),
         top_k=0,
@@ -103,6 +103,11 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
     region.weights = stack_expert_weights(members)
     region.expert_calls = [(m.x, m.y) for m in members]
     return region
+
+
+def _owner(path: str) -> str:
+    """The module holding a parameter or container: "moe.experts.*" -> "moe.experts", "w1" -> ""."""
+    return path.rsplit(".", 1)[0] if "." in path else ""
 
 
 def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:

@@ -27,13 +27,20 @@ class Captured:
         return dict(zip(placeholders, self.example_inputs))
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
+
+
 def capture(model: torch.nn.Module, *args, **kwargs) -> Captured:
     """The one graph Dynamo traces for `model(*args, **kwargs)` under moeshard's capture shims,
     with the regions passes.recognise finds in it."""
     graphs: list[Captured] = []
 
     def backend(gm: fx.GraphModule, example_inputs: list):
-        graphs.append(Captured(gm, list(example_inputs), passes.recognise(gm)))
+        copy = fx.GraphModule(gm, copy_graph(gm.graph))  # recognition adds nodes: run Dynamo's graph as it is
+        graphs.append(Captured(copy, list(example_inputs), passes.recognise(copy)))
         return gm.forward
 
     backend._moeshard = True  # the capture shims apply, as under the real backend

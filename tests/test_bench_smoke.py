@@ -5,6 +5,7 @@ with a cold Inductor cache (conftest gives each test run its own).
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def test_compile_time_reports_the_first_call():
                        "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
                        "--stack-every", "300")
     assert "moeshard: first call" in result.stdout and "2 layers, E 4" in result.stdout
+    assert re.search(r"verification of 1 regions: \d+\.\d\d s \(\d+\.\d% of the first call\)", result.stdout), result.stdout
 
 
 def test_dispatch_smoke_checks_and_times_both():

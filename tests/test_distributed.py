@@ -346,8 +346,8 @@ def test_ranks_route_to_disjoint_experts(world_2):
 @pytest.mark.parametrize(
     ("name", "form"),
     [
-        ("switch", "module_loop/dense"),
-        ("nllb_moe", "module_loop/dense"),
+        ("switch", "module_loop/index"),
+        ("nllb_moe", "module_loop/index"),
         ("mixtral_grouped_mm", "stacked/grouped_mm"),
         ("mixtral_batched_mm", "stacked/batched_mm"),
         ("mixtral_eager", "stacked/eager"),

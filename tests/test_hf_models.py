@@ -29,7 +29,7 @@ def test_switch_encoder_keeps_capacity_drops():
     report = compile_and_compare(hf_tiny.switch(expert_capacity=2))
     assert statuses(report) == ["rewritten"] * 2
     assert all("expert_capacity=2" in r["capacity"] for r in report.regions)
-    assert {r["form"] for r in report.regions} == {"module_loop/dense"}
+    assert {r["form"] for r in report.regions} == {"module_loop/index"}
     assert all(r["top_k"] == 1 and r["activation"] == "relu" for r in report.regions)
 
 
@@ -50,7 +50,9 @@ def test_nllb_moe_encoder_and_decoder_prefill():
     report = compile_and_compare(hf_tiny.nllb_moe(), fullgraph=False)
     # 2 sparse encoder layers + 1 sparse decoder layer (decoder_sparse_step=2)
     assert statuses(report) == ["rewritten"] * 3
-    assert all(r["top_k"] == 2 for r in report.regions)
+    # NLLB's experts take one_hot of the [T, E] top-2 mask (not of expert ids): E entries per token,
+    # so the bound proven from the code is E, whatever values the mask holds
+    assert all(r["top_k"] == 4 for r in report.regions)
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])

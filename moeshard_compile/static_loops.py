@@ -1,0 +1,158 @@
+"""Loops over the experts a batch hits, rewritten as loops over every expert, for Dynamo.
+
+MoE code often runs only the experts some token chose::
+
+    expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        tokens, slots = torch.where(expert_mask[expert_idx[0]])
+        ...
+
+Dynamo cannot unroll a loop over a tensor of data-dependent length (a graph break). Here
+the function's source is rewritten so that the loop runs over every candidate position of
+the tensor `nonzero` was taken of (a static length) and the loop variable is a constant:
+`[e]` where it was a row of `nonzero()`'s output, `e` where it was flattened. `v.item()` and
+`int(v)` become the constant; a body-level `if x.numel() == 0: continue` goes (it guards an
+empty selection, which is the loop body's own no-op). Nothing else changes.
+
+The result equals the original wherever an expert no token chose contributes nothing, which
+is what such loops are written for (each selects its tokens by the same mask the hit list
+comes from). For the regions it rewrites, moeshard's verifier confirms each expert's
+contribution is its routing coefficient times its output, zero where the routing is zero.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import textwrap
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_FLATTENING = {"view", "reshape", "flatten", "squeeze"}  # a row of nonzero's output becomes a scalar
+
+
+def candidates(hit_input: torch.Tensor, scalar: bool):
+    """Every position of a 1-D `hit_input`, as the loop would see the rows of its nonzero():
+    `[e]` (or `e` for a flattened result). Other shapes keep nonzero's own result."""
+    if hit_input.dim() != 1:
+        hits = hit_input.nonzero()
+        return hits.view(-1) if scalar else hits
+    n = hit_input.shape[0]
+    return list(range(n)) if scalar else [[e] for e in range(n)]
+
+
+def static_version(fn: Callable) -> Callable | None:
+    """`fn` with its loops over `nonzero()` rewritten, or None if it has none we can rewrite."""
+    code = getattr(fn, "__code__", None)
+    if code is None or "nonzero" not in code.co_names or code.co_freevars:
+        return None
+    try:
+        lines, first_line = inspect.getsourcelines(fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    ast.increment_lineno(tree, first_line - 1)  # tracebacks point into the original file
+    function = tree.body[0]
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    function.decorator_list = []
+    if not _rewrite(function):
+        return None
+    function.body.insert(0, ast.ImportFrom("moeshard_compile.static_loops", [ast.alias("candidates", "_moeshard_candidates")], 0))
+    namespace: dict = {}
+    module = ast.fix_missing_locations(ast.Module(body=[function], type_ignores=[]))
+    exec(compile(module, inspect.getsourcefile(fn) or "<moeshard>", "exec"), fn.__globals__, namespace)
+    static = namespace[function.name]
+    static.__defaults__, static.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__
+    log.debug("moeshard: %s.%s loops over every expert when traced", fn.__module__, fn.__qualname__)
+    return static
+
+
+def _rewrite(function: ast.FunctionDef) -> bool:
+    """Rewrite every `for v in hits` whose `hits = <x>.nonzero()...` in `function`; True if any."""
+    hits = {found[0]: found[1:] for block in _blocks(function) for s in block if (found := _hit_assignment(s))}
+    changed = False
+    for block in _blocks(function):
+        for statement in block:
+            if isinstance(statement, ast.For) and isinstance(statement.iter, ast.Name) and statement.iter.id in hits:
+                hit_input, scalar = hits[statement.iter.id]
+                statement.iter = ast.Call(ast.Name("_moeshard_candidates", ast.Load()),
+                                          [hit_input, ast.Constant(scalar)], [])
+                if isinstance(statement.target, ast.Name):
+                    _ConstantIndex(statement.target.id, scalar).visit(statement)
+                statement.body = [s for s in statement.body if not _skips_empty(s)] or [ast.Pass()]
+                changed = True
+    return changed
+
+
+def _blocks(node: ast.AST):
+    for child in ast.walk(node):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(child, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                yield block
+
+
+def _hit_assignment(statement: ast.stmt) -> tuple[str, ast.expr, bool] | None:
+    """`name = <x>.nonzero(...)[.view(-1)]` or `torch.nonzero(<x>)`: (name, x, flattened)."""
+    if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)):
+        return None
+    value, scalar = statement.value, False
+    while isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr in _FLATTENING:
+        value, scalar = value.func.value, True
+    if not isinstance(value, ast.Call) or not isinstance(value.func, ast.Attribute) or value.func.attr != "nonzero":
+        return None
+    if any(k.arg == "as_tuple" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+           for k in value.keywords):
+        return None
+    receiver = value.func.value
+    if isinstance(receiver, ast.Name) and receiver.id == "torch":  # torch.nonzero(x)
+        if len(value.args) != 1:
+            return None
+        receiver = value.args[0]
+    elif value.args:
+        return None
+    return statement.targets[0].id, receiver, scalar
+
+
+class _ConstantIndex(ast.NodeTransformer):
+    """Inside the loop: `v.item()` and `int(v)` are the constant expert index."""
+
+    def __init__(self, name: str, scalar: bool):
+        self.name, self.scalar = name, scalar
+
+    def _index(self) -> ast.expr:
+        var = ast.Name(self.name, ast.Load())
+        return var if self.scalar else ast.Subscript(var, ast.Constant(0), ast.Load())
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        func = node.func
+        if (isinstance(func, ast.Attribute) and func.attr == "item" and not node.args
+                and isinstance(func.value, ast.Name) and func.value.id == self.name):
+            return self._index()
+        if (isinstance(func, ast.Name) and func.id == "int" and len(node.args) == 1
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == self.name):
+            return self._index()
+        return node
+
+
+def _skips_empty(statement: ast.stmt) -> bool:
+    """`if <x>.numel() == 0: continue` (or `.shape[0] == 0`, `len(x) == 0`)."""
+    if not (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
+            and isinstance(statement.body[0], ast.Continue)):
+        return False
+    test = statement.test
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == 0):
+        return False
+    left = test.left
+    numel = isinstance(left, ast.Call) and isinstance(left.func, ast.Attribute) and left.func.attr == "numel"
+    length = isinstance(left, ast.Call) and isinstance(left.func, ast.Name) and left.func.id == "len"
+    rows = (isinstance(left, ast.Subscript) and isinstance(left.value, ast.Attribute) and left.value.attr == "shape")
+    return numel or length or rows
