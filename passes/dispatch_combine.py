@@ -85,6 +85,22 @@ def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | Non
     return _strip(base.args[0], nodes), nodes, key
 
 
+_BROADCASTS = ("expand", "unsqueeze", "repeat", "expand_as", "contiguous", "to", "type_as", "float")
+
+
+def broadcast_source(x: fx.Node, nodes: list[fx.Node]) -> fx.Node:
+    """The [T, D] tokens a batched expert call reads, through `x[None]`, `unsqueeze(0)`,
+    `expand(E, -1, -1)`, `repeat(E, 1, 1)` and casts; the nodes passed are appended to `nodes`."""
+    while isinstance(x, fx.Node) and (x.target in _BROADCASTS or _adds_leading_dim(x)):
+        nodes.append(x)
+        x = x.args[0]
+    return x
+
+
+def _adds_leading_dim(node: fx.Node) -> bool:
+    return node.target is operator.getitem and isinstance(node.args[1], tuple) and node.args[1][:1] == (None,)
+
+
 def selection_mask(key: fx.Node) -> fx.Node:
     """The mask a selection key was computed from (`tok` of `tok, slot = where(mask)` -> mask)."""
     if key.target is operator.getitem and isinstance(key.args[0], fx.Node):

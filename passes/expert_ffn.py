@@ -24,13 +24,21 @@ _MATMUL = (operator.matmul, torch.matmul)
 _EXPERT_INDEX = re.compile(r"^(\D*?)(\d+)$")
 
 
+ALL = "all"  # WeightRef.index of a 3-D parameter used for every expert at once (bmm, einsum, x @ w)
+
+
 @dataclass(frozen=True)
 class WeightRef:
-    """A parameter, or slice `param[index]` of a stacked one, used as a linear weight."""
+    """A parameter, a slice `param[index]` of a stacked one, or a stacked one whole (index ALL),
+    used as a linear weight."""
 
     param: fx.Node
-    index: int | None
+    index: int | str | None
     out_in: bool  # True: [out, in] as F.linear takes it; False: [in, out] as x @ w takes it
+
+    @property
+    def batched(self) -> bool:
+        return self.index == ALL
 
     @property
     def out_features(self) -> int:
@@ -68,15 +76,19 @@ def _linear(node: fx.Node) -> Linear | None:
         x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         ref = _weight_ref(w, out_in=True)
-    elif node.target in _MATMUL:
+    elif node.target in _MATMUL or node.target is torch.bmm:
         x, w, b = node.args[0], node.args[1], None
-        ref = _weight_ref(w, out_in=False)
+        ref = _weight_ref(w, out_in=False, batched=True)
         if ref is None and isinstance(w, fx.Node) and _is_transpose(w):
-            ref = _weight_ref(w.args[0], out_in=True)
+            ref = _weight_ref(w.args[0], out_in=True, batched=True)
+        if node.target is torch.bmm and ref is not None and not ref.batched:
+            return None
     elif node.target is torch.einsum and len(node.args) == 3 and isinstance(node.args[0], str):
         x, w, b = node.args[1], node.args[2], None
-        out_in = _einsum_weight_layout(node.args[0])
-        ref = None if out_in is None else _weight_ref(w, out_in=out_in)
+        layout = _einsum_weight_layout(node.args[0])
+        ref = None if layout is None else _weight_ref(w, out_in=layout[0], batched=layout[1])
+        if ref is not None and ref.batched != layout[1]:
+            return None
     else:
         return None
     if ref is None or not isinstance(x, fx.Node) or (b is not None and not param_name(b)):
@@ -84,19 +96,24 @@ def _linear(node: fx.Node) -> Linear | None:
     return Linear(node, x, ref, b)
 
 
-def _einsum_weight_layout(equation: str) -> bool | None:
-    """For `einsum("...d,df->...f", x, w)` whether w is [out, in] (True) or [in, out] (False);
-    None unless the equation is a matmul of x's last dim with a 2-D weight."""
+def _einsum_weight_layout(equation: str) -> tuple[bool, bool] | None:
+    """(w is [out, in], w is a stack over experts) for a matmul of x's last dim with a weight:
+    `"...d,df->...f"` (2-D), or `"td,edf->etf"` / `"etd,edf->etf"` (every expert at once, the
+    expert dim first in the output); None for any other equation."""
     inputs, _, out = equation.replace(" ", "").partition("->")
     x, _, w = inputs.partition(",")
-    if len(w) != 2 or not x or not out or x[:-1] != out[:-1] or "." in w:
+    if not x or not out or "." in w or len(w) not in (2, 3):
         return None
     contracted, produced = x[-1], out[-1]
-    if w == contracted + produced:
-        return False
-    if w == produced + contracted:
-        return True
-    return None
+    pair = w[-2:]
+    out_in = {contracted + produced: False, produced + contracted: True}.get(pair)
+    if out_in is None:
+        return None
+    if len(w) == 2:
+        return (out_in, False) if x[:-1] == out[:-1] else None
+    expert = w[0]
+    leading = x[:-1] if x.startswith(expert) else expert + x[:-1]
+    return (out_in, True) if out[:-1] == leading and len(set(out)) == len(out) else None
 
 
 def _is_transpose(node: fx.Node) -> bool:
@@ -105,11 +122,13 @@ def _is_transpose(node: fx.Node) -> bool:
     return node.target in ("transpose", torch.transpose) and sorted(a % 2 for a in node.args[1:3]) == [0, 1]
 
 
-def _weight_ref(w, out_in: bool) -> WeightRef | None:
+def _weight_ref(w, out_in: bool, batched: bool = False) -> WeightRef | None:
     if not isinstance(w, fx.Node):
         return None
     if param_name(w) and fake(w).dim() == 2:
         return WeightRef(w, None, out_in)
+    if batched and param_name(w) and fake(w).dim() == 3:
+        return WeightRef(w, ALL, out_in)
     if w.target is operator.getitem and isinstance(w.args[0], fx.Node) and param_name(w.args[0]):
         index = static_int(w.args[1])
         if index is not None and fake(w.args[0]).dim() == 3:
@@ -125,6 +144,11 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
         firsts = _producing_linears(second.x, linears)
         firsts = sorted(firsts, key=lambda lin: order[lin.node]) if firsts else firsts
         if not firsts or len(firsts) > 2 or len({f.x for f in firsts}) != 1:
+            continue
+        linears_used = (*firsts, second)
+        if len({lin.weight.batched for lin in linears_used}) != 1:
+            continue
+        if second.weight.batched and len({fake(lin.weight.param).shape[0] for lin in linears_used}) != 1:
             continue
         elementwise = identify([f.node for f in firsts], second.x)
         if elementwise is None or (len(firsts) == 2 and not elementwise.gated):
@@ -160,6 +184,8 @@ def _producing_linears(start: fx.Node, linears: dict[fx.Node, Linear], depth: in
 def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
     """(template shared by all experts of one MoE, this expert's index), from the weight's name."""
     ref = ffn.first[0].weight
+    if ref.batched:
+        return None
     name = param_name(ref.param)
     if ref.index is not None:
         return (name + "[*]", ffn.elementwise, len(ffn.first)), ref.index
@@ -172,6 +198,17 @@ def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
             template = ".".join(parts[:i] + [match.group(1) + "*"] + parts[i + 1 :])
             return (template, ffn.elementwise, len(ffn.first)), int(match.group(2))
     return None
+
+
+def expert_slices(ffn: FFN) -> list[FFN]:
+    """A batched FFN (3-D weights over every expert) as one FFN per expert, reading `w[e]`."""
+    E = fake(ffn.second.weight.param).shape[0]
+
+    def sliced(lin: Linear, e: int) -> Linear:
+        return Linear(lin.node, lin.x, WeightRef(lin.weight.param, e, lin.weight.out_in), lin.bias)
+
+    return [FFN(ffn.x, [sliced(f, e) for f in ffn.first], sliced(ffn.second, e), ffn.elementwise, ffn.nodes)
+            for e in range(E)]
 
 
 def stack_expert_weights(members: list[FFN]) -> WeightSource:

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from passes.graph_utils import fake, spellings
+from passes.region import ExpertCall
 
 # Ops through which the experts' outputs may flow to the combined value: linear in them.
 _LINEAR = {
@@ -117,27 +118,42 @@ def _zeroed(buffer: fx.Node) -> bool:
     return any(u.target == "zero_" and u.args[0] is buffer for u in buffer.users)
 
 
-def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[tuple[fx.Node, fx.Node]], d_model: int,
+def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[ExpertCall], num_experts: int, d_model: int,
                          before: fx.Node, prefix: str) -> fx.Node:
     """combine_TE, by running a copy of the combine on indicator expert outputs (D experts per copy)."""
-    E = len(calls)
     chunks = []
     with graph.inserting_before(before):
-        for start in range(0, E, d_model):
-            env: dict[fx.Node, fx.Node] = {}
-            for e, (x, y) in enumerate(calls):
-                indicator = graph.call_function(torch.zeros_like, (x,), {"dtype": fake(y).dtype})
-                if start <= e < start + d_model:
-                    graph.call_function(operator.setitem, (indicator, (Ellipsis, e - start), 1.0))
-                env[y] = indicator
+        for start in range(0, num_experts, d_model):
+            env: dict[fx.Node, fx.Node] = {call.y: _indicator(graph, call, e, start, d_model, num_experts)
+                                          for e, call in enumerate(calls)}
             for buffer in combine.buffers:
                 env[buffer] = graph.node_copy(buffer, lambda n: env.get(n, n))
             for node in combine.nodes:
                 env[node] = graph.node_copy(node, lambda n: env.get(n, n))
             out = env.get(combine.output, env[combine.nodes[-1]])
             flat = graph.call_method("reshape", (out, -1, d_model))
-            width = min(d_model, E - start)
+            width = min(d_model, num_experts - start)
             chunks.append(graph.call_function(operator.getitem, (flat, (slice(None), slice(0, width)))))
         combine_TE = chunks[0] if len(chunks) == 1 else graph.call_function(torch.cat, (chunks, 1))
     combine_TE.name = f"{prefix}combine_TE"
     return combine_TE
+
+
+def _indicator(graph: fx.Graph, call: ExpertCall, e: int, start: int, d_model: int, num_experts: int) -> fx.Node:
+    """What the copy reads for y: rows with a 1 in column (expert - start) for the chunk's experts."""
+    dtype = fake(call.y).dtype
+    if call.batched:  # y_ETD: expert e's slice holds the 1s in column e - start
+        ids_E1 = graph.call_method("unsqueeze", (graph.call_function(torch.arange, (num_experts,), {"device": _device(call)}), 1))
+        cols_1D = graph.call_method("unsqueeze", (graph.call_function(torch.arange, (d_model,), {"device": _device(call)}), 0))
+        pick_ED = graph.call_method("to", (graph.call_function(operator.eq, (graph.call_function(operator.sub, (ids_E1, start)), cols_1D)), dtype))
+        x_ETD = call.x if fake(call.x).dim() == 3 else graph.call_method("unsqueeze", (call.x, 0))
+        zeros = graph.call_function(torch.zeros_like, (x_ETD,), {"dtype": dtype})
+        return graph.call_function(operator.add, (zeros, graph.call_method("unsqueeze", (pick_ED, 1))))
+    indicator = graph.call_function(torch.zeros_like, (call.x,), {"dtype": dtype})
+    if start <= e < start + d_model:
+        graph.call_function(operator.setitem, (indicator, (Ellipsis, e - start), 1.0))
+    return indicator
+
+
+def _device(call: ExpertCall):
+    return fake(call.x).device

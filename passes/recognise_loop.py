@@ -22,13 +22,13 @@ import torch
 import torch.fx as fx
 
 from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import accumulation, row_source, selection, selection_mask as _selection_mask
-from passes.expert_ffn import FFN, expert_key, find_ffns, stack_expert_weights
-from passes.graph_utils import fake, topo_index
+from passes.dispatch_combine import accumulation, broadcast_source, row_source, selection, selection_mask as _selection_mask
+from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
+from passes.graph_utils import fake, param_name, topo_index
 from passes.linear_combine import emit_combine_columns, find_combine
 from passes.lower import first_user
 from passes.nnz import nnz_bound
-from passes.region import MoERegion, Routing
+from passes.region import ExpertCall, MoERegion, Routing
 
 _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_")
 
@@ -36,11 +36,11 @@ _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_")
 def recognise_loops(gm: fx.GraphModule, claimed: set[fx.Node]) -> list[MoERegion]:
     ffns = [f for f in find_ffns(gm) if not claimed.intersection(f.nodes)]
     groups: dict[tuple, dict[int, FFN]] = {}
+    regions = [r for f in ffns if f.second.weight.batched and (r := _recognise_batched(gm, f)) is not None]
     for ffn in ffns:
         key = expert_key(ffn)
         if key is not None:
             groups.setdefault(key[0], {})[key[1]] = ffn
-    regions = []
     for (template, *_), members in groups.items():
         ordered = [members[i] for i in sorted(members)]
         region = _recognise_group(gm, template, ordered)
@@ -101,7 +101,7 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
         output_TD=output,
     )
     region.weights = stack_expert_weights(members)
-    region.expert_calls = [(m.x, m.y) for m in members]
+    region.expert_calls = [ExpertCall(m.x, m.y) for m in members]
     return region
 
 
@@ -124,19 +124,47 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
     if combine is None:
         return None
     region = _region(template, members, "linear", tokens, combine.output)
-    order = topo_index(gm.graph)
-    erase = {n for m in members for n in m.nodes} | set(combine.nodes) | set(combine.buffers)
-    erase |= {n for _, nodes, _ in sources for n in nodes}
-    region.erase = sorted(erase, key=order.__getitem__)
-    prefix = f"{region.module.replace('.', '_')}_"
-    combine_TE = emit_combine_columns(gm.graph, combine, region.expert_calls, region.d_model, first_user(region), prefix)
+    _emit_linear_routing(gm, region, combine, {n for m in members for n in m.nodes} | {n for _, ns, _ in sources for n in ns})
     E, T = len(members), fake(tokens).shape[0]
     keys = [key for _, _, key in sources]
     # each token is routed to at most as many experts as select it; dense dispatch proves nothing
     bound = E if None in keys else max(nnz_bound(_selection_mask(k), T, E) for k in keys)
-    region.routing = Routing(combine_TE=combine_TE, top_k=max(1, min(bound, E)))
+    region.routing = Routing(combine_TE=region.routing.combine_TE, top_k=max(1, min(bound, E)))
     region.top_k = region.routing.top_k
     return region
+
+
+def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
+    """Every expert at once through 3-D weights (`einsum("td,edf->etf", x, w1)`, `bmm`, `x @ w1`),
+    every token through every expert; combined by any linear code (passes.linear_combine)."""
+    nodes: list[fx.Node] = []
+    tokens = broadcast_source(ffn.x, nodes)
+    y = fake(ffn.y)
+    if fake(tokens) is None or fake(tokens).dim() != 2 or y is None or y.dim() != 3:
+        return None
+    E = fake(ffn.second.weight.param).shape[0]
+    if tuple(y.shape) != (E, *fake(tokens).shape):
+        return None
+    combine = find_combine(gm.graph, [ffn.y], tokens)
+    if combine is None:
+        return None
+    template = param_name(ffn.first[0].weight.param) + "[*]"
+    members = expert_slices(ffn)
+    region = _region(template, members, "batched", tokens, combine.output)
+    region.form = "stacked/batched"
+    region.expert_calls = [ExpertCall(ffn.x, ffn.y, batched=True)]
+    _emit_linear_routing(gm, region, combine, set(ffn.nodes) | set(nodes))
+    region.top_k = E  # every token through every expert: nothing bounds the experts per token
+    return region
+
+
+def _emit_linear_routing(gm: fx.GraphModule, region: MoERegion, combine, erase: set[fx.Node]) -> None:
+    order = topo_index(gm.graph)
+    region.erase = sorted(erase | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
+    prefix = f"{region.module.replace('.', '_')}_"
+    combine_TE = emit_combine_columns(gm.graph, combine, region.expert_calls, region.num_experts, region.d_model,
+                                      first_user(region), prefix)
+    region.routing = Routing(combine_TE=combine_TE, top_k=region.num_experts)  # the caller may prove less
 
 
 def _accumulator(pairs) -> tuple[fx.Node | None, fx.Node | None]:

@@ -81,6 +81,16 @@ class Routing:
     top_k: int = 1
 
 
+@dataclass(frozen=True)
+class ExpertCall:
+    """Where the graph runs experts: input `x` to output `y`. One expert, or, if `batched`, every
+    expert at once with y of shape [E, T, D] (x [T, D], or [E, T, D] with every slice alike)."""
+
+    x: fx.Node
+    y: fx.Node
+    batched: bool = False
+
+
 @dataclass
 class MoERegion:
     """One MoE layer's dispatch / experts / combine, as found in a Dynamo graph."""
@@ -101,9 +111,9 @@ class MoERegion:
     output_TD: fx.Node | None = None  # node whose value the rewrite replaces
     erase: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite (side-effecting ones too)
     weights: WeightSource | None = None
-    # (input, output) of each expert's own call in the graph, in expert order, where the experts
-    # are separate calls (per-expert loops); empty for a module computing all experts at once
-    expert_calls: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
+    # how the graph calls the experts: one ExpertCall per expert (per-expert loops), one batched
+    # call for all (a 3-D weight over every expert at once), or none (a module's own contract)
+    expert_calls: list["ExpertCall"] = field(default_factory=list)
     capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
     status: str = "recognised"  # -> "rewritten" | "skipped"
     reason: str = ""

@@ -68,7 +68,7 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes], overrides={source: h})
         if region.expert_calls:
             r_ED = scales.to(device)
-            substitutes = {y: ([x], lambda x, e=e: x * r_ED[e]) for e, (x, y) in enumerate(region.expert_calls)}
+            substitutes = {call.y: ([call.x], _stand_in(call, e, r_ED)) for e, call in enumerate(region.expert_calls)}
             (got,) = evaluator.run([region.output_TD], overrides={source: h}, substitutes=substitutes)
             expert = lambda e, x: x * r_ED[e]  # noqa: E731
         else:
@@ -81,6 +81,13 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         if error:
             return f"the record disagrees with the graph on {case} routing: {error}"
     return None
+
+
+def _stand_in(call, e: int, r_ED: torch.Tensor):
+    """Expert e (or, batched, every expert) as x * r_e: cheap, linear, distinct per expert."""
+    if call.batched:
+        return lambda x: (x if x.dim() == 3 else x.unsqueeze(0)) * r_ED[:, None, :]
+    return lambda x: x * r_ED[e]
 
 
 def routing_source(region: MoERegion, routing_nodes: list[fx.Node]) -> fx.Node:
@@ -148,16 +155,21 @@ def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoER
 def _check_expert_functions(evaluator: Evaluator, region: MoERegion, ffn: "_CanonicalFFN") -> str | None:
     generator = torch.Generator().manual_seed(1)
     device = _device(evaluator, region)
-    for e, (x, y) in enumerate(region.expert_calls):
-        rows = torch.randn(_ROWS, region.d_model, generator=generator, dtype=torch.float64).to(device)
+    for index, call in enumerate(region.expert_calls):
+        leading = (region.num_experts,) if fake(call.x).dim() == 3 else ()  # a batched call's [E, T, D]
+        rows = torch.randn(*leading, _ROWS, region.d_model, generator=generator, dtype=torch.float64).to(device)
         try:
-            (got,) = evaluator.run([y], overrides={x: rows})
+            (got,) = evaluator.run([call.y], overrides={call.x: rows})
         except Exception:  # the expert's code fixes its row count (a view to T rows): use its own shape
-            rows = torch.randn(concrete_shape(x), generator=generator, dtype=torch.float64).to(device)
-            (got,) = evaluator.run([y], overrides={x: rows})
-        error = _mismatch(got, ffn(e, rows.reshape(-1, region.d_model)))
-        if error:
-            return f"expert {e} of {region.num_experts} does not compute {ffn.describe()} with its stacked weights: {error}"
+            rows = torch.randn(concrete_shape(call.x), generator=generator, dtype=torch.float64).to(device)
+            (got,) = evaluator.run([call.y], overrides={call.x: rows})
+        experts = range(region.num_experts) if call.batched else [index]
+        for e in experts:
+            x_e = rows[e] if call.batched and rows.dim() == 3 else rows
+            got_e = got[e] if call.batched else got
+            error = _mismatch(got_e, ffn(e, x_e.reshape(-1, region.d_model)))
+            if error:
+                return f"expert {e} of {region.num_experts} does not compute {ffn.describe()} with its stacked weights: {error}"
     return None
 
 

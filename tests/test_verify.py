@@ -64,7 +64,7 @@ def test_swapped_expert_is_rejected():
     model, x = loop_model(style="index")
     captured, (region,) = recognised(model, x)
     calls = region.expert_calls
-    region.expert_calls = [calls[1], calls[0], *calls[2:]]
+    region.expert_calls = [calls[1], calls[0], *calls[2:]]  # expert 1's code checked as expert 0
     (reason,) = verified(captured, [region])
     assert "expert 0 of 4 does not compute relu with its stacked weights" in reason
 

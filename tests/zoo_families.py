@@ -74,6 +74,17 @@ UNBUILDABLE = {
     "vitpose_backbone": "vision backbone only: its MoE MLP runs on pixel_values with a dataset_index, no token input",
 }
 
+# Families fed inputs_embeds instead of input_ids, with the reason.
+EMBEDS_INPUT = {
+    "qwen3_omni_moe_talker_text": "the talker reads the thinker's hidden states; its forward's embed_tokens "
+    "lookup names a module it does not have (it has codec_embedding)",
+}
+
+# MoE layers that token-only inputs never run, by module-name part: left out of the expected count.
+UNREACHED = {
+    "ernie4_5_vl_moe_text": ("vision_moe",),  # runs only with moe_mm_token_type_ids marking image tokens
+}
+
 # Generic sizes, applied to each attribute the family's config has.
 SHRINK = {
     # widths
@@ -94,7 +105,7 @@ SHRINK = {
     # experts
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS,
     "num_experts_per_tok": TOP_K, "num_experts_per_token": TOP_K, "moe_k": TOP_K, "moe_topk": TOP_K,
-    "top_k_experts": TOP_K, "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "num_expert_group": 1, "expert_capacity": 8,
+    "top_k_experts": TOP_K, "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "num_expert_group": 1, "expert_capacity": 8, "zero_expert_num": 2,
     # attention
     "num_attention_heads": 2, "num_key_value_heads": 2, "n_heads": 2, "num_heads": 2, "head_dim": 16,
     "encoder_attention_heads": 2, "decoder_attention_heads": 2, "d_kv": 8, "kv_channels": 16,
@@ -116,29 +127,37 @@ SHRINK = {
 
 # Per-family exceptions to the table, by model_type (merged over SHRINK's values).
 OVERRIDES: dict[str, dict] = {
-    "dbrx": dict(n_layers=LAYERS, d_model=HIDDEN, n_heads=2, max_seq_len=64, vocab_size=VOCAB,
-                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=16, moe_num_experts=EXPERTS, moe_top_k=TOP_K)),
-    "switch_transformers": dict(num_layers=LAYERS, num_decoder_layers=LAYERS, num_sparse_encoder_layers=LAYERS,
-                                num_sparse_decoder_layers=LAYERS),
-    "llama4_text": dict(moe_layers=list(range(LAYERS)), no_rope_layers=[1] * LAYERS),
-    "gemma4_text": dict(enable_moe_block=True),
-    "glm5_next_text": dict(index_kpool=4),  # index_topk must be a multiple of it
+    "dbrx": dict(  # sizes live in nested attention / FFN configs
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(ffn_hidden_size=16, moe_num_experts=EXPERTS, moe_top_k=TOP_K),
+    ),
+    "diffusion_gemma_text": dict(enable_moe_block=True, global_head_dim=16),  # MoE block off by default
+    "doge": dict(is_moe=True),  # its cross-domain MoE MLP is off by default
+    "dots3_note_text": dict(  # the sliding layers' own MLA sizes
+        swa_num_attention_heads=2, swa_num_key_value_heads=2, swa_q_lora_rank=16, swa_kv_lora_rank=16,
+        swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16,
+    ),
+    "ernie4_5_vl_moe_text": dict(  # [text experts, vision experts]; mrope sections sum to head_dim / 2
+        moe_intermediate_size=[16, 16], rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2]),
+    ),
+    "gemma4_text": dict(enable_moe_block=True, global_head_dim=16),  # MoE block off by default; full layers' head_dim
+    "glm4v_moe_text": dict(
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2], partial_rotary_factor=1.0),
+    ),
+    "glm5_next_text": dict(index_kpool=4, qk_rope_head_dim=0, qk_nope_head_dim=16),  # index_topk % kpool == 0; DSA is NoPE
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # one mamba, one attention layer
     "hy_v4_vl_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
-    "glm4v_moe_text": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
-                                                partial_rotary_factor=1.0)),
-    "zaya": dict(num_experts_per_tok=1),  # ZAYA supports top-1 only
-    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
-    "ernie4_5_vl_moe_text": dict(moe_intermediate_size=[16, 16],  # [text experts, vision experts]
-                                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])),
-    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
-                           indexer_compress_ratio=2),  # its full-attention layers are indexed (QSA)
-    "qwen3_omni_moe_talker_text": dict(shared_expert_intermediate_size=24),  # read by the model, no config field
-    # hybrids: one mixer layer of each kind where MoE is a separate layer type
-    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1),  # layer 0 mamba, layer 1 attention; both MoE
-    "nemotron_h": dict(layers_block_type=["full_attention", "moe"]),  # a layer is attention OR moe: 1 MoE layer
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),  # the model reads layer_types
+    "llama4_text": dict(no_rope_layers=[1] * LAYERS),
     "mimo_v2_flash": dict(num_attention_heads=4, num_key_value_heads=1),  # sliding layers double the kv heads
-    "diffusion_gemma_text": dict(enable_moe_block=True),
+    "mistral4": dict(head_dim=16),  # MLA whose head_dim is nope + rope (8 + 8)
+    "nemotron_h": dict(layers_block_type=["full_attention", "moe"]),  # a layer is attention OR moe: 1 MoE layer
+    "qwen3_omni_moe_talker_text": dict(shared_expert_intermediate_size=24),  # read by the model, no config field
+    "qwen4_exp_text": dict(  # its full-attention layers are indexed (QSA) and need the indexer's sizes
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=2,
+    ),
+    "zaya": dict(num_experts_per_tok=1),  # ZAYA supports top-1 only
 }
 
 # Attributes that hold one entry per layer: rebuilt for LAYERS layers (see `_per_layer`).
@@ -227,6 +246,8 @@ def _per_layer(name: str, default: list, n: int) -> list:
         return [sparse] * n if sparse else list(default[:n])
     if name in ("moe_layers", "kv_source_layers"):
         return list(range(n))
+    if name == "num_attention_heads_per_layer":
+        return [SHRINK["num_attention_heads"]] * n
     distinct = list(dict.fromkeys(v for v in default if isinstance(v, str))) if name in MIXER_LISTS else []
     values = distinct if len(distinct) > 1 else list(default)
     return (values * n)[:n]
@@ -253,7 +274,7 @@ def tiny_config(model_type: str):
     return config
 
 
-def count_moe_layers(model: torch.nn.Module) -> int:
+def count_moe_layers(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
     """How many MoE layers a built model holds.
 
     A module counts when it owns an experts bank as a direct child (named in EXPERT_BANK_NAMES,
@@ -261,21 +282,31 @@ def count_moe_layers(model: torch.nn.Module) -> int:
     ModuleDict of >1 modules, or parameters stacked with a leading experts dimension (>=3-D, or
     DBRX's 2-D [E*F, D] banks, recognised by the owner's config). Mixture-of-attention blocks
     (class name contains "Attention" or "MoA") are not MoE FFN layers and are left out. Shared
-    experts ("shared_expert(s)") are plain MLPs and never count.
+    experts ("shared_expert(s)") are plain MLPs and never count. Modules whose dotted name has a
+    part in `skip` are left out (UNREACHED: banks that token-only inputs never run).
     """
     count = 0
-    for module in model.modules():
+    for path, module in model.named_modules():
         owner = type(module).__name__
-        if "Attention" in owner or "MoA" in owner:
+        if "Attention" in owner or "MoA" in owner or set(path.split(".")) & set(skip):
             continue
-        if any(_is_expert_bank(name, child) for name, child in module.named_children()):
+        if any(_is_expert_bank(name, child) for name, child in module.named_children()) or _has_embedding_experts(module):
             count += 1
     return count
 
 
+def _has_embedding_experts(module: torch.nn.Module) -> bool:
+    """Doge's CDMoE: its routed experts are rows of nn.Embedding tables (down_embed / up_embed), one row an expert."""
+    owner = type(module).__name__
+    return ("MoE" in owner or "Moe" in owner) and any(
+        isinstance(child, torch.nn.Embedding) and "embed" in name and child.num_embeddings > 1
+        for name, child in module.named_children()
+    )
+
+
 def _is_expert_bank(name: str, child: torch.nn.Module) -> bool:
     cls = type(child).__name__
-    if "shared" in name.lower() or "Shared" in cls:
+    if "shared" in name.lower():  # shared_experts: a dense MLP every token runs
         return False
     if name not in EXPERT_BANK_NAMES and not cls.endswith("Experts"):
         return False
@@ -311,10 +342,16 @@ def model_class(config):
 
 
 def make_inputs(config, seed: int = 0) -> dict:
-    """Token ids (batch 2, seq 6, in [1, vocab)) and a ones mask; decoder ids for encoder-decoders."""
+    """Token ids (batch 2, seq 6, in [1, vocab)) and a ones mask; decoder ids for encoder-decoders.
+
+    EMBEDS_INPUT families get random inputs_embeds [2, 6, hidden] in place of the ids.
+    """
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if config.model_type in EMBEDS_INPUT:
+        inputs["inputs_embeds"] = torch.randn(BATCH, SEQ, config.hidden_size, generator=generator)
+        del inputs["input_ids"]
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids
     return inputs
@@ -330,4 +367,4 @@ def tiny_model(model_type: str, seed: int = 0):
     with _quiet():
         model = cls.from_config(config, dtype=torch.float32) if cls.__name__ == "AutoModel" else cls._from_config(config, dtype=torch.float32)
     model = model.float().eval()
-    return model, make_inputs(config, seed), count_moe_layers(model)
+    return model, make_inputs(config, seed), count_moe_layers(model, UNREACHED.get(model_type, ()))
