@@ -82,7 +82,11 @@ def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | Non
     else:
         return base, nodes, None
     nodes.append(base)
-    return _strip(base.args[0], nodes), nodes, key
+    source = base.args[0]
+    while source.op == "call_method" and source.target in _CASTS:  # casts keep the tokens; reshapes make them
+        nodes.append(source)
+        source = source.args[0]
+    return source, nodes, key
 
 
 _BROADCASTS = ("expand", "unsqueeze", "repeat", "expand_as", "contiguous", "to", "type_as", "float")

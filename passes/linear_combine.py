@@ -35,8 +35,7 @@ _LINEAR = {
     "squeeze", "flatten", "unflatten", "expand", "contiguous", "to", "type_as", "float", "double", "half", "bfloat16",
     operator.getitem, torch.where, "masked_fill", torch.masked_fill, "t", "mT",
 }
-_ACCUMULATORS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_", torch.empty_like, "new_empty", torch.full,
-                 torch.full_like)
+_ZEROS = (torch.zeros_like, torch.zeros, "new_zeros")
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Combine:
     output: fx.Node  # the combined value: the region's output
     nodes: list[fx.Node]  # the combine code, graph order (what the indicator copy repeats)
     buffers: list[fx.Node]  # accumulators the combine writes in place (copied fresh)
+    affine: bool  # a buffer starts from something else than zeros (a clone of the input, ...)
 
 
 def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Combine | None:
@@ -63,9 +63,8 @@ def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Co
     if any(n.target not in _LINEAR for n in nodes):
         return None
     buffers = sorted({_buffer_root(n) for n in nodes if _writes_in_place(n)} - set(nodes), key=order.__getitem__)
-    if any(b.target not in _ACCUMULATORS and not _zeroed(b) for b in buffers):
-        return None
-    return Combine(output, nodes, buffers)
+    affine = any(b.target not in _ZEROS and not _zeroed(b) for b in buffers)
+    return Combine(output, nodes, buffers, affine)
 
 
 def _shaped_like(node: fx.Node, shape) -> bool:
@@ -84,8 +83,9 @@ def _descendants(start: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
                 seen.add(user)
                 stack.append(user)
                 if _writes_in_place(user):  # later readers of the written buffer see the value
-                    buffer = _buffer_root(user)
-                    stack.extend(u for u in _aliases_users(buffer) if order[u] > order[user] and u not in seen)
+                    later = [u for u in _aliases_users(_buffer_root(user)) if order[u] > order[user] and u not in seen]
+                    seen.update(later)
+                    stack.extend(later)
     return seen
 
 
@@ -119,29 +119,45 @@ def _zeroed(buffer: fx.Node) -> bool:
 
 
 def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[ExpertCall], num_experts: int, d_model: int,
-                         before: fx.Node, prefix: str) -> fx.Node:
-    """combine_TE, by running a copy of the combine on indicator expert outputs (D experts per copy)."""
-    chunks = []
+                         before: fx.Node, prefix: str) -> tuple[fx.Node, fx.Node | None]:
+    """(combine_TE, base_TD): copies of the combine run on indicator expert outputs (D experts per
+    copy), and, for an affine combine, on zeros (the part without experts, taken off the columns)."""
     with graph.inserting_before(before):
+        base = _run_copy(graph, combine, calls, None, num_experts, d_model) if combine.affine else None
+        chunks = []
         for start in range(0, num_experts, d_model):
-            env: dict[fx.Node, fx.Node] = {call.y: _indicator(graph, call, e, start, d_model, num_experts)
-                                          for e, call in enumerate(calls)}
-            for buffer in combine.buffers:
-                env[buffer] = graph.node_copy(buffer, lambda n: env.get(n, n))
-            for node in combine.nodes:
-                env[node] = graph.node_copy(node, lambda n: env.get(n, n))
-            out = env.get(combine.output, env[combine.nodes[-1]])
+            out = _run_copy(graph, combine, calls, start, num_experts, d_model)
             flat = graph.call_method("reshape", (out, -1, d_model))
+            if base is not None:
+                flat = graph.call_function(operator.sub, (flat, graph.call_method("reshape", (base, -1, d_model))))
             width = min(d_model, num_experts - start)
             chunks.append(graph.call_function(operator.getitem, (flat, (slice(None), slice(0, width)))))
         combine_TE = chunks[0] if len(chunks) == 1 else graph.call_function(torch.cat, (chunks, 1))
     combine_TE.name = f"{prefix}combine_TE"
-    return combine_TE
+    return combine_TE, base
 
 
-def _indicator(graph: fx.Graph, call: ExpertCall, e: int, start: int, d_model: int, num_experts: int) -> fx.Node:
+def _run_copy(graph: fx.Graph, combine: Combine, calls: list[ExpertCall], start: int | None, num_experts: int,
+              d_model: int) -> fx.Node:
+    """The combine's output, copied with each expert output replaced by its indicator (by zeros if
+    start is None)."""
+    env: dict[fx.Node, fx.Node] = {call.y: _indicator(graph, call, e, start, d_model, num_experts)
+                                  for e, call in enumerate(calls)}
+    for buffer in combine.buffers:
+        env[buffer] = graph.node_copy(buffer, lambda n: env.get(n, n))
+    for node in combine.nodes:
+        env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+    return env.get(combine.output, env[combine.nodes[-1]])
+
+
+def _indicator(graph: fx.Graph, call: ExpertCall, e: int, start: int | None, d_model: int, num_experts: int) -> fx.Node:
     """What the copy reads for y: rows with a 1 in column (expert - start) for the chunk's experts."""
     dtype = fake(call.y).dtype
+    if start is None:
+        x = call.x if not call.batched or fake(call.x).dim() == 3 else graph.call_method("unsqueeze", (call.x, 0))
+        if call.batched and fake(call.x).dim() != 3:
+            return graph.call_method("expand", (graph.call_function(torch.zeros_like, (x,), {"dtype": dtype}), num_experts, -1, -1))
+        return graph.call_function(torch.zeros_like, (x,), {"dtype": dtype})
     if call.batched:  # y_ETD: expert e's slice holds the 1s in column e - start
         ids_E1 = graph.call_method("unsqueeze", (graph.call_function(torch.arange, (num_experts,), {"device": _device(call)}), 1))
         cols_1D = graph.call_method("unsqueeze", (graph.call_function(torch.arange, (d_model,), {"device": _device(call)}), 0))

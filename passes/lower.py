@@ -129,6 +129,9 @@ def lower_region(
             acc_TD = emit.method("sum", y_TKD, 1, name="sum_TD")
             if plan is not None:  # replicated: every rank holds partial sums of the same tokens
                 acc_TD = _collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
+        if region.base_TD is not None:  # the combine's own term without experts (a clone it writes into)
+            base_TD = emit.method("reshape", region.base_TD, emit.method("size", acc_TD, name="acc_size"), name="base_TD")
+            acc_TD = emit.fn(operator.add, acc_TD, base_TD, name="with_base_TD")
         out_TD = emit.method("to", acc_TD, out_dtype, name="out_TD")
 
     _replace_uses_after(region, out_TD)

@@ -162,8 +162,8 @@ def _emit_linear_routing(gm: fx.GraphModule, region: MoERegion, combine, erase: 
     order = topo_index(gm.graph)
     region.erase = sorted(erase | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
     prefix = f"{region.module.replace('.', '_')}_"
-    combine_TE = emit_combine_columns(gm.graph, combine, region.expert_calls, region.num_experts, region.d_model,
-                                      first_user(region), prefix)
+    combine_TE, region.base_TD = emit_combine_columns(gm.graph, combine, region.expert_calls, region.num_experts,
+                                                      region.d_model, first_user(region), prefix)
     region.routing = Routing(combine_TE=combine_TE, top_k=region.num_experts)  # the caller may prove less
 
 

@@ -109,6 +109,7 @@ class MoERegion:
     tokens_TD: fx.Node | None = None
     routing: Routing | None = None
     output_TD: fx.Node | None = None  # node whose value the rewrite replaces
+    base_TD: fx.Node | None = None  # what the combine yields with every expert output 0 (None: zero)
     erase: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite (side-effecting ones too)
     weights: WeightSource | None = None
     # how the graph calls the experts: one ExpertCall per expert (per-expert loops), one batched

@@ -65,7 +65,9 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         h = _tokens(concrete_shape(source), case, generator)
         device = _device(evaluator, region)
         h = h.to(device)
-        x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes], overrides={source: h})
+        base = [region.base_TD] if region.base_TD is not None else []
+        x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes, *base], overrides={source: h})
+        base_TD = route.pop() if base else None
         if region.expert_calls:
             r_ED = scales.to(device)
             substitutes = {call.y: ([call.x], _stand_in(call, e, r_ED)) for e, call in enumerate(region.expert_calls)}
@@ -77,6 +79,8 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         want = _combine(x_TD, route, expert, region)
         if isinstance(want, str):
             return f"{want} ({case} routing)"
+        if base_TD is not None:
+            want = want + base_TD.reshape(want.shape)
         error = _mismatch(got, want)
         if error:
             return f"the record disagrees with the graph on {case} routing: {error}"

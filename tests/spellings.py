@@ -333,7 +333,7 @@ class SwitchCapacity(_ListExperts):
 
     ROUTER = "switch_capacity"
     TOP1 = True
-    capacity_factor = 1.0
+    capacity_factor = 0.5  # small, so ordinary inputs already drop tokens
 
     def __init__(self, d_model, d_ff, num_experts, top_k):
         super().__init__(d_model, d_ff, num_experts, top_k)
@@ -365,7 +365,7 @@ class GShardEinsumCapacity(Spelling):
 
     ROUTER = "switch_capacity"
     TOP1 = True
-    capacity_factor = 1.25
+    capacity_factor = 0.75
 
     def __init__(self, d_model, d_ff, num_experts, top_k):
         super().__init__(d_model, d_ff, num_experts, top_k)

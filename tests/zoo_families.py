@@ -93,7 +93,7 @@ SHRINK = {
     "shared_expert_intermediate_size": 24, "shared_experts_intermediate_size": 24, "shared_intermediate_size": 24,
     "moe_shared_expert_intermediate_size": 24, "share_expert_dim": 24, "dense_intermediate_size": 48,
     "intermediate_size_mlp": 48, "moe_hidden_size": 16, "d_ff": 48, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48,
-    "router_hidden_size": 16, "ple_embed_dim": 16, "hidden_size_per_layer_input": 8,
+    "router_hidden_size": 16, "ple_embed_dim": 16, "hc_lowrank": 8, "hidden_size_per_layer_input": 8,
     # depth: two layers, every one an MoE layer where the config allows
     "num_hidden_layers": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS, "encoder_layers": LAYERS,
     "decoder_layers": LAYERS, "num_decoder_layers": LAYERS, "num_sparse_encoder_layers": LAYERS,
@@ -296,12 +296,17 @@ def count_moe_layers(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
 
 
 def _has_embedding_experts(module: torch.nn.Module) -> bool:
-    """Doge's CDMoE: its routed experts are rows of nn.Embedding tables (down_embed / up_embed), one row an expert."""
+    """Doge's CDMoE: its routed experts are rows of nn.Embedding tables (down_embed and up_embed), one row an expert.
+
+    Two or more `*_embed` tables in a module whose class name says MoE; token embeddings
+    (`embed_tokens`, a whole model's) never match the `_embed` suffix.
+    """
     owner = type(module).__name__
-    return ("MoE" in owner or "Moe" in owner) and any(
-        isinstance(child, torch.nn.Embedding) and "embed" in name and child.num_embeddings > 1
-        for name, child in module.named_children()
-    )
+    tables = [
+        name for name, child in module.named_children()
+        if isinstance(child, torch.nn.Embedding) and name.endswith("_embed") and child.num_embeddings > 1
+    ]
+    return ("MoE" in owner or "Moe" in owner) and len(tables) >= 2
 
 
 def _is_expert_bank(name: str, child: torch.nn.Module) -> bool:
