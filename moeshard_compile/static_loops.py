@@ -11,8 +11,11 @@ Dynamo cannot unroll a loop over a tensor of data-dependent length (a graph brea
 the function's source is rewritten so that the loop runs over every candidate position of
 the tensor `nonzero` was taken of (a static length) and the loop variable is a constant:
 `[e]` where it was a row of `nonzero()`'s output, `e` where it was flattened. `v.item()` and
-`int(v)` become the constant; a body-level `if x.numel() == 0: continue` goes (it guards an
-empty selection, which is the loop body's own no-op). Nothing else changes.
+`int(v)` become the constant. In any loop over experts (one that selects tokens with `where` /
+`nonzero` or adds rows back with `index_add_` and the like), guards on an empty selection go:
+`if x.numel() == 0: continue` is dropped and `if x.numel() > 0: <work>` becomes <work> (work on
+no rows is no work; such a guard is a data-dependent branch Dynamo cannot trace). Nothing else
+changes.
 
 The result equals the original wherever an expert no token chose contributes nothing, which
 is what such loops are written for (each selects its tokens by the same mask the hit list
@@ -48,7 +51,7 @@ def candidates(hit_input: torch.Tensor, scalar: bool):
 def static_version(fn: Callable) -> Callable | None:
     """`fn` with its loops over `nonzero()` rewritten, or None if it has none we can rewrite."""
     code = getattr(fn, "__code__", None)
-    if code is None or "nonzero" not in code.co_names or code.co_freevars:
+    if code is None or not {"nonzero", "numel"} & set(code.co_names) or code.co_freevars:
         return None
     try:
         lines, first_line = inspect.getsourcelines(fn)
@@ -84,9 +87,35 @@ def _rewrite(function: ast.FunctionDef) -> bool:
                                           [hit_input, ast.Constant(scalar)], [])
                 if isinstance(statement.target, ast.Name):
                     _ConstantIndex(statement.target.id, scalar).visit(statement)
-                statement.body = [s for s in statement.body if not _skips_empty(s)] or [ast.Pass()]
                 changed = True
+    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and _dispatches(n)]:
+        body = _without_empty_guards(loop.body)
+        changed |= body != loop.body
+        loop.body = body
     return changed
+
+
+_DISPATCH_CALLS = {"where", "nonzero", "index_add_", "index_add", "index_put_", "scatter_add_", "scatter_add"}
+
+
+def _dispatches(loop: ast.For) -> bool:
+    """A loop over experts: its body selects tokens or adds rows back by index."""
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _DISPATCH_CALLS
+               for n in ast.walk(loop))
+
+
+def _without_empty_guards(body: list[ast.stmt]) -> list[ast.stmt]:
+    """A loop body without its guards against an empty selection: `if x.numel() == 0: continue`
+    goes, `if x.numel() > 0: <work>` becomes <work> (work on no rows is no work)."""
+    out: list[ast.stmt] = []
+    for statement in body:
+        if _skips_empty(statement):
+            continue
+        if _runs_if_nonempty(statement):
+            out.extend(statement.body)
+            continue
+        out.append(statement)
+    return out or [ast.Pass()]
 
 
 def _blocks(node: ast.AST):
@@ -144,15 +173,21 @@ class _ConstantIndex(ast.NodeTransformer):
 
 def _skips_empty(statement: ast.stmt) -> bool:
     """`if <x>.numel() == 0: continue` (or `.shape[0] == 0`, `len(x) == 0`)."""
-    if not (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
-            and isinstance(statement.body[0], ast.Continue)):
-        return False
-    test = statement.test
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+    return (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
+            and isinstance(statement.body[0], ast.Continue) and _compares_size(statement.test, (ast.Eq,)))
+
+
+def _runs_if_nonempty(statement: ast.stmt) -> bool:
+    """`if <x>.numel() > 0:` (or `!= 0`) without an else."""
+    return isinstance(statement, ast.If) and not statement.orelse and _compares_size(statement.test, (ast.Gt, ast.NotEq))
+
+
+def _compares_size(test: ast.expr, ops: tuple) -> bool:
+    """`<size of x> <op> 0` for a size that is `x.numel()`, `x.shape[0]` or `x.size(0)`."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ops)
             and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == 0):
         return False
     left = test.left
-    numel = isinstance(left, ast.Call) and isinstance(left.func, ast.Attribute) and left.func.attr == "numel"
-    length = isinstance(left, ast.Call) and isinstance(left.func, ast.Name) and left.func.id == "len"
-    rows = (isinstance(left, ast.Subscript) and isinstance(left.value, ast.Attribute) and left.value.attr == "shape")
-    return numel or length or rows
+    method = left.func.attr if isinstance(left, ast.Call) and isinstance(left.func, ast.Attribute) else None
+    rows = isinstance(left, ast.Subscript) and isinstance(left.value, ast.Attribute) and left.value.attr == "shape"
+    return method == "numel" or (method == "size" and len(left.args) == 1) or rows

@@ -79,8 +79,12 @@ def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | Non
         key = base.args[2]
     elif base.target in (torch.gather, "gather") and base.args[1] == 0:
         key = base.args[2]
-    else:
-        return base, nodes, None
+    else:  # no selection: every token, through casts only (a reshape would make other rows)
+        nodes = []
+        while x.op == "call_method" and x.target in _CASTS:
+            nodes.append(x)
+            x = x.args[0]
+        return x, nodes, None
     nodes.append(base)
     source = base.args[0]
     while source.op == "call_method" and source.target in _CASTS:  # casts keep the tokens; reshapes make them
