@@ -19,6 +19,7 @@ the report) pays for computing every expert on every token.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -53,6 +54,21 @@ def tracing_for_moeshard() -> bool:
             return True
         fn = getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None)
     return False
+
+
+@torch._dynamo.assume_constant_result
+def keep_data_dependent_shapes() -> bool:
+    """Let the frame being traced keep `where` / `nonzero` in its graph, as fullgraph=True does,
+    instead of breaking it there: a static loop selects each expert's tokens by data-dependent
+    shapes, and a graph break between the experts would hide the layer from moeshard."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        shape_env = InstructionTranslator.current_tx().output.shape_env
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+    except Exception:  # noqa: BLE001 - private API: without it the loop still runs, in pieces
+        log.debug("moeshard: could not keep data-dependent shapes in this graph", exc_info=True)
+    return True
 
 
 def _switch_router_logits(self, hidden_states):
@@ -151,6 +167,15 @@ def _shim_class(cls, static_forward) -> None:
     cls.forward = forward
 
 
+def _keeping_data_dependent_shapes(static_forward):
+    @functools.wraps(static_forward)
+    def forward(self, *args, **kwargs):
+        keep_data_dependent_shapes()
+        return static_forward(self, *args, **kwargs)
+
+    return forward
+
+
 def shim_nonzero_loops(cls) -> bool:
     """Trace `cls.forward` with its loops over `nonzero()` static (moeshard_compile.static_loops)."""
     forward = cls.__dict__.get("forward")
@@ -159,12 +184,12 @@ def shim_nonzero_loops(cls) -> bool:
     if hasattr(forward, "__wrapped__"):  # transformers' experts dispatch: the eager function takes it
         static = static_version(forward.__wrapped__)
         if static is not None:
-            cls._moeshard_static_forward = static
+            cls._moeshard_static_forward = _keeping_data_dependent_shapes(static)
         return static is not None
     static = static_version(forward)
     if static is None:
         return False
-    _shim_class(cls, static)
+    _shim_class(cls, _keeping_data_dependent_shapes(static))
     return True
 
 

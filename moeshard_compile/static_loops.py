@@ -15,7 +15,9 @@ the tensor `nonzero` was taken of (a static length) and the loop variable is a c
 `nonzero` or adds rows back with `index_add_` and the like), guards on an empty selection go:
 `if x.numel() == 0: continue` is dropped and `if x.numel() > 0: <work>` becomes <work> (work on
 no rows is no work; such a guard is a data-dependent branch Dynamo cannot trace). Nothing else
-changes.
+changes. The hit list itself goes when the loop was its only reader, and the selections inside
+the loop (data-dependent shapes) stay in the graph without fullgraph=True
+(moeshard_compile.capture.keep_data_dependent_shapes).
 
 The result equals the original wherever an expert no token chose contributes nothing, which
 is what such loops are written for (each selects its tokens by the same mask the hit list
@@ -88,11 +90,20 @@ def _rewrite(function: ast.FunctionDef) -> bool:
                 if isinstance(statement.target, ast.Name):
                     _ConstantIndex(statement.target.id, scalar).visit(statement)
                 changed = True
+    _drop_unused_hits(function, set(hits))
     for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and _dispatches(n)]:
         body = _without_empty_guards(loop.body)
         changed |= body != loop.body
         loop.body = body
     return changed
+
+
+def _drop_unused_hits(function: ast.FunctionDef, names: set[str]) -> None:
+    """Remove `hits = x.nonzero()` where the rewritten loops were its only readers: a dead
+    nonzero would still stop Dynamo's graph (and synchronise a GPU)."""
+    read = {n.id for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    for block in _blocks(function):
+        block[:] = [s for s in block if not ((found := _hit_assignment(s)) and found[0] in names - read)] or [ast.Pass()]
 
 
 _DISPATCH_CALLS = {"where", "nonzero", "index_add_", "index_add", "index_put_", "scatter_add_", "scatter_add"}

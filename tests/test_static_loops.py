@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import moeshard_compile
 from helpers import assert_close_to_eager
@@ -101,9 +102,17 @@ def test_a_nonzero_loop_is_one_graph_and_rewritten(cls, routing):
         x = x[:1].expand(7, 8).contiguous()
     report = moeshard_compile.explain(model, x)
     assert [r["status"] for r in report.regions] == ["rewritten"] and report.graph_breaks == []
-    with torch.no_grad():
-        compiled = torch.compile(model, backend="moeshard", fullgraph=True, options={"inductor": False})
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():  # without fullgraph, as users write it: the loop's `where` must not break the graph
+        compiled = torch.compile(model, backend="moeshard", options={"inductor": False})
         assert_close_to_eager(compiled(x), model(x))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_the_hit_list_goes_when_only_the_loop_read_it():
+    """A dead `nonzero()` would still break the graph and synchronise the device."""
+    assert "nonzero" not in static_version(HitRowsStacked.forward._moeshard_original).__code__.co_names
 
 
 @pytest.mark.parametrize("cls", LOOPS)
