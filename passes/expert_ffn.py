@@ -51,7 +51,8 @@ class Linear:
     node: fx.Node
     x: fx.Node
     weight: WeightRef
-    bias: fx.Node | None
+    bias: fx.Node | None  # a parameter, or with bias_index, a slice bias[bias_index] of a 2-D one
+    bias_index: int | None = None
 
 
 @dataclass
@@ -136,8 +137,27 @@ def _weight_ref(w, out_in: bool, batched: bool = False) -> WeightRef | None:
     return None
 
 
+def _with_bias_add(lin: Linear) -> Linear:
+    """`x @ w + b` (or `+ b[e]`) as one biased linear, when the product is used by that add only."""
+    if lin.bias is not None or len(lin.node.users) != 1:
+        return lin
+    (add,) = lin.node.users
+    if add.target not in (operator.add, torch.add, "add") or len(add.args) != 2 or add.kwargs:
+        return lin
+    b = add.args[1] if add.args[0] is lin.node else add.args[0]
+    if not isinstance(b, fx.Node):
+        return lin
+    if param_name(b) and fake(b).dim() == 1:
+        return Linear(add, lin.x, lin.weight, b)
+    if (b.target is operator.getitem and isinstance(b.args[0], fx.Node) and param_name(b.args[0])
+            and fake(b.args[0]).dim() == 2 and static_int(b.args[1]) is not None):
+        return Linear(add, lin.x, lin.weight, b.args[0], static_int(b.args[1]))
+    return lin
+
+
 def find_ffns(gm: fx.GraphModule) -> list[FFN]:
-    linears = {n: lin for n in gm.graph.nodes if (lin := _linear(n)) is not None}
+    found = [_with_bias_add(lin) for n in gm.graph.nodes if (lin := _linear(n)) is not None]
+    linears = {lin.node: lin for lin in found}
     ffns = []
     order = topo_index(gm.graph)
     for second in linears.values():
@@ -205,7 +225,7 @@ def expert_slices(ffn: FFN) -> list[FFN]:
     E = fake(ffn.second.weight.param).shape[0]
 
     def sliced(lin: Linear, e: int) -> Linear:
-        return Linear(lin.node, lin.x, WeightRef(lin.weight.param, e, lin.weight.out_in), lin.bias)
+        return Linear(lin.node, lin.x, WeightRef(lin.weight.param, e, lin.weight.out_in), lin.bias, lin.bias_index)
 
     return [FFN(ffn.x, [sliced(f, e) for f in ffn.first], sliced(ffn.second, e), ffn.elementwise, ffn.nodes)
             for e in range(E)]
@@ -222,10 +242,10 @@ def stack_expert_weights(members: list[FFN]) -> WeightSource:
             inputs.append(node)
         return inputs.index(node)
 
-    # per linear position (first..., second): per expert (input slot of weight, index, out_in, bias slot)
+    # per linear position (first..., second): per expert (input slot of weight, index, out_in, bias slot, index)
     layout = [
-        [(slot(lin.weight.param), lin.weight.index, lin.weight.out_in, None if lin.bias is None else slot(lin.bias))
-         for lin in (*m.first, m.second)]
+        [(slot(lin.weight.param), lin.weight.index, lin.weight.out_in, None if lin.bias is None else slot(lin.bias),
+          lin.bias_index) for lin in (*m.first, m.second)]
         for m in members
     ]
     num_first = len(first.first)
@@ -234,7 +254,7 @@ def stack_expert_weights(members: list[FFN]) -> WeightSource:
         def weight_EDO(position: int) -> torch.Tensor:
             per_expert = []
             for expert in layout:
-                w_slot, index, out_in, _ = expert[position]
+                w_slot, index, out_in, _, _ = expert[position]
                 w = tensors[w_slot] if index is None else tensors[w_slot][index]
                 per_expert.append(w.t() if out_in else w)
             return torch.stack(per_expert)
@@ -242,7 +262,9 @@ def stack_expert_weights(members: list[FFN]) -> WeightSource:
         def bias_EO(position: int) -> torch.Tensor | None:
             if layout[0][position][3] is None:
                 return None
-            return torch.stack([tensors[expert[position][3]] for expert in layout])
+            slices = [tensors[b_slot] if b_index is None else tensors[b_slot][b_index]
+                      for *_, b_slot, b_index in (expert[position] for expert in layout)]
+            return torch.stack(slices)
 
         w_first = [weight_EDO(i) for i in range(num_first)]
         b_first = [bias_EO(i) for i in range(num_first)]

@@ -114,7 +114,7 @@ def lower_region(
         order_S, token_S, weight_sorted_S, counts_E, offs_E = (
             emit.fn(operator.getitem, group, i, name=name)
             for i, name in enumerate(("order_S", "token_S", "weight_sorted_S", "counts_E", "offs_E")))
-        experts = _ExpertFFN(emit, w, region.activation)
+        experts = _ExpertFFN(emit, w, region.activation, region.expert_chain)
 
         if data_parallel:
             acc_TD = _data_parallel_experts(emit, plan, experts, region.tokens_TD, token_S, counts_E, E, K,
@@ -143,16 +143,20 @@ def lower_region(
 class _ExpertFFN:
     """Emits the two fused expert ops (moeshard_compile/kernels) with one region's weights."""
 
-    def __init__(self, emit: Emitter, w: dict[str, fx.Node], activation: str):
-        self.emit, self.w, self.activation = emit, w, activation
+    def __init__(self, emit: Emitter, w: dict[str, fx.Node], activation: str,
+                 chain: tuple[fx.Node, fx.Node] | None = None):
+        self.emit, self.w, self.activation, self.chain = emit, w, activation, chain
 
     def ffn_in(self, x_XD, rows_R, offs_E, *, name: str = "h_RF") -> fx.Node:
-        """h_RF = act(x[rows] @ w_gate + b_gate) * (x[rows] @ w_in + b_in), or act(x[rows] @ w_in + b_in)."""
+        """h_RF = act(x[rows] @ w_gate + b_gate) * (x[rows] @ w_in + b_in), or act(x[rows] @ w_in + b_in);
+        for activation "graph", the model's own elementwise code on x[rows] @ w_in + b_in."""
         w = self.w
-        return self.emit.fn(
+        activation = "identity" if self.chain is not None else self.activation
+        h_RF = self.emit.fn(
             torch.ops.moeshard.gather_grouped_ffn_in.default, x_XD, rows_R, offs_E, w["w_in_EDF"],
-            w.get("w_gate_EDF"), w.get("b_in_EF"), w.get("b_gate_EF"), self.activation, name=name,
+            w.get("w_gate_EDF"), w.get("b_in_EF"), w.get("b_gate_EF"), activation, name=name,
         )
+        return h_RF if self.chain is None else copy_chain(self.emit.graph, self.chain, h_RF)
 
     def ffn_out(self, h_RF, offs_E, b_out, dest_R, scale_R, *, name: str) -> fx.Node:
         """y[dest[r]] = scale[r] * (h[r] @ w_out + b_out) (exactly 0 where scale is 0)."""
@@ -301,6 +305,21 @@ def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
     ids_TK = emit.fn(operator.getitem, topk, 1, name="ids_TK")
     weights_TK = emit.fn(torch.gather, combine_TE, 1, ids_TK, name="weights_TK")
     return Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)
+
+
+def copy_chain(graph: fx.Graph, chain: tuple[fx.Node, fx.Node], h: fx.Node) -> fx.Node:
+    """The model's elementwise code from `chain[0]` to `chain[1]`, copied to read `h` instead."""
+    source, sink = chain
+    between, stack = set(), [sink]
+    while stack:  # the ancestors of the sink down to the source
+        node = stack.pop()
+        if node is not source and node not in between:
+            between.add(node)
+            stack.extend(node.all_input_nodes)
+    env = {source: h}
+    for node in [n for n in graph.nodes if n in between]:  # graph order
+        env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+    return env[sink]
 
 
 def first_user(region: MoERegion) -> fx.Node:

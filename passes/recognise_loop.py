@@ -91,7 +91,7 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
         num_experts=len(members),
         top_k=0,
         d_model=fake(tokens).shape[-1],
-        d_ff=width // 2 if gated and len(first.first) == 1 else width,
+        d_ff=width // 2 if gated and len(first.first) == 1 else _in_features(first.second),
         activation=first.elementwise.activation,
         gated=gated,
         has_bias=first.second.bias is not None or first.first[0].bias is not None,
@@ -102,7 +102,14 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
     )
     region.weights = stack_expert_weights(members)
     region.expert_calls = [ExpertCall(m.x, m.y) for m in members]
+    if first.elementwise.activation == "graph":
+        region.expert_chain = (first.first[0].node, first.second.x)
     return region
+
+
+def _in_features(linear) -> int:
+    shape = fake(linear.weight.param).shape[-2:]
+    return shape[1] if linear.weight.out_in else shape[0]
 
 
 def _owner(path: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.elementwise import Elementwise, identify
+from passes.elementwise import GRAPH, Elementwise, identify
 from passes.graph_utils import fake, module_paths, param_name
 from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
 
@@ -71,9 +71,12 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     extra = sorted({module_paths(n)[-1] for n in body if module_paths(n)} - {module, f"{module}.act_fn"})
     if extra:
         return region.skip(f"unsupported submodules inside the experts: {extra}")
-    elementwise = _identify_between_projections(body, up, down)
+    elementwise, chain = _identify_between_projections(body, up, down)
     if elementwise is None:
         return region.skip("could not identify the activation between the two expert projections")
+    if elementwise == GRAPH:  # the model's own row-wise code between the projections, copied by the lowering
+        region.gated, region.expert_chain = False, chain
+        region.d_ff = fake(down).shape[1 if transposed else 2]
     if elementwise.gated != region.gated:
         return region.skip(f"gating in the graph ({elementwise.gated}) disagrees with the weights ({up_name})")
     region.activation = elementwise.activation
@@ -109,14 +112,17 @@ def _is_transposed(up: fx.Node, D: int) -> bool:
     return True
 
 
-def _identify_between_projections(body: list[fx.Node], up: fx.Node, down: fx.Node) -> Elementwise | None:
-    """Evaluate the chain from the first projection's output to the second projection's input."""
+def _identify_between_projections(body: list[fx.Node], up: fx.Node, down: fx.Node):
+    """Evaluate the chain from the first projection's output to the second projection's input:
+    (what it computes or None, (first projection, second projection's input))."""
     first = _first_consumer_matmul(body, up)
     second = _first_consumer_matmul(body, down)
     if first is None or second is None:
-        return None
+        return None, None
     act_input = next((a for a in second.all_input_nodes if not _derives_from(a, down)), None)
-    return identify([first], act_input) if act_input is not None else None
+    if act_input is None:
+        return None, None
+    return identify([first], act_input), (first, act_input)
 
 
 def _first_consumer_matmul(body: list[fx.Node], weight: fx.Node) -> fx.Node | None:

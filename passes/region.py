@@ -101,7 +101,7 @@ class MoERegion:
     top_k: int
     d_model: int
     d_ff: int
-    activation: str  # "relu", "gelu", "gelu_tanh", "silu", ...
+    activation: str  # "relu", "gelu", "gelu_tanh", "silu", ..., or "graph": `expert_chain`, run as it is
     gated: bool
     has_bias: bool
     dtype: torch.dtype
@@ -115,6 +115,11 @@ class MoERegion:
     # how the graph calls the experts: one ExpertCall per expert (per-expert loops), one batched
     # call for all (a 3-D weight over every expert at once), or none (a module's own contract)
     expert_calls: list["ExpertCall"] = field(default_factory=list)
+    # activation "graph": (input, output) of the graph's own elementwise code between the two
+    # projections of expert 0, which the lowering copies; its_columns_alone: each output column
+    # depends on its own input column only (set by passes.verify; needed to shard the FFN dim)
+    expert_chain: tuple[fx.Node, fx.Node] | None = None
+    chain_columnwise: bool = False
     capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
     status: str = "recognised"  # -> "rewritten" | "skipped"
     reason: str = ""

@@ -51,7 +51,11 @@ def verify(gm: fx.GraphModule, regions: list[MoERegion], inputs: dict[fx.Node, o
 
 def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
     weights = region.weights.stack([_double(evaluator.inputs[p]) for p in region.weights.inputs])
-    ffn = _CanonicalFFN(weights, region.activation)
+    ffn = _CanonicalFFN(weights, region.activation, evaluator, region.expert_chain)
+    if region.expert_chain is not None:
+        reason = _check_chain(ffn, region)
+        if reason:
+            return reason
     if region.expert_calls:
         reason = _check_expert_functions(evaluator, region, ffn)
         if reason:
@@ -178,11 +182,13 @@ def _check_expert_functions(evaluator: Evaluator, region: MoERegion, ffn: "_Cano
 
 
 class _CanonicalFFN:
-    """f_e(x) as the lowering computes it from the stacked weights."""
+    """f_e(x) as the lowering computes it from the stacked weights (activation "graph": the
+    model's own chain, run on the rows of every expert)."""
 
-    def __init__(self, weights: ExpertWeights, activation: str):
+    def __init__(self, weights: ExpertWeights, activation: str, evaluator: Evaluator,
+                 chain: tuple[fx.Node, fx.Node] | None = None):
         self.w, self.activation = weights, activation
-        self.act = ACTIVATIONS[activation]
+        self.act = (lambda h: evaluator.run([chain[1]], overrides={chain[0]: h})[0]) if chain else ACTIVATIONS[activation]
 
     def describe(self) -> str:
         return f"{self.activation}{' (gated)' if self.w.w_gate_EDF is not None else ''}"
@@ -195,6 +201,28 @@ class _CanonicalFFN:
         else:
             h_XF = self.act(x_XD @ w.w_gate_EDF[e] + (0 if w.b_gate_EF is None else w.b_gate_EF[e])) * h_XF
         return h_XF @ w.w_out_EFD[e] + (0 if w.b_out_ED is None else w.b_out_ED[e])
+
+
+def _check_chain(ffn: _CanonicalFFN, region: MoERegion) -> str | None:
+    """The lowering runs the model's chain on rows of all experts together: each output row must
+    depend on its own input row only. Sharding the FFN dim also needs each output column to
+    depend on its own input column only (recorded in region.chain_columnwise)."""
+    generator = torch.Generator().manual_seed(2)
+    width = ffn.w.w_in_EDF.shape[-1]
+    device = ffn.w.w_in_EDF.device
+    h = torch.randn(_ROWS, width, generator=generator, dtype=torch.float64).to(device) * 3
+    base = ffn.act(h)
+    if not isinstance(base, torch.Tensor) or base.shape[0] != _ROWS:
+        return "the expert's elementwise code does not keep one output row per input row"
+    moved = h.clone()
+    moved[0] += torch.randn(width, generator=generator, dtype=torch.float64).to(device)
+    if not torch.equal(ffn.act(moved)[1:], base[1:]):
+        return "the expert's code between its projections mixes rows (tokens): not an elementwise function"
+    columns = torch.rand(width, generator=generator).to(device) < 0.5
+    shifted = h + columns * torch.randn(width, generator=generator, dtype=torch.float64).to(device)
+    changed = (ffn.act(shifted) != base).any(0)
+    region.chain_columnwise = base.shape[1] == width and not bool((changed & ~columns).any())
+    return None
 
 
 def _mismatch(got, want: torch.Tensor) -> str | None:

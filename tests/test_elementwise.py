@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.elementwise import Elementwise, identify
+from passes.elementwise import GRAPH, Elementwise, identify
 
 
 def traced(fn, *shapes: tuple[int, ...]) -> tuple[list[fx.Node], fx.Node]:
@@ -43,6 +43,20 @@ def test_chain_fixed_to_the_traced_rows_falls_back_to_the_full_shape():
     assert identify(inputs, out) == Elementwise("tanh", gated=False)
 
 
-def test_non_elementwise_chain_is_not_identified():
+def test_other_row_wise_function_is_kept_as_graph():
     inputs, out = traced(lambda h: torch.softmax(h, dim=-1), (9, 16))
+    assert identify(inputs, out) == GRAPH
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: h.t(),  # rows become columns
+    lambda h: h[:4],  # rows dropped
+])
+def test_chain_that_does_not_keep_the_rows_is_not_identified(fn):
+    inputs, out = traced(fn, (9, 16))
+    assert identify(inputs, out) is None
+
+
+def test_unknown_function_of_two_projections_is_not_identified():
+    inputs, out = traced(lambda up, gate: torch.softmax(up, -1) * gate.cos(), (7, 4), (7, 4))
     assert identify(inputs, out) is None
