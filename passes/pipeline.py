@@ -49,9 +49,16 @@ def rewrite(
     dropless: also remove the routers' capacity limits (changes results where tokens drop).
     plan: shard every region's experts over plan.world_size ranks (None: one rank).
     """
+    # Dynamo keeps a node nobody reads only for its effect (functorch's vmap nesting, for one):
+    # dead-code elimination removes what the rewrite left unread, never those
+    unread = {n for n in gm.graph.nodes if not n.users and n.op != "output"}
     rewritten = False
     for index, region in enumerate(regions):
         if region.status != "recognised":
+            continue
+        if plan is not None and region.activation == "graph" and not region.chain_columnwise:
+            region.skip("the expert's elementwise code mixes FFN columns (a fused gate and up, for example): "
+                        "the FFN dim cannot be sharded across ranks")
             continue
         if dropless and region.capacity_limits:
             remove_capacity_limits(gm.graph, region.capacity_limits)
@@ -61,7 +68,7 @@ def rewrite(
     drop_unused_emitted(gm.graph)
     if rewritten:
         prune_dead_asserts(gm.graph)
-        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or is_impure(n))
     gm.graph.lint()
     gm.recompile()
 

@@ -76,6 +76,26 @@ def test_graph_without_moe_keeps_inplace_ops(tmp_path):
     assert _report(tmp_path)["regions"] == []
 
 
+def test_effect_only_nodes_survive_the_rewrite(tmp_path):
+    """Dynamo traces torch.vmap as nesting calls nobody reads (kept for their effect): removing
+    what the rewrite made dead must leave them, or the vmapped code fails at run time."""
+
+    class VmapThenMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = MoEBlock(MoEConfig(style="index"))
+
+        def forward(self, x):
+            return self.moe(torch.vmap(lambda row: row * row.sigmoid())(x))
+
+    torch.manual_seed(0)
+    model = VmapThenMoE().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert_close_to_eager(_compile(model, tmp_path)(x), model(x))
+    assert [r["status"] for r in _report(tmp_path)["regions"]] == ["rewritten"]
+
+
 # --- (b) dropout active (training mode) -------------------------------------------------------
 
 
