@@ -72,3 +72,11 @@ def dropout_args(node: fx.Node) -> tuple[float, bool]:
     p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
     return p, bool(training)
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """`x[i] = v`, `x.index_add_(...)`, `x.scatter_(...)`...: a node that writes into its first argument."""
+    if node.target is operator.setitem:
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_") and bool(node.args)

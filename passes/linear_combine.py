@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import fake, spellings
+from passes.graph_utils import fake, spellings, writes_in_place
 from passes.region import ExpertCall
 
 # Ops through which the experts' outputs may flow to the combined value: linear in them.
@@ -62,7 +62,7 @@ def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Co
     nodes = sorted({n for r in reached for n in r if order[n] <= order[first]}, key=order.__getitem__)
     if any(n.target not in _LINEAR for n in nodes):
         return None
-    buffers = sorted({_buffer_root(n) for n in nodes if _writes_in_place(n)} - set(nodes), key=order.__getitem__)
+    buffers = sorted({_buffer_root(n) for n in nodes if writes_in_place(n)} - set(nodes), key=order.__getitem__)
     affine = any(b.target not in _ZEROS and not _zeroed(b) for b in buffers)
     return Combine(output, nodes, buffers, affine)
 
@@ -82,7 +82,7 @@ def _descendants(start: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
             if user not in seen:
                 seen.add(user)
                 stack.append(user)
-                if _writes_in_place(user):  # later readers of the written buffer see the value
+                if writes_in_place(user):  # later readers of the written buffer see the value
                     later = [u for u in _aliases_users(_buffer_root(user)) if order[u] > order[user] and u not in seen]
                     seen.update(later)
                     stack.extend(later)
@@ -95,21 +95,14 @@ def _aliases_users(buffer: fx.Node) -> list[fx.Node]:
         node = stack.pop()
         for user in node.users:
             users.append(user)
-            if _writes_in_place(user) and user.args[0] is node:
+            if writes_in_place(user) and user.args[0] is node:
                 stack.append(user)
     return users
 
 
-def _writes_in_place(node: fx.Node) -> bool:
-    if node.target is operator.setitem:
-        return True
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return isinstance(name, str) and name.endswith("_") and not name.startswith("_") and bool(node.args)
-
-
 def _buffer_root(node: fx.Node) -> fx.Node:
     """The tensor an in-place chain writes into (`out` for `out.index_add_(...).index_add_(...)`)."""
-    while _writes_in_place(node) and isinstance(node.args[0], fx.Node):
+    while writes_in_place(node) and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 

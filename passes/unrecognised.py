@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import fake, module_paths, param_name
+from passes.graph_utils import fake, module_paths, param_name, writes_in_place
 from passes.region import MoERegion
 
 _INDEXED = re.compile(r"^(\D*?)(\d+)$")
@@ -75,7 +75,8 @@ def _bank_beside(module: str, banks: list[str]) -> str | None:
 
 
 def _covered(regions: list[MoERegion]) -> set[fx.Node]:
-    """Every node a region reads or replaces (so its router too)."""
+    """Every node a region reads or replaces (so its router too, with the in-place writes into
+    the router's tensors: `group_mask.scatter_(1, group_idx, 1)`)."""
     stack = [n for r in regions for n in (*r.erase, r.output_TD, r.tokens_TD, *_routing_nodes(r)) if n is not None]
     seen: set[fx.Node] = set()
     while stack:
@@ -83,6 +84,7 @@ def _covered(regions: list[MoERegion]) -> set[fx.Node]:
         if node not in seen:
             seen.add(node)
             stack.extend(node.all_input_nodes)
+            stack.extend(u for u in node.users if writes_in_place(u) and u.args[0] is node)
     return seen
 
 
@@ -129,13 +131,22 @@ def _has_dim(node: fx.Node) -> bool:
 
 
 def _selects(node: fx.Node, depth: int = 6) -> bool:
-    """The decision's result reaches an op that selects, compares or scatters by it."""
-    frontier = [node]
+    """The decision's indices reach an op that selects, compares or scatters by them (a max
+    whose values alone are used scales, it does not choose)."""
+    frontier = _indices(node)
     for _ in range(depth):
-        frontier = [u for n in frontier for u in n.users]
         if any(u.target in _SELECTING_OPS and not _is_plain_unpack(u) for u in frontier):
             return True
+        frontier = [u for n in frontier for u in n.users]
     return False
+
+
+def _indices(node: fx.Node) -> list[fx.Node]:
+    """The decision's indices: argmax's result, or topk / max(dim)'s second output."""
+    if node.target in (torch.argmax, "argmax"):
+        return [node]
+    return [u for u in node.users
+            if (u.target is operator.getitem and u.args[1] == 1) or (u.target is getattr and u.args[1] == "indices")]
 
 
 def _is_plain_unpack(node: fx.Node) -> bool:

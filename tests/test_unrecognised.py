@@ -82,6 +82,25 @@ def test_a_prediction_argmax_is_not_reported():
     assert report.regions == [] and messages == []
 
 
+@pytest.mark.parametrize("use", ["values", "indices"])
+def test_a_max_counts_as_a_routing_decision_only_when_its_indices_select(use):
+    """A max whose values scale the output chooses nothing; one whose indices gather rows does."""
+
+    class ScaleOrGather(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = nn.Linear(8, 4)
+            self.table = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x_TD):
+            best = self.router(x_TD).softmax(-1).max(dim=-1)
+            return x_TD * best.values[:, None] if use == "values" else x_TD + self.table[best.indices]
+
+    report, messages = _explain(ScaleOrGather(), torch.randn(5, 8))
+    want = [] if use == "values" else [("routing", "skipped")]
+    assert [(r["form"], r["status"]) for r in report.regions] == want and len(messages) == len(want)
+
+
 @pytest.mark.parametrize("build", [hf_tiny.switch, hf_tiny.qwen2_moe, hf_tiny.bert])
 def test_rewritten_and_dense_models_have_no_extra_rows(build):
     model = build()
