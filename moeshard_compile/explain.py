@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from moeshard_compile.backend import make_backend
 from moeshard_compile.options import Options
@@ -25,7 +26,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
     with torch.no_grad():
         try:
             torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
-        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):  # not one graph
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, GuardOnDataDependentSymNode):  # not one graph
             report.regions.clear()
             report.fallbacks.clear()
             report.graphs = 0

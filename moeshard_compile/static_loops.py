@@ -3,21 +3,24 @@
 MoE code often runs only the experts some token chose::
 
     expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
+    for expert_idx in expert_hit:             # or expert_hit.squeeze(-1).tolist()
         tokens, slots = torch.where(expert_mask[expert_idx[0]])
         ...
 
-Dynamo cannot unroll a loop over a tensor of data-dependent length (a graph break). Here
-the function's source is rewritten so that the loop runs over every candidate position of
-the tensor `nonzero` was taken of (a static length) and the loop variable is a constant:
-`[e]` where it was a row of `nonzero()`'s output, `e` where it was flattened. `v.item()` and
-`int(v)` become the constant. In any loop over experts (one that selects tokens with `where` /
-`nonzero` or adds rows back with `index_add_` and the like), guards on an empty selection go:
+Dynamo cannot unroll a loop over a tensor of data-dependent length (a graph break). Here the
+function's source is rewritten so that the loop runs over every candidate position of the
+tensor `nonzero` was taken of (a static length) and the loop variable is a constant: `[e]`
+where it was a row of `nonzero()`'s output, `e` where it was flattened. `v.item()` and
+`int(v)` become the constant; a candidate past the end of what the loop indexes by it is
+skipped (the original loop, which never reaches it, would raise there). The hit list goes when
+the loop was its only reader.
+
+In any loop over experts (one that selects tokens with `where` / `nonzero` or adds rows back
+with `index_add_` and the like, hit list or `range(E)`), guards on an empty selection go:
 `if x.numel() == 0: continue` is dropped and `if x.numel() > 0: <work>` becomes <work> (work on
 no rows is no work; such a guard is a data-dependent branch Dynamo cannot trace). Nothing else
-changes. The hit list itself goes when the loop was its only reader, and the selections inside
-the loop (data-dependent shapes) stay in the graph without fullgraph=True
-(moeshard_compile.capture.keep_data_dependent_shapes).
+changes. A function with such a loop is traced keeping the loop's data-dependent selections in
+the graph, with or without fullgraph=True (moeshard_compile.capture.keep_data_dependent_shapes).
 
 The result equals the original wherever an expert no token chose contributes nothing, which
 is what such loops are written for (each selects its tokens by the same mask the hit list
@@ -28,6 +31,7 @@ contribution is its routing coefficient times its output, zero where the routing
 from __future__ import annotations
 
 import ast
+import dis
 import inspect
 import logging
 import textwrap
@@ -53,7 +57,7 @@ def candidates(hit_input: torch.Tensor, scalar: bool):
 def static_version(fn: Callable) -> Callable | None:
     """`fn` with its loops over `nonzero()` rewritten, or None if it has none we can rewrite."""
     code = getattr(fn, "__code__", None)
-    if code is None or not {"nonzero", "numel"} & set(code.co_names) or code.co_freevars:
+    if code is None or code.co_freevars or not _may_loop_over_experts(code):
         return None
     try:
         lines, first_line = inspect.getsourcelines(fn)
@@ -67,7 +71,8 @@ def static_version(fn: Callable) -> Callable | None:
     function.decorator_list = []
     if not _rewrite(function):
         return None
-    function.body.insert(0, ast.ImportFrom("moeshard_compile.static_loops", [ast.alias("candidates", "_moeshard_candidates")], 0))
+    function.body.insert(0, ast.ImportFrom("moeshard_compile.static_loops", [ast.alias("candidates", "_moeshard_candidates"),
+                                                                           ast.alias("past_end", "_moeshard_past_end")], 0))
     namespace: dict = {}
     module = ast.fix_missing_locations(ast.Module(body=[function], type_ignores=[]))
     exec(compile(module, inspect.getsourcefile(fn) or "<moeshard>", "exec"), fn.__globals__, namespace)
@@ -77,25 +82,59 @@ def static_version(fn: Callable) -> Callable | None:
     return static
 
 
+_OPCODES = {dis.opmap["FOR_ITER"], dis.opmap["STORE_SUBSCR"]}
+
+
+def _may_loop_over_experts(code) -> bool:
+    """A cheap look at the bytecode before parsing the source (every nn.Module class passes here):
+    a name of a selection or write-back, or a loop that stores into a subscript."""
+    return bool({"nonzero", "numel", *_DISPATCH_CALLS} & set(code.co_names)) or _OPCODES <= set(code.co_code[::2])
+
+
 def _rewrite(function: ast.FunctionDef) -> bool:
-    """Rewrite every `for v in hits` whose `hits = <x>.nonzero()...` in `function`; True if any."""
+    """Rewrite every `for v in hits` whose `hits = <x>.nonzero()...` in `function` and the empty
+    guards of loops over experts; True if `function` has either kind of loop."""
     hits = {found[0]: found[1:] for block in _blocks(function) for s in block if (found := _hit_assignment(s))}
     changed = False
     for block in _blocks(function):
         for statement in block:
-            if isinstance(statement, ast.For) and isinstance(statement.iter, ast.Name) and statement.iter.id in hits:
-                hit_input, scalar = hits[statement.iter.id]
+            if isinstance(statement, ast.For) and (found := _hit_iteration(statement.iter)) and found[0] in hits:
+                hit_input, scalar = hits[found[0]]
+                scalar = scalar or found[1]
                 statement.iter = ast.Call(ast.Name("_moeshard_candidates", ast.Load()),
                                           [hit_input, ast.Constant(scalar)], [])
                 if isinstance(statement.target, ast.Name):
                     _ConstantIndex(statement.target.id, scalar).visit(statement)
+                    statement.body = _guarded_past_end(statement.body, statement.target.id)
                 changed = True
     _drop_unused_hits(function, set(hits))
     for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and _dispatches(n)]:
-        body = _without_empty_guards(loop.body)
-        changed |= body != loop.body
-        loop.body = body
+        loop.body = _without_empty_guards(loop.body)
+        changed = True  # even unchanged, a loop over experts is traced keeping its data-dependent selections
     return changed
+
+
+def past_end(indexed, index) -> bool:
+    """`indexed[index]` would raise IndexError: a position the original loop never reaches."""
+    if isinstance(index, list) and len(index) == 1:  # a row of nonzero()'s output, `[e]`
+        index = index[0]
+    return (isinstance(index, int) and isinstance(indexed, (torch.Tensor, torch.nn.ModuleList, list, tuple))
+            and index >= len(indexed))
+
+
+def _guarded_past_end(body: list[ast.stmt], name: str) -> list[ast.stmt]:
+    """Before each statement that indexes something by the loop variable, skip the candidate if
+    the index is past the end (a padding class, say `one_hot(ids, num_experts + 1)`: no token
+    picks it, so the original loop never indexes the weights with it)."""
+    out: list[ast.stmt] = []
+    for statement in body:
+        for node in ast.walk(statement):
+            if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Name) and node.slice.id == name
+                    and isinstance(node.ctx, ast.Load)):
+                test = ast.Call(ast.Name("_moeshard_past_end", ast.Load()), [node.value, ast.Name(name, ast.Load())], [])
+                out.append(ast.If(test, [ast.Continue()], []))
+        out.append(statement)
+    return out
 
 
 def _drop_unused_hits(function: ast.FunctionDef, names: set[str]) -> None:
@@ -106,13 +145,19 @@ def _drop_unused_hits(function: ast.FunctionDef, names: set[str]) -> None:
         block[:] = [s for s in block if not ((found := _hit_assignment(s)) and found[0] in names - read)] or [ast.Pass()]
 
 
-_DISPATCH_CALLS = {"where", "nonzero", "index_add_", "index_add", "index_put_", "scatter_add_", "scatter_add"}
+_SELECT_CALLS = {"where", "nonzero"}
+_WRITE_CALLS = {"index_add_", "index_add", "index_put_", "scatter_add_", "scatter_add", "index_copy_"}
+_DISPATCH_CALLS = _SELECT_CALLS | _WRITE_CALLS
 
 
 def _dispatches(loop: ast.For) -> bool:
-    """A loop over experts: its body selects tokens or adds rows back by index."""
-    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in _DISPATCH_CALLS
-               for n in ast.walk(loop))
+    """A loop over experts: its body selects tokens (`where`, `nonzero`, `x[m]`) and writes rows
+    back (`index_add_` and the like, `out[m] = ...`, `out[m] += ...`)."""
+    calls = {n.func.attr for n in ast.walk(loop) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    subscripts = [n for n in ast.walk(loop) if isinstance(n, ast.Subscript)]
+    selects = bool(calls & _SELECT_CALLS) or any(isinstance(n.ctx, ast.Load) for n in subscripts)
+    writes = bool(calls & _WRITE_CALLS) or any(isinstance(n.ctx, ast.Store) for n in subscripts)
+    return selects and writes
 
 
 def _without_empty_guards(body: list[ast.stmt]) -> list[ast.stmt]:
@@ -158,6 +203,17 @@ def _hit_assignment(statement: ast.stmt) -> tuple[str, ast.expr, bool] | None:
     elif value.args:
         return None
     return statement.targets[0].id, receiver, scalar
+
+
+def _hit_iteration(iterated: ast.expr) -> tuple[str, bool] | None:
+    """`hits`, `hits.tolist()` or `hits.squeeze(-1).tolist()` (any flattening): (name, flattened)."""
+    if isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Attribute) and iterated.func.attr == "tolist":
+        iterated = iterated.func.value
+    scalar = False
+    while (isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Attribute)
+           and iterated.func.attr in _FLATTENING):
+        iterated, scalar = iterated.func.value, True
+    return (iterated.id, scalar) if isinstance(iterated, ast.Name) else None
 
 
 class _ConstantIndex(ast.NodeTransformer):
