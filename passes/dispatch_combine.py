@@ -98,11 +98,22 @@ _BROADCASTS = ("expand", "unsqueeze", "repeat", "expand_as", "contiguous", "to",
 
 def broadcast_source(x: fx.Node, nodes: list[fx.Node]) -> fx.Node:
     """The [T, D] tokens a batched expert call reads, through `x[None]`, `unsqueeze(0)`,
-    `expand(E, -1, -1)`, `repeat(E, 1, 1)` and casts; the nodes passed are appended to `nodes`."""
-    while isinstance(x, fx.Node) and (x.target in _BROADCASTS or _adds_leading_dim(x)):
+    `expand(E, -1, -1)`, `repeat(E, 1, 1)`, `repeat(E, 1).view(E, T, D)` and casts; the nodes
+    passed are appended to `nodes`."""
+    while isinstance(x, fx.Node) and (x.target in _BROADCASTS or _adds_leading_dim(x) or _tiles_tokens(x)):
         nodes.append(x)
         x = x.args[0]
     return x
+
+
+def _tiles_tokens(node: fx.Node) -> bool:
+    """`x.repeat(E, 1).view(E, T, D)`: E copies of the [T, D] tokens, one per expert."""
+    tiled = node.args[0] if node.target in ("view", "reshape") and node.args else None
+    if not (isinstance(tiled, fx.Node) and tiled.target == "repeat" and isinstance(tiled.args[0], fx.Node)):
+        return False
+    tokens, out = fake(tiled.args[0]), fake(node)
+    return (tokens is not None and out is not None and tokens.dim() == 2 and out.dim() == 3
+            and tuple(tiled.args[1:]) == (out.shape[0], 1) and tuple(out.shape[1:]) == tuple(tokens.shape))
 
 
 def _adds_leading_dim(node: fx.Node) -> bool:

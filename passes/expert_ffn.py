@@ -35,14 +35,20 @@ class WeightRef:
     param: fx.Node
     index: int | str | None
     out_in: bool  # True: [out, in] as F.linear takes it; False: [in, out] as x @ w takes it
+    view: tuple[int, ...] | None = None  # the stack the parameter is viewed as first (DBRX: [E*F, D] as [E, F, D])
 
     @property
     def batched(self) -> bool:
         return self.index == ALL
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The parameter's shape as indexed: its view's, where it is viewed first."""
+        return self.view if self.view is not None else tuple(fake(self.param).shape)
+
+    @property
     def out_features(self) -> int:
-        shape = fake(self.param).shape[-2:]
+        shape = self.shape[-2:]
         return shape[0] if self.out_in else shape[1]
 
 
@@ -52,7 +58,7 @@ class Linear:
     x: fx.Node
     weight: WeightRef
     bias: fx.Node | None  # a parameter, or with bias_index, a slice bias[bias_index] of a 2-D one
-    bias_index: int | None = None
+    bias_index: int | str | None = None  # ALL: every expert's row, for a linear over every expert
 
 
 @dataclass
@@ -71,13 +77,14 @@ class FFN:
 
 
 def _linear(node: fx.Node) -> Linear | None:
-    if node.op != "call_function":
+    method_matmul = node.op == "call_method" and node.target in ("matmul", "mm")  # x.matmul(w)
+    if node.op != "call_function" and not method_matmul:
         return None
     if node.target in _LINEAR:
         x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         ref = _weight_ref(w, out_in=True)
-    elif node.target in _MATMUL or node.target is torch.bmm:
+    elif node.target in _MATMUL or node.target is torch.bmm or method_matmul:
         x, w, b = node.args[0], node.args[1], None
         ref = _weight_ref(w, out_in=False, batched=True)
         if ref is None and isinstance(w, fx.Node) and _is_transpose(w):
@@ -123,17 +130,34 @@ def _is_transpose(node: fx.Node) -> bool:
     return node.target in ("transpose", torch.transpose) and sorted(a % 2 for a in node.args[1:3]) == [0, 1]
 
 
+_CASTS = ("float", "to", "contiguous")
+
+
+def _uncast(node):
+    """A parameter (or its slice) read through `.float()` / `.to(dtype)`: the value is the same
+    function of the weights; the lowering computes in the region's dtype."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _CASTS and node.args:
+        node = node.args[0]
+    return node
+
+
 def _weight_ref(w, out_in: bool, batched: bool = False) -> WeightRef | None:
+    w = _uncast(w)
     if not isinstance(w, fx.Node):
         return None
     if param_name(w) and fake(w).dim() == 2:
         return WeightRef(w, None, out_in)
     if batched and param_name(w) and fake(w).dim() == 3:
         return WeightRef(w, ALL, out_in)
-    if w.target is operator.getitem and isinstance(w.args[0], fx.Node) and param_name(w.args[0]):
-        index = static_int(w.args[1])
-        if index is not None and fake(w.args[0]).dim() == 3:
-            return WeightRef(w.args[0], index, out_in)
+    if w.target is operator.getitem and isinstance(w.args[0], fx.Node):
+        index, stacked = static_int(w.args[1]), w.args[0]
+        if index is None or fake(stacked) is None or fake(stacked).dim() != 3:
+            return None
+        if param_name(stacked):
+            return WeightRef(stacked, index, out_in)
+        viewed = stacked.args[0] if stacked.target in ("view", "reshape") and stacked.args else None
+        if isinstance(viewed, fx.Node) and param_name(viewed):  # param.view(E, F, D)[e]
+            return WeightRef(viewed, index, out_in, tuple(fake(stacked).shape))
     return None
 
 
@@ -144,7 +168,7 @@ def _with_bias_add(lin: Linear) -> Linear:
     (add,) = lin.node.users
     if add.target not in (operator.add, torch.add, "add") or len(add.args) != 2 or add.kwargs:
         return lin
-    b = add.args[1] if add.args[0] is lin.node else add.args[0]
+    b = _uncast(add.args[1] if add.args[0] is lin.node else add.args[0])
     if not isinstance(b, fx.Node):
         return lin
     if param_name(b) and fake(b).dim() == 1:
@@ -152,7 +176,22 @@ def _with_bias_add(lin: Linear) -> Linear:
     if (b.target is operator.getitem and isinstance(b.args[0], fx.Node) and param_name(b.args[0])
             and fake(b.args[0]).dim() == 2 and static_int(b.args[1]) is not None):
         return Linear(add, lin.x, lin.weight, b.args[0], static_int(b.args[1]))
+    stacked_bias = _broadcast_over_tokens(b)
+    if lin.weight.batched and stacked_bias is not None and fake(stacked_bias).shape[0] == lin.weight.shape[0]:
+        return Linear(add, lin.x, lin.weight, stacked_bias, ALL)  # [E, T, O] + b[:, None, :]
     return lin
+
+
+def _broadcast_over_tokens(b: fx.Node) -> fx.Node | None:
+    """A 2-D [E, O] parameter given a token dim: `b.unsqueeze(1)`, `b[:, None]`, `b[..., None, :]`."""
+    source = b.args[0] if b.args and isinstance(b.args[0], fx.Node) else None
+    if source is None or not param_name(source) or fake(source).dim() != 2:
+        return None
+    if b.target in ("unsqueeze", torch.unsqueeze) and b.args[1:] in ((1,), (-2,)):
+        return source
+    if b.target is operator.getitem and b.args[1] in ((slice(None), None), (Ellipsis, None, slice(None))):
+        return source
+    return None
 
 
 def find_ffns(gm: fx.GraphModule) -> list[FFN]:
@@ -168,7 +207,7 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
         linears_used = (*firsts, second)
         if len({lin.weight.batched for lin in linears_used}) != 1:
             continue
-        if second.weight.batched and len({fake(lin.weight.param).shape[0] for lin in linears_used}) != 1:
+        if second.weight.batched and len({lin.weight.shape[0] for lin in linears_used}) != 1:
             continue
         elementwise = identify([f.node for f in firsts], second.x)
         if elementwise is None or (len(firsts) == 2 and not elementwise.gated):
@@ -222,10 +261,11 @@ def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
 
 def expert_slices(ffn: FFN) -> list[FFN]:
     """A batched FFN (3-D weights over every expert) as one FFN per expert, reading `w[e]`."""
-    E = fake(ffn.second.weight.param).shape[0]
+    E = ffn.second.weight.shape[0]
 
     def sliced(lin: Linear, e: int) -> Linear:
-        return Linear(lin.node, lin.x, WeightRef(lin.weight.param, e, lin.weight.out_in), lin.bias, lin.bias_index)
+        weight = WeightRef(lin.weight.param, e, lin.weight.out_in, lin.weight.view)
+        return Linear(lin.node, lin.x, weight, lin.bias, e if lin.bias_index == ALL else lin.bias_index)
 
     return [FFN(ffn.x, [sliced(f, e) for f in ffn.first], sliced(ffn.second, e), ffn.elementwise, ffn.nodes)
             for e in range(E)]
@@ -242,10 +282,11 @@ def stack_expert_weights(members: list[FFN]) -> WeightSource:
             inputs.append(node)
         return inputs.index(node)
 
-    # per linear position (first..., second): per expert (input slot of weight, index, out_in, bias slot, index)
+    # per linear position (first..., second): per expert (input slot of weight, index, out_in, view,
+    # bias slot, bias index)
     layout = [
-        [(slot(lin.weight.param), lin.weight.index, lin.weight.out_in, None if lin.bias is None else slot(lin.bias),
-          lin.bias_index) for lin in (*m.first, m.second)]
+        [(slot(lin.weight.param), lin.weight.index, lin.weight.out_in, lin.weight.view,
+          None if lin.bias is None else slot(lin.bias), lin.bias_index) for lin in (*m.first, m.second)]
         for m in members
     ]
     num_first = len(first.first)
@@ -254,13 +295,14 @@ def stack_expert_weights(members: list[FFN]) -> WeightSource:
         def weight_EDO(position: int) -> torch.Tensor:
             per_expert = []
             for expert in layout:
-                w_slot, index, out_in, _, _ = expert[position]
-                w = tensors[w_slot] if index is None else tensors[w_slot][index]
+                w_slot, index, out_in, view, _, _ = expert[position]
+                w = tensors[w_slot] if view is None else tensors[w_slot].view(view)
+                w = w if index is None else w[index]
                 per_expert.append(w.t() if out_in else w)
             return torch.stack(per_expert)
 
         def bias_EO(position: int) -> torch.Tensor | None:
-            if layout[0][position][3] is None:
+            if layout[0][position][4] is None:
                 return None
             slices = [tensors[b_slot] if b_index is None else tensors[b_slot][b_index]
                       for *_, b_slot, b_index in (expert[position] for expert in layout)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from passes.graph_utils import fake, spellings, writes_in_place
 from passes.region import ExpertCall
@@ -68,8 +69,10 @@ def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Co
 
 
 def _shaped_like(node: fx.Node, shape) -> bool:
+    """Holds as many rows of the last dim as `shape` (False where the sizes are data-dependent)."""
     value = fake(node)
-    return value is not None and value.numel() == shape.numel() and value.shape[-1] == shape[-1]
+    return (value is not None and statically_known_true(value.numel() == shape.numel())
+            and statically_known_true(value.shape[-1] == shape[-1]))
 
 
 def _descendants(start: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:

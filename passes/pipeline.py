@@ -23,9 +23,11 @@ def recognise(gm: fx.GraphModule) -> list[MoERegion]:
     the loop recogniser adds the (dead until rewritten) nodes computing its combine weights,
     marked so that `rewrite` removes those of regions it does not rewrite."""
     before = set(gm.graph.nodes)
-    regions = recognise_stacked(gm)
-    claimed = {n for r in regions for n in r.erase}
-    regions += recognise_loops(gm, claimed)
+    stacked = recognise_stacked(gm)
+    loops = recognise_loops(gm, {n for r in stacked if r.status == "recognised" for n in r.erase})
+    # where transformers' experts contract could not be read, the loop recogniser reads by meaning
+    found = {n for r in loops if r.status == "recognised" for n in r.erase}
+    regions = [r for r in stacked if r.status == "recognised" or not found.intersection(r.erase)] + loops
     for region in regions:
         if region.routing is not None:
             region.capacity_limits = find_capacity_limits(region)

@@ -108,7 +108,7 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
 
 
 def _in_features(linear) -> int:
-    shape = fake(linear.weight.param).shape[-2:]
+    shape = linear.weight.shape[-2:]
     return shape[1] if linear.weight.out_in else shape[0]
 
 
@@ -149,7 +149,7 @@ def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     y = fake(ffn.y)
     if fake(tokens) is None or fake(tokens).dim() != 2 or y is None or y.dim() != 3:
         return None
-    E = fake(ffn.second.weight.param).shape[0]
+    E = ffn.second.weight.shape[0]
     if tuple(y.shape) != (E, *fake(tokens).shape):
         return None
     combine = find_combine(gm.graph, [ffn.y], tokens)

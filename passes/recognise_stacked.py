@@ -34,8 +34,17 @@ def recognise_stacked(gm: fx.GraphModule) -> list[MoERegion]:
         up_name = next((f"{module}.{u}" for u in _UP_NAMES if f"{module}.{u}" in params), None)
         if up_name is None:
             continue
-        regions.append(_recognise_module(gm, module, params, up_name))
+        if _routed(gm, module):
+            regions.append(_recognise_module(gm, module, params, up_name))
     return regions
+
+
+def _routed(gm: fx.GraphModule, module: str) -> bool:
+    """The module reads expert ids (2-D integers) from outside: always-on experts stacked the
+    same way (shared experts that run every token) are dense layers, not MoE layers."""
+    body = {n for n in gm.graph.nodes if n.op != "placeholder" and module in module_paths(n)}
+    return any(fake(a) is not None and not fake(a).is_floating_point() and fake(a).dim() == 2
+               for n in body for a in n.all_input_nodes if a not in body and not param_name(a))
 
 
 def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: str) -> MoERegion:
@@ -68,7 +77,8 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     transposed = _is_transposed(up, D)
     up_EOD = fake(up).transpose(1, 2) if transposed else fake(up)  # [E, out, D]
     region.d_ff = up_EOD.shape[1] // (2 if region.gated else 1)
-    extra = sorted({module_paths(n)[-1] for n in body if module_paths(n)} - {module, f"{module}.act_fn"})
+    extra = sorted(p for p in {module_paths(n)[-1] for n in body if module_paths(n)}
+                   if p != module and not (p == f"{module}.act_fn" or p.startswith(f"{module}.act_fn.")))
     if extra:
         return region.skip(f"unsupported submodules inside the experts: {extra}")
     elementwise, chain = _identify_between_projections(body, up, down)
