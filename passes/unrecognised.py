@@ -2,9 +2,11 @@
 
 Two signs, either enough:
 - an expert bank: parameters of a container whose name says experts, differing only by an
-  index (`experts.3.w1.weight`, `experts.expert_3.fc.weight`), or 3-D parameters of such a module;
-- a routing decision: a top-k / argmax / max over a dim whose indices select, compare or
-  scatter (the per-expert work a router feeds; an argmax returned as a prediction is not one).
+  index (`experts.3.w1.weight`, `experts.expert_3.fc.weight`), or 3-D parameters of such a
+  module; shared experts (every token runs them) are a dense layer and are not one;
+- a routing decision: a top-k / argmax / max over the outputs of a learned projection, whose
+  indices select, compare or scatter (the per-expert work a router feeds; an argmax returned
+  as a prediction, or a top-k over key positions, is not one).
 A sign already inside a region, rewritten or skipped, is accounted for; each other one becomes
 a report row, status "skipped", naming its module and what was not understood.
 """
@@ -25,7 +27,9 @@ _INDEXED = re.compile(r"^(\D*?)(\d+)$")
 _ROUTING_OPS = (torch.topk, "topk", torch.argmax, "argmax", torch.max, "max")
 _SELECTING_OPS = (operator.eq, "eq", torch.eq, operator.getitem, torch.nn.functional.one_hot, torch.where, "nonzero",
                   torch.nonzero, torch.scatter, "scatter", "scatter_", "scatter_add_", torch.bincount, "bincount",
-                  torch.gather, torch.index_select, "index_select", torch.sort, "sort", torch.argsort, "argsort")
+                  torch.gather, "gather", torch.take_along_dim, "take_along_dim", torch.index_select, "index_select",
+                  torch.nn.functional.embedding, torch.embedding, "index_add_", torch.index_add, "index_put_",
+                  "index_copy_", torch.sort, "sort", torch.argsort, "argsort")
 
 
 @dataclass
@@ -44,6 +48,8 @@ def find_unrecognised(gm: fx.GraphModule, regions: list[MoERegion]) -> list[Unre
     region_modules = [r.module for r in regions]
     found: dict[str, Unrecognised] = {}
     for module, params in _expert_banks(gm).items():
+        if "shared" in module.rsplit(".", 1)[-1].lower():  # always-on experts: a dense layer, nothing routed
+            continue
         if claimed.intersection(params) or any(covered.intersection(p.users) for p in params):
             continue
         if any(module == m or module.startswith(m + ".") for m in region_modules):
@@ -120,7 +126,29 @@ def _bank_size(params: list[fx.Node]) -> int | None:
 
 
 def _routing_decisions(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.target in _ROUTING_OPS and _has_dim(n) and _selects(n)]
+    return [n for n in gm.graph.nodes
+            if n.target in _ROUTING_OPS and _has_dim(n) and _selects(n) and _over_learned_scores(n)]
+
+
+def _over_learned_scores(node: fx.Node, depth: int = 8) -> bool:
+    """The choice is among the outputs of a learned projection (a router's [E, D] weight): a
+    parameter a few ops up has the chosen-over dim's size. A top-k over positions (sparse
+    attention's key selection) is not a choice of experts."""
+    scores = node.args[0] if node.args else node.kwargs.get("input")
+    position = 2 if node.target in (torch.topk, "topk") else 1
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", -1)
+    if not isinstance(scores, fx.Node) or fake(scores) is None or not isinstance(dim, int):
+        return False
+    if not -fake(scores).dim() <= dim < fake(scores).dim():
+        return False
+    size = fake(scores).shape[dim]
+    frontier, seen = [scores], set()
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if any(param_name(a) and fake(a) is not None and size in fake(a).shape for a in frontier):
+            return True
+    return False
 
 
 def _has_dim(node: fx.Node) -> bool:
