@@ -60,12 +60,16 @@ def tracing_for_moeshard() -> bool:
 def keep_data_dependent_shapes() -> bool:
     """Let the frame being traced keep `where` / `nonzero` in its graph, as fullgraph=True does,
     instead of breaking it there: a static loop selects each expert's tokens by data-dependent
-    shapes, and a graph break between the experts would hide the layer from moeshard."""
+    shapes, and a graph break between the experts would hide the layer from moeshard.
+
+    Fake-tensor caching goes off for the rest of the frame: every op after a selection has fresh
+    unbacked sizes, so its entries are made and never reused (a quarter of the tracing time)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        shape_env = InstructionTranslator.current_tx().output.shape_env
-        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+        output = InstructionTranslator.current_tx().output
+        output.shape_env.settings = dataclasses.replace(output.shape_env.settings, allow_dynamic_output_shape_ops=True)
+        output.fake_mode.cache_enabled = False
     except Exception:  # noqa: BLE001 - private API: without it the loop still runs, in pieces
         log.debug("moeshard: could not keep data-dependent shapes in this graph", exc_info=True)
     return True
