@@ -58,9 +58,9 @@ def rewrite(
     for index, region in enumerate(regions):
         if region.status != "recognised":
             continue
-        if plan is not None and region.activation == "graph" and not region.chain_columnwise:
-            region.skip("the expert's elementwise code mixes FFN columns (a fused gate and up, for example): "
-                        "the FFN dim cannot be sharded across ranks")
+        if plan is not None and region.activation == "graph" and region.chain_layout is None:
+            region.skip("the expert's code between its projections reads its columns in a pattern other than "
+                        "one to one, interleaved pairs or halves: the FFN dim cannot be sharded across ranks")
             continue
         if dropless and region.capacity_limits:
             remove_capacity_limits(gm.graph, region.capacity_limits)

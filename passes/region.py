@@ -55,13 +55,14 @@ class WeightSource:
     layout: tuple = ()  # what `stack` does with the inputs (hashable): equal layouts stack equally
     copies: bool = False  # `stack` copies (share one stack between graphs) rather than making views
 
-    def sharded(self, block: tuple[int, int]) -> "WeightSource":
+    def sharded(self, block: tuple[int, int], chain_layout: str | None = None) -> "WeightSource":
         """The same weights, keeping only FFN columns [start, stop) of every expert (passes.shard)."""
         from passes.shard import shard_weights
 
         full = self.stack
         return WeightSource(
-            self.inputs, lambda params: shard_weights(full(params), block), (*self.layout, ("ffn_block", *block)), copies=True
+            self.inputs, lambda params: shard_weights(full(params), block, chain_layout),
+            (*self.layout, ("ffn_block", *block, chain_layout)), copies=True,
         )
 
 
@@ -116,10 +117,11 @@ class MoERegion:
     # call for all (a 3-D weight over every expert at once), or none (a module's own contract)
     expert_calls: list["ExpertCall"] = field(default_factory=list)
     # activation "graph": (input, output) of the graph's own elementwise code between the two
-    # projections of expert 0, which the lowering copies; its_columns_alone: each output column
-    # depends on its own input column only (set by passes.verify; needed to shard the FFN dim)
+    # projections of expert 0, which the lowering copies; chain_layout: which input columns each
+    # output column reads (passes.shard.CHAIN_LAYOUTS), proven by passes.verify; None: not
+    # known, and the FFN dim is not sharded
     expert_chain: tuple[fx.Node, fx.Node] | None = None
-    chain_columnwise: bool = False
+    chain_layout: str | None = None
     capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
     status: str = "recognised"  # -> "rewritten" | "skipped"
     reason: str = ""

@@ -8,7 +8,10 @@
     b_out_ED        whole                      added once, after the partial sums are reduced
 
 Because the activation (and gate) act elementwise on F, the N partial products sum exactly to
-the unsharded expert. Blocks are as even as possible: the first F % N ranks hold one more.
+the unsharded expert. Expert code the lowering copies between the projections (activation
+"graph") may read its input columns in pairs (GPT-OSS's interleaved gate and up) or halves
+(concatenated): w_in and b_in then keep the columns block F_r reads (CHAIN_LAYOUTS). Blocks are
+as even as possible: the first F % N ranks hold one more.
 """
 
 from __future__ import annotations
@@ -46,18 +49,36 @@ def ffn_block(d_ff: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def shard_weights(weights: ExpertWeights, block: tuple[int, int]) -> ExpertWeights:
-    """This rank's copy of its block (contiguous, owning its memory: the originals can go)."""
+# For expert code between the projections that the lowering copies (activation "graph"): the
+# columns of its input that output columns [a, b) of F read, by how it pairs them.
+CHAIN_LAYOUTS = ("columns", "pairs", "halves")  # j reads j; 2j and 2j+1 (interleaved); j and F+j
+
+
+def chain_input_columns(layout: str, block: tuple[int, int], d_ff: int) -> torch.Tensor:
+    a, b = block
+    if layout == "columns":
+        return torch.arange(a, b)
+    if layout == "pairs":
+        return torch.arange(2 * a, 2 * b)
+    if layout == "halves":
+        return torch.cat([torch.arange(a, b), torch.arange(d_ff + a, d_ff + b)])
+    raise ValueError(f"unknown chain layout {layout!r}")
+
+
+def shard_weights(weights: ExpertWeights, block: tuple[int, int], chain_layout: str | None = None) -> ExpertWeights:
+    """This rank's copy of its block (contiguous, owning its memory: the originals can go).
+    With `chain_layout`, w_in and b_in keep the input columns the copied expert code reads."""
     f = slice(*block)
+    f_in = f if chain_layout is None else chain_input_columns(chain_layout, block, weights.w_out_EFD.shape[1])
 
     def own(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.clone(memory_format=torch.contiguous_format)
 
     return ExpertWeights(
-        w_in_EDF=own(weights.w_in_EDF[:, :, f]),
+        w_in_EDF=own(weights.w_in_EDF[:, :, f_in]),
         w_out_EFD=own(weights.w_out_EFD[:, f, :]),
         w_gate_EDF=None if weights.w_gate_EDF is None else own(weights.w_gate_EDF[:, :, f]),
-        b_in_EF=None if weights.b_in_EF is None else own(weights.b_in_EF[:, f]),
+        b_in_EF=None if weights.b_in_EF is None else own(weights.b_in_EF[:, f_in]),
         b_gate_EF=None if weights.b_gate_EF is None else own(weights.b_gate_EF[:, f]),
         b_out_ED=own(weights.b_out_ED),
     )

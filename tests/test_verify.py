@@ -114,3 +114,23 @@ def test_shifted_expert_ids_of_stacked_experts_are_rejected():
     reasons = verified(captured, regions)
     assert reasons[0].startswith("verification failed: the record disagrees") and reasons[1] == ""
 
+
+
+@pytest.mark.parametrize(("chain", "width", "layout"), [
+    (torch.tanh, 6, "columns"),
+    (lambda h: h[..., ::2].clamp(max=7) * torch.sigmoid(h[..., 1::2]), 12, "pairs"),  # GPT-OSS's interleaving
+    (lambda h: torch.nn.functional.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1], 12, "halves"),
+    (lambda h: h * h.mean(-1, keepdim=True), 6, None),  # every column reads every column
+    (lambda h: torch.nn.functional.silu(h[..., :6]) * h[..., 6:], 12, None),  # halves fixed to the full width
+    (lambda h: h.view(h.shape[0], 2, 6).prod(1), 12, None),
+])
+def test_the_columns_expert_code_reads_are_proven_before_sharding(chain, width, layout):
+    """Which input columns each output column of copied expert code reads decides how the FFN dim
+    shards (passes.shard.CHAIN_LAYOUTS); a pattern not proven leaves the region unsharded."""
+    from passes.shard import CHAIN_LAYOUTS
+    from passes.verify import _reads_columns_as
+
+    h = torch.randn(8, width, dtype=torch.float64)
+    base = chain(h)
+    found = [candidate for candidate in CHAIN_LAYOUTS if _reads_columns_as(chain, h, base, candidate)]
+    assert found == ([] if layout is None else [layout])
