@@ -440,6 +440,27 @@ class NonzeroIndexSelect(_PlainListExperts):
         return out.reshape(x.shape)
 
 
+class NonzeroAsTupleSequential(_ListExperts):
+    """nonzero(as_tuple=True) rows and slots, nn.Sequential SiLU experts with biases, scatter_add_ by expanded rows."""
+
+    ROUTER = "softmax_topk_renorm"
+
+    def __init__(self, d_model, d_ff, num_experts, top_k):
+        super().__init__(d_model, d_ff, num_experts, top_k)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d_model, d_ff), nn.SiLU(), nn.Linear(d_ff, d_model))
+                                     for _ in range(num_experts))
+
+    def forward(self, x):
+        hidden = _tokens(x)
+        ids, weights = self.route(hidden)
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self.experts):
+            rows, slots = torch.nonzero(ids == e, as_tuple=True)
+            y = expert(hidden[rows]) * weights[rows, slots].unsqueeze(-1)
+            out.scatter_add_(0, rows[:, None].expand(-1, hidden.shape[-1]), y)
+        return out.reshape(x.shape)
+
+
 class GatherScatterAdd(Spelling):
     """torch.gather of token rows, scatter_add_ back; stacked [E, F, D] weights used through F.linear(x, w[e]) (SwiGLU)."""
 
@@ -1027,6 +1048,7 @@ SPELLINGS: dict[str, type] = {
     "gshard_einsum_capacity": GShardEinsumCapacity,
     "mask_add_assign": MaskAddAssign,
     "nonzero_index_select": NonzeroIndexSelect,
+    "nonzero_as_tuple_sequential": NonzeroAsTupleSequential,
     "gather_scatter_add": GatherScatterAdd,
     "deepseek_v3_moe_infer": DeepSeekV3MoeInfer,
     "deepseek_v3_index_add": DeepSeekV3IndexAdd,

@@ -372,4 +372,8 @@ def tiny_model(model_type: str, seed: int = 0):
     with _quiet():
         model = cls.from_config(config, dtype=torch.float32) if cls.__name__ == "AutoModel" else cls._from_config(config, dtype=torch.float32)
     model = model.float().eval()
+    with torch.no_grad():  # parameters a family's init leaves as torch.empty: small random values instead
+        for param in model.parameters():
+            if param.numel() and not (torch.isfinite(param).all() and param.abs().max() < 1e3):
+                param.normal_(0.0, 0.02)
     return model, make_inputs(config, seed), count_moe_layers(model, UNREACHED.get(model_type, ()))
