@@ -202,11 +202,11 @@ class Spelling(nn.Module):
 
     def gate(self, x_TD):
         ids, weights = self.route(x_TD)
-        return torch.zeros(x_TD.shape[0], self.num_routes, dtype=x_TD.dtype).scatter_add(1, ids, weights)
+        return torch.zeros(x_TD.shape[0], self.num_routes, dtype=x_TD.dtype, device=x_TD.device).scatter_add(1, ids, weights)
 
     def routed(self, x_TD):
         ids, weights = self.route(x_TD)
-        hit = torch.zeros(x_TD.shape[0], self.num_routes, dtype=x_TD.dtype)
+        hit = torch.zeros(x_TD.shape[0], self.num_routes, dtype=x_TD.dtype, device=x_TD.device)
         return hit.scatter_add(1, ids, torch.ones_like(weights))
 
     # -- reference pieces
@@ -580,7 +580,7 @@ class DenseStackSum(_ListExperts):
     def forward(self, x):
         hidden = _tokens(x)
         ids, weights = self.route(hidden)
-        gate = torch.zeros(hidden.shape[0], self.num_experts, dtype=hidden.dtype).scatter(1, ids, weights)
+        gate = torch.zeros(hidden.shape[0], self.num_experts, dtype=hidden.dtype, device=hidden.device).scatter(1, ids, weights)
         stacked = torch.stack([expert(hidden) for expert in self.experts], dim=1)
         return (stacked * gate.unsqueeze(-1)).sum(dim=1).reshape(x.shape)
 
@@ -644,7 +644,7 @@ class MatmulStackedDense(Spelling):
     def forward(self, x):
         hidden = _tokens(x)
         ids, weights = self.route(hidden)
-        gate = torch.zeros(hidden.shape[0], self.num_experts, dtype=hidden.dtype).scatter(1, ids, weights)
+        gate = torch.zeros(hidden.shape[0], self.num_experts, dtype=hidden.dtype, device=hidden.device).scatter(1, ids, weights)
         h = F.relu(torch.matmul(hidden.unsqueeze(0), self.w1) + self.b1.unsqueeze(1))  # [E, T, F]
         y = torch.matmul(h, self.w2) + self.b2.unsqueeze(1)  # [E, T, D]
         return (y * gate.t().unsqueeze(-1)).sum(dim=0).reshape(x.shape)

@@ -84,9 +84,9 @@ def family_table():
     for family, why in sorted(zoo_families.UNBUILDABLE.items()):
         lines.append(f"| {family} | not built | {why} |")
     for composite, text in sorted(zoo_families.COVERED_BY.items()):
-        lines.append(f"| {composite} | as {text} | its MoE layers are those of its text model |")
+        lines.append(f"| {composite} | as {text} | its MoE layers are those of the family it holds |")
     counts = [s for s, _, _ in _results.values()]
     lines += ["", f"{counts.count('rewritten')} families rewritten, {counts.count('skipped')} skipped with a reason, "
               f"{len(zoo_families.UNBUILDABLE)} not built, {len(zoo_families.COVERED_BY)} composites covered "
-              "by their text model.", ""]
+              "by the family they hold.", ""]
     TABLE.write_text("\n".join(lines))
