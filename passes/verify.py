@@ -12,7 +12,8 @@ router produces from them: random tokens; every token the same, so one set of ex
 every token and the others none (capacity limits then drop tokens); two kinds of tokens.
 
 - Where the record knows each expert's call in the graph (per-expert loops), the experts are
-  swapped on both sides for cheap distinct stand-ins f_e(x) = x * r_e, which checks dispatch,
+  swapped on both sides for cheap distinct stand-ins f_e(x) = x * r_e + (x * q_e)^2 (not
+  homogeneous: a weight on the expert's input is not one on its output), which checks dispatch,
   combine and routing at the cost of elementwise work; each expert's own function is then
   checked against its stacked weights on a few random rows.
 - Otherwise (a module computing all experts at once) the region runs as it is.
@@ -65,7 +66,7 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
     routing_nodes = [routing.combine_TE] if routing.combine_TE is not None else [routing.ids_TK, routing.weights_TK]
     source = routing_source(region, routing_nodes)
     generator = torch.Generator().manual_seed(0)
-    scales = torch.randn(region.num_experts, region.d_model, generator=generator, dtype=torch.float64)
+    scales = torch.randn(2, region.num_experts, region.d_model, generator=generator, dtype=torch.float64)
     for case in _CASES:
         h = _tokens(concrete_shape(source), case, generator)
         device = _device(evaluator, region)
@@ -74,10 +75,10 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes, *base], overrides={source: h})
         base_TD = route.pop() if base else None
         if region.expert_calls:
-            r_ED = scales.to(device)
-            substitutes = {call.y: ([call.x], _stand_in(call, e, r_ED)) for e, call in enumerate(region.expert_calls)}
+            r_ED, q_ED = scales.to(device)
+            substitutes = {call.y: ([call.x], _stand_in(call, e, r_ED, q_ED)) for e, call in enumerate(region.expert_calls)}
             (got,) = evaluator.run([region.output_TD], overrides={source: h}, substitutes=substitutes)
-            expert = lambda e, x: x * r_ED[e]  # noqa: E731
+            expert = lambda e, x: x * r_ED[e] + (x * q_ED[e]) ** 2  # noqa: E731
         else:
             (got,) = evaluator.run([region.output_TD], overrides={source: h})
             expert = ffn
@@ -92,11 +93,14 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
     return None
 
 
-def _stand_in(call, e: int, r_ED: torch.Tensor):
-    """Expert e (or, batched, every expert) as x * r_e: cheap, linear, distinct per expert."""
+def _stand_in(call, e: int, r_ED: torch.Tensor, q_ED: torch.Tensor):
+    """Expert e (or, batched, every expert) as x * r_e + (x * q_e)^2: cheap, distinct per expert,
+    and not homogeneous, so a weight that scales the expert's input (f(w x)) is told apart from
+    one that scales its output (w f(x))."""
     if call.batched:
-        return lambda x: (x if x.dim() == 3 else x.unsqueeze(0)) * r_ED[:, None, :]
-    return lambda x: x * r_ED[e]
+        return lambda x: (lambda x_ETD: x_ETD * r_ED[:, None, :] + (x_ETD * q_ED[:, None, :]) ** 2)(
+            x if x.dim() == 3 else x.unsqueeze(0))
+    return lambda x: x * r_ED[e] + (x * q_ED[e]) ** 2
 
 
 def routing_source(region: MoERegion, routing_nodes: list[fx.Node]) -> fx.Node:

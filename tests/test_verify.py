@@ -134,3 +134,18 @@ def test_the_columns_expert_code_reads_are_proven_before_sharding(chain, width, 
     base = chain(h)
     found = [candidate for candidate in CHAIN_LAYOUTS if _reads_columns_as(chain, h, base, candidate)]
     assert found == ([] if layout is None else [layout])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_stand_ins_tell_a_weight_on_the_input_from_one_on_the_output(batched):
+    """The combine check swaps experts for stand-ins: a linear stand-in would take f(w x) (the
+    weight scaling the expert's input, as Llama 4 does) for w f(x), and pass a record that
+    computes the other."""
+    from passes.region import ExpertCall
+    from passes.verify import _stand_in
+
+    r_ED, q_ED = torch.randn(2, 3, 4, dtype=torch.float64)
+    call = ExpertCall(x=None, y=None, batched=batched)
+    expert = _stand_in(call, 1, r_ED, q_ED)
+    x, w = torch.randn(5, 4, dtype=torch.float64), torch.rand(5, 1, dtype=torch.float64) * 0.8 + 0.1
+    assert not torch.allclose(expert(w * x), w * expert(x))
