@@ -106,6 +106,27 @@ def broadcast_source(x: fx.Node, nodes: list[fx.Node]) -> fx.Node:
     return x
 
 
+def scaled_tiles(x: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """`(x.repeat(E, 1) * s).view(E, T, D)` with s of shape [E * T, 1]: E copies of the tokens,
+    copy e scaled per token by s[e * T + t] (Llama 4's router scales the experts' input):
+    (tokens, s, the nodes from the tiling to x), or None."""
+    if x.target not in ("view", "reshape") or not x.args or not isinstance(x.args[0], fx.Node):
+        return None
+    product = x.args[0]
+    if product.target not in (operator.mul, torch.mul, "mul") or len(product.args) != 2:
+        return None
+    out = fake(x)
+    for tiled, scale in (product.args, product.args[::-1]):
+        if not (isinstance(tiled, fx.Node) and isinstance(scale, fx.Node) and tiled.target == "repeat"):
+            continue
+        tokens, s = fake(tiled.args[0]), fake(scale)
+        if (tokens is not None and s is not None and out is not None and tokens.dim() == 2 and out.dim() == 3
+                and tuple(tiled.args[1:]) == (out.shape[0], 1) and tuple(out.shape[1:]) == tuple(tokens.shape)
+                and tuple(s.shape) == (out.shape[0] * tokens.shape[0], 1)):
+            return tiled.args[0], scale, [x, product, tiled]
+    return None
+
+
 def _tiles_tokens(node: fx.Node) -> bool:
     """`x.repeat(E, 1).view(E, T, D)`: E copies of the [T, D] tokens, one per expert."""
     tiled = node.args[0] if node.target in ("view", "reshape") and node.args else None

@@ -64,8 +64,22 @@ def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Co
     if any(n.target not in _LINEAR for n in nodes):
         return None
     buffers = sorted({_buffer_root(n) for n in nodes if writes_in_place(n)} - set(nodes), key=order.__getitem__)
+    # reads of a buffer before any expert writes it (`out[m] = out[m] + y`) are combine code too
+    reads = {u for b in buffers for u in b.users if u not in nodes and order[u] < order[first] and _feeds(u, set(nodes))}
+    nodes = sorted(set(nodes) | reads, key=order.__getitem__)
+    if any(n.target not in _LINEAR for n in reads):
+        return None
     affine = any(b.target not in _ZEROS and not _zeroed(b) for b in buffers)
     return Combine(output, nodes, buffers, affine)
+
+
+def _feeds(node: fx.Node, targets: set[fx.Node], depth: int = 4) -> bool:
+    frontier = [node]
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users]
+        if targets.intersection(frontier):
+            return True
+    return False
 
 
 def _shaped_like(node: fx.Node, shape) -> bool:

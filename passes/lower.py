@@ -115,14 +115,22 @@ def lower_region(
             emit.fn(operator.getitem, group, i, name=name)
             for i, name in enumerate(("order_S", "token_S", "weight_sorted_S", "counts_E", "offs_E")))
         experts = _ExpertFFN(emit, w, region.activation, region.expert_chain)
+        rows_XD, row_S = region.tokens_TD, token_S  # what the first matmul gathers its rows from
+        if region.input_scale_TE is not None:  # the router scales each expert's input: one row per (token, slot)
+            scale_TK = emit.fn(torch.gather, region.input_scale_TE, 1, routing.ids_TK, name="input_scale_TK")
+            repeated_SD = emit.method("repeat_interleave", region.tokens_TD, K, 0, name="tokens_SD")
+            scaled_SD = emit.fn(operator.mul, repeated_SD, emit.method("reshape", scale_TK, -1, 1, name="input_scale_S1"),
+                                name="scaled_tokens_SD")
+            rows_XD, row_S = emit.method("to", scaled_SD, fake(region.tokens_TD).dtype, name="rows_SD"), order_S
 
         if data_parallel:
-            acc_TD = _data_parallel_experts(emit, plan, experts, region.tokens_TD, token_S, counts_E, E, K,
+            x_SD = emit.fn(torch.index_select, rows_XD, 0, row_S, name="x_SD")
+            acc_TD = _data_parallel_experts(emit, plan, experts, region.tokens_TD, x_SD, token_S, counts_E, E, K,
                                             ids_S, order_S, weight_sorted_S)
         else:
             # one kernel gathers the tokens into the first matmul; one scales and puts every row
             # back at its (token, slot) place; summing the K slots is a reduction Inductor fuses
-            h_SF = experts.ffn_in(region.tokens_TD, token_S, offs_E)
+            h_SF = experts.ffn_in(rows_XD, row_S, offs_E)
             b_out = w.get("b_out_ED") if plan is None or plan.rank == 0 else None  # b_out is added exactly once
             y_SD = experts.ffn_out(h_SF, offs_E, b_out, order_S, weight_sorted_S, name="y_SD")
             y_TKD = emit.method("unflatten", y_SD, 0, (-1, K), name="y_TKD")
@@ -166,7 +174,7 @@ class _ExpertFFN:
         )
 
 
-def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, tokens_TD, token_S, counts_E,
+def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, tokens_TD, x_SD, token_S, counts_E,
                            num_experts: int, top_k: int, ids_S, order_S, weight_sorted_S) -> fx.Node:
     """Every rank's rows through this rank's FFN block; the partial sums reduced; this rank's tokens back.
 
@@ -176,7 +184,6 @@ def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, 
     first, so chunk c + 1 travels while chunk c computes, and its reduce-scatter while c + 1 does.
     """
     N, E = plan.world_size, num_experts
-    x_SD = emit.fn(torch.index_select, tokens_TD, 0, token_S, name="x_SD")
     sizes = _chunk_sizes(tokens_TD, top_k, plan.comm_chunks)
     has_b_out = "b_out_ED" in experts.w
     if len(sizes) > 1 or has_b_out:

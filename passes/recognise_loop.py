@@ -18,11 +18,14 @@ back), passes.combine_columns (the dense routing columns); this file ties them t
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import accumulation, broadcast_source, row_source, selection, selection_mask as _selection_mask
+from passes.dispatch_combine import (accumulation, broadcast_source, row_source, scaled_tiles, selection,
+                                     selection_mask as _selection_mask)
 from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
 from passes.graph_utils import fake, param_name, topo_index
 from passes.linear_combine import emit_combine_columns, find_combine
@@ -120,18 +123,27 @@ def _owner(path: str) -> str:
 def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:
     """Any row-selecting dispatch and any linear combine (passes.linear_combine): the combine
     weights come from the region's own code run on indicator expert outputs."""
-    sources = [row_source(m.x) for m in members]
+    scaled = [_scaled_rows(m.x) for m in members]
+    if any(scaled) and not all(scaled):
+        return None
+    sources = [row_source(s[0] if s else m.x) for m, s in zip(members, scaled)]
     tokens = {t for t, _, _ in sources}
     if len(tokens) != 1 or None in tokens:
         return None
     (tokens,) = tokens
     if fake(tokens) is None or fake(tokens).dim() != 2:
         return None
+    if any(s and s[2] is not key for s, (_, _, key) in zip(scaled, sources)):
+        return None  # the scale must be selected as the tokens are
     combine = find_combine(gm.graph, [m.y for m in members], tokens)
     if combine is None:
         return None
     region = _region(template, members, "linear", tokens, combine.output)
-    _emit_linear_routing(gm, region, combine, {n for m in members for n in m.nodes} | {n for _, ns, _ in sources for n in ns})
+    dispatch = {n for _, ns, _ in sources for n in ns} | {n for s in scaled if s for n in s[3]}
+    _emit_linear_routing(gm, region, combine, {n for m in members for n in m.nodes} | dispatch)
+    if all(scaled):  # the routing weight scales each expert's input: x[m] * w_e[m]
+        with gm.graph.inserting_before(first_user(region)):
+            region.input_scale_TE = gm.graph.call_function(torch.cat, ([s[1] for s in scaled], 1))
     E, T = len(members), fake(tokens).shape[0]
     keys = [key for _, _, key in sources]
     # each token is routed to at most as many experts as select it; dense dispatch proves nothing
@@ -141,11 +153,29 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
     return region
 
 
+def _scaled_rows(x: fx.Node):
+    """`x[key] * w[key]` with w a [T, 1] column: (the selected rows, w, key, the nodes), or None."""
+    if x.target not in (operator.mul, torch.mul, "mul") or len(x.args) != 2 or x.kwargs:
+        return None
+    for rows, scale in (x.args, x.args[::-1]):
+        if not (isinstance(rows, fx.Node) and isinstance(scale, fx.Node) and scale.target is operator.getitem):
+            continue
+        column, key = scale.args
+        if isinstance(column, fx.Node) and fake(column) is not None and fake(column).dim() == 2 \
+                and fake(column).shape[1] == 1 and row_source(rows)[2] is key:
+            return rows, column, key, [x, scale]
+    return None
+
+
 def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     """Every expert at once through 3-D weights (`einsum("td,edf->etf", x, w1)`, `bmm`, `x @ w1`),
     every token through every expert; combined by any linear code (passes.linear_combine)."""
     nodes: list[fx.Node] = []
-    tokens = broadcast_source(ffn.x, nodes)
+    scaled = scaled_tiles(ffn.x)
+    if scaled is not None:
+        tokens, scale_S1, nodes = scaled
+    else:
+        tokens = broadcast_source(ffn.x, nodes)
     y = fake(ffn.y)
     if fake(tokens) is None or fake(tokens).dim() != 2 or y is None or y.dim() != 3:
         return None
@@ -162,6 +192,10 @@ def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     region.expert_calls = [ExpertCall(ffn.x, ffn.y, batched=True)]
     _emit_linear_routing(gm, region, combine, set(ffn.nodes) | set(nodes))
     region.top_k = E  # every token through every expert: nothing bounds the experts per token
+    if scaled is not None:
+        with gm.graph.inserting_before(first_user(region)):
+            scale_ET = gm.graph.call_method("reshape", (scale_S1, E, -1))
+            region.input_scale_TE = gm.graph.call_method("t", (scale_ET,))
     return region
 
 

@@ -111,6 +111,7 @@ class MoERegion:
     routing: Routing | None = None
     output_TD: fx.Node | None = None  # node whose value the rewrite replaces
     base_TD: fx.Node | None = None  # what the combine yields with every expert output 0 (None: zero)
+    input_scale_TE: fx.Node | None = None  # expert e reads x_t * input_scale_TE[t, e] (Llama 4's router); None: x_t
     erase: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite (side-effecting ones too)
     weights: WeightSource | None = None
     # how the graph calls the experts: one ExpertCall per expert (per-expert loops), one batched

@@ -72,7 +72,9 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         device = _device(evaluator, region)
         h = h.to(device)
         base = [region.base_TD] if region.base_TD is not None else []
-        x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes, *base], overrides={source: h})
+        scale = [region.input_scale_TE] if region.input_scale_TE is not None else []
+        x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes, *base, *scale], overrides={source: h})
+        scale_TE = route.pop().double() if scale else None
         base_TD = route.pop() if base else None
         if region.expert_calls:
             r_ED, q_ED = scales.to(device)
@@ -82,7 +84,7 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         else:
             (got,) = evaluator.run([region.output_TD], overrides={source: h})
             expert = ffn
-        want = _combine(x_TD, route, expert, region)
+        want = _combine(x_TD, route, expert, region, scale_TE)
         if isinstance(want, str):
             return f"{want} ({case} routing)"
         if base_TD is not None:
@@ -143,10 +145,16 @@ def _device(evaluator: Evaluator, region: MoERegion) -> torch.device:
     return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
 
 
-def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoERegion) -> torch.Tensor | str:
-    """sum_e c_e[t] * expert(e, x_t) from the record's routing, or why the routing is invalid."""
+def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoERegion,
+             scale_TE: torch.Tensor | None = None) -> torch.Tensor | str:
+    """sum_e c_e[t] * expert(e, s_e[t] * x_t) from the record's routing (s: the input scale, 1
+    without one), or why the routing is invalid."""
     x_TD = x_TD.reshape(-1, x_TD.shape[-1])
     out_TD = torch.zeros_like(x_TD)
+
+    def inputs(e: int, tokens: torch.Tensor) -> torch.Tensor:
+        return x_TD[tokens] if scale_TE is None else x_TD[tokens] * scale_TE[tokens, e, None]
+
     if len(route) == 1:
         combine_TE = route[0].reshape(x_TD.shape[0], region.num_experts).double()
         per_token = ((combine_TE != 0) & ~combine_TE.isnan()).sum(-1)
@@ -154,14 +162,14 @@ def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoER
             return f"a token has {per_token.max().item()} experts, more than the proven bound top_k={region.routing.top_k}"
         for e in range(region.num_experts):
             (tokens,) = torch.nonzero(combine_TE[:, e], as_tuple=True)
-            out_TD.index_add_(0, tokens, combine_TE[tokens, e, None] * expert(e, x_TD[tokens]))
+            out_TD.index_add_(0, tokens, combine_TE[tokens, e, None] * expert(e, inputs(e, tokens)))
         return out_TD
     ids_TK, weights_TK = (t.reshape(x_TD.shape[0], region.routing.top_k) for t in route)
     if ids_TK.numel() and (ids_TK.min() < 0 or ids_TK.max() >= region.num_experts):
         return f"expert ids outside [0, {region.num_experts})"
     for e in range(region.num_experts):
         tokens, slots = torch.nonzero(ids_TK == e, as_tuple=True)
-        out_TD.index_add_(0, tokens, weights_TK[tokens, slots, None].double() * expert(e, x_TD[tokens]))
+        out_TD.index_add_(0, tokens, weights_TK[tokens, slots, None].double() * expert(e, inputs(e, tokens)))
     return out_TD
 
 

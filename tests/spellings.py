@@ -787,7 +787,7 @@ class Llama4(Spelling):
 
     def route(self, x_TD):
         top, ids = self.router_logits(x_TD).topk(1, dim=-1)
-        return ids, top.sigmoid()
+        return ids, top.float().sigmoid().to(x_TD.dtype)  # the router's sigmoid in float32, as forward has it
 
     def expert(self, e, x_TD):
         gate, up = (x_TD @ self.gate_up_proj[e]).chunk(2, dim=-1)

@@ -24,10 +24,8 @@ NOT_YET = {
     "gshard_einsum_capacity": "routing decision",  # dispatch / combine tensors [T, E, C]: tokens by capacity slot
     "deepseek_v3_moe_infer": "not recognised",  # argsort, per-expert split by counts.tolist()
     "gathered_weights_einsum": "routing decision",  # weights gathered per token, w[ids]
-    "llama4": "routing decision",  # the routing weight scales the experts' input
     "longcat_zero_experts": "verification failed",  # identity experts past the bank
     "weight_inside_expert": "not recognised",  # the routing weight between the two projections
-    "weight_before_expert": "not recognised",  # the routing weight scales the expert's input
     "sorted_split": "not recognised",  # per-expert chunks by bincount(...).tolist()
 }
 CORPUS = [name for name in spellings.SPELLINGS if name not in NOT_YET]

@@ -69,6 +69,20 @@ def test_swapped_expert_is_rejected():
     assert "expert 0 of 4 does not compute relu with its stacked weights" in reason
 
 
+def test_a_weight_on_the_input_read_as_one_on_the_output_is_rejected():
+    """Llama 4's router scales every expert's input; a record without that scale, the routing
+    weight left to the combine alone, computes w f(x) for f(w x)."""
+    import spellings
+
+    model = spellings.make("llama4")
+    captured, (region,) = recognised(model, torch.randn(2, 5, 16))
+    assert region.input_scale_TE is not None and verified(captured, [region]) == [""]
+    captured, (region,) = recognised(model, torch.randn(2, 5, 16))
+    region.input_scale_TE = None
+    (reason,) = verified(captured, [region])
+    assert reason.startswith("verification failed: the record disagrees with the graph")
+
+
 def test_swapped_stacked_weights_are_rejected():
     model, x = loop_model(style="mask")
     captured, (region,) = recognised(model, x)
