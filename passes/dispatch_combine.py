@@ -106,6 +106,20 @@ def broadcast_source(x: fx.Node, nodes: list[fx.Node]) -> fx.Node:
     return x
 
 
+def scaled_rows(x: fx.Node):
+    """`x[key] * w[key]` with w a [T, 1] column: (the selected rows, w, key, the nodes), or None."""
+    if x.target not in (operator.mul, torch.mul, "mul") or len(x.args) != 2 or x.kwargs:
+        return None
+    for rows, scale in (x.args, x.args[::-1]):
+        if not (isinstance(rows, fx.Node) and isinstance(scale, fx.Node) and scale.target is operator.getitem):
+            continue
+        column, key = scale.args
+        if isinstance(column, fx.Node) and fake(column) is not None and fake(column).dim() == 2 \
+                and fake(column).shape[1] == 1 and row_source(rows)[2] is key:
+            return rows, column, key, [x, scale]
+    return None
+
+
 def scaled_tiles(x: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
     """`(x.repeat(E, 1) * s).view(E, T, D)` with s of shape [E * T, 1]: E copies of the tokens,
     copy e scaled per token by s[e * T + t] (Llama 4's router scales the experts' input):

@@ -1,7 +1,8 @@
 """Recognise per-expert loops that Dynamo unrolled over a ModuleList / ModuleDict of FFNs
-(or over slices `w[e]` of a stacked 3-D weight, as in transformers' eager experts).
+(or over slices `w[e]` of a stacked 3-D weight, as in transformers' eager experts), and every
+expert at once through 3-D weights.
 
-Three dispatch / combine spellings are understood, each per expert e::
+Three dispatch / combine spellings are read directly, each per expert e::
 
     index:  tok, slot = where(mask_e);  out.index_add_(0, tok, ffn_e(x[tok]) * w[tok, slot, None])
     mask:   m = mask_e;                 out[m] += ffn_e(x[m]) * s[m, None]
@@ -10,22 +11,24 @@ Three dispatch / combine spellings are understood, each per expert e::
 Each expert's contribution is the column c_e[t] = weight of expert e for token t (0 when not
 routed), rebuilt densely from the loop's own masks and weights, so the model's routing
 semantics (top-k, renormalisation, capacity masks) are kept exactly, whatever computed them.
-The columns stack into combine_TE, which the lowering turns into a grouped computation.
+The columns stack into combine_TE, which the lowering turns into a grouped computation. Any
+other row-selecting dispatch and any linear combine is read as `linear` (passes.linear_combine:
+the combine run on indicator expert outputs); a routing weight on the experts' input is kept
+as `input_scale_TE`.
 
 The parts: passes.expert_ffn (find the FFNs), passes.dispatch_combine (how each reads and adds
-back), passes.combine_columns (the dense routing columns); this file ties them together.
+back), passes.combine_columns (the dense routing columns), passes.linear_combine (any linear
+combine); this file ties them together.
 """
 
 from __future__ import annotations
-
-import operator
 
 import torch
 import torch.fx as fx
 
 from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import (accumulation, broadcast_source, row_source, scaled_tiles, selection,
-                                     selection_mask as _selection_mask)
+from passes.dispatch_combine import (accumulation, broadcast_source, row_source, scaled_rows, scaled_tiles,
+                                     selection, selection_mask as _selection_mask)
 from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
 from passes.graph_utils import fake, param_name, topo_index
 from passes.linear_combine import emit_combine_columns, find_combine
@@ -123,7 +126,7 @@ def _owner(path: str) -> str:
 def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:
     """Any row-selecting dispatch and any linear combine (passes.linear_combine): the combine
     weights come from the region's own code run on indicator expert outputs."""
-    scaled = [_scaled_rows(m.x) for m in members]
+    scaled = [scaled_rows(m.x) for m in members]
     if any(scaled) and not all(scaled):
         return None
     sources = [row_source(s[0] if s else m.x) for m, s in zip(members, scaled)]
@@ -151,20 +154,6 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
     region.routing = Routing(combine_TE=region.routing.combine_TE, top_k=max(1, min(bound, E)))
     region.top_k = region.routing.top_k
     return region
-
-
-def _scaled_rows(x: fx.Node):
-    """`x[key] * w[key]` with w a [T, 1] column: (the selected rows, w, key, the nodes), or None."""
-    if x.target not in (operator.mul, torch.mul, "mul") or len(x.args) != 2 or x.kwargs:
-        return None
-    for rows, scale in (x.args, x.args[::-1]):
-        if not (isinstance(rows, fx.Node) and isinstance(scale, fx.Node) and scale.target is operator.getitem):
-            continue
-        column, key = scale.args
-        if isinstance(column, fx.Node) and fake(column) is not None and fake(column).dim() == 2 \
-                and fake(column).shape[1] == 1 and row_source(rows)[2] is key:
-            return rows, column, key, [x, scale]
-    return None
 
 
 def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
