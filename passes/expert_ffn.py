@@ -70,6 +70,7 @@ class FFN:
     second: Linear
     elementwise: Elementwise
     nodes: list[fx.Node] = field(default_factory=list)
+    inner_scale: fx.Node | None = None  # a [rows, 1] factor before a bias-free second projection
 
     @property
     def y(self) -> fx.Node:
@@ -200,7 +201,8 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
     ffns = []
     order = topo_index(gm.graph)
     for second in linears.values():
-        firsts = _producing_linears(second.x, linears)
+        end, inner_scale = _inner_scale(second)
+        firsts = _producing_linears(end, linears)
         firsts = sorted(firsts, key=lambda lin: order[lin.node]) if firsts else firsts
         if not firsts or len(firsts) > 2 or len({f.x for f in firsts}) != 1:
             continue
@@ -209,14 +211,28 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
             continue
         if second.weight.batched and len({lin.weight.shape[0] for lin in linears_used}) != 1:
             continue
-        elementwise = identify([f.node for f in firsts], second.x)
+        elementwise = identify([f.node for f in firsts], end)
         if elementwise is None or (len(firsts) == 2 and not elementwise.gated):
             continue
         if len(firsts) == 2 and elementwise.gate_input == 0:
             firsts = firsts[::-1]  # canonical order: [up, gate]
-        nodes = [*(f.node for f in firsts), *nodes_between([f.node for f in firsts], second.x), second.node]
-        ffns.append(FFN(firsts[0].x, firsts, second, elementwise, nodes))
+        between = nodes_between([f.node for f in firsts], end) + ([second.x] if inner_scale is not None else [])
+        nodes = [*(f.node for f in firsts), *between, second.node]
+        ffns.append(FFN(firsts[0].x, firsts, second, elementwise, nodes, inner_scale))
     return ffns
+
+
+def _inner_scale(second: Linear) -> tuple[fx.Node, fx.Node | None]:
+    """(end of the code between the projections, a per-row factor applied after it): for
+    `down(h * w)` with w of shape [rows, 1] and no bias after, (h, w); else (second.x, None)."""
+    x = second.x
+    if second.bias is not None or x.target not in (operator.mul, torch.mul, "mul") or len(x.args) != 2:
+        return x, None
+    for h, w in (x.args, x.args[::-1]):
+        if isinstance(h, fx.Node) and isinstance(w, fx.Node) and fake(h) is not None and fake(w) is not None \
+                and fake(h).dim() == 2 and tuple(fake(w).shape) == (fake(h).shape[0], 1) and fake(h).shape[1] != 1:
+            return h, w
+    return x, None
 
 
 def _producing_linears(start: fx.Node, linears: dict[fx.Node, Linear], depth: int = 24) -> list[Linear] | None:

@@ -178,6 +178,8 @@ def _indicator(graph: fx.Graph, call: ExpertCall, e: int, start: int | None, d_m
     indicator = graph.call_function(torch.zeros_like, (call.x,), {"dtype": dtype})
     if start <= e < start + d_model:
         graph.call_function(operator.setitem, (indicator, (Ellipsis, e - start), 1.0))
+    if call.scale is not None:  # the expert's own factor is the combine's
+        return graph.call_function(operator.mul, (indicator, call.scale))
     return indicator
 
 

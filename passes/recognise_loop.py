@@ -58,6 +58,8 @@ def recognise_loops(gm: fx.GraphModule, claimed: set[fx.Node]) -> list[MoERegion
 
 
 def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> MoERegion | None:
+    if any(f.inner_scale is not None for f in members):
+        return None  # a weight inside the experts: read by the linear combine
     selections = [selection(f.x) for f in members]
     accumulations = [accumulation(f.y) for f in members]
     if any(a is None for a in accumulations) or len({s.tokens for s in selections}) != 1:
@@ -107,7 +109,7 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
         output_TD=output,
     )
     region.weights = stack_expert_weights(members)
-    region.expert_calls = [ExpertCall(m.x, m.y) for m in members]
+    region.expert_calls = [ExpertCall(m.x, m.y, scale=m.inner_scale) for m in members]
     if first.elementwise.activation == "graph":
         region.expert_chain = (first.first[0].node, first.second.x)
     return region
@@ -159,6 +161,8 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
 def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     """Every expert at once through 3-D weights (`einsum("td,edf->etf", x, w1)`, `bmm`, `x @ w1`),
     every token through every expert; combined by any linear code (passes.linear_combine)."""
+    if ffn.inner_scale is not None:
+        return None
     nodes: list[fx.Node] = []
     scaled = scaled_tiles(ffn.x)
     if scaled is not None:

@@ -85,11 +85,14 @@ class Routing:
 @dataclass(frozen=True)
 class ExpertCall:
     """Where the graph runs experts: input `x` to output `y`. One expert, or, if `batched`, every
-    expert at once with y of shape [E, T, D] (x [T, D], or [E, T, D] with every slice alike)."""
+    expert at once with y of shape [E, T, D] (x [T, D], or [E, T, D] with every slice alike).
+    `scale`: a per-row factor the expert applies between its projections (`down(act(up(x)) * w)`,
+    no bias after it), so y = scale * f(x): a part of the combine, not of f."""
 
     x: fx.Node
     y: fx.Node
     batched: bool = False
+    scale: fx.Node | None = None
 
 
 @dataclass

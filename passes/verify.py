@@ -78,7 +78,7 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         base_TD = route.pop() if base else None
         if region.expert_calls:
             r_ED, q_ED = scales.to(device)
-            substitutes = {call.y: ([call.x], _stand_in(call, e, r_ED, q_ED)) for e, call in enumerate(region.expert_calls)}
+            substitutes = {call.y: _substitute(call, _stand_in(call, e, r_ED, q_ED)) for e, call in enumerate(region.expert_calls)}
             (got,) = evaluator.run([region.output_TD], overrides={source: h}, substitutes=substitutes)
             expert = lambda e, x: x * r_ED[e] + (x * q_ED[e]) ** 2  # noqa: E731
         else:
@@ -93,6 +93,13 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         if error:
             return f"the record disagrees with the graph on {case} routing: {error}"
     return None
+
+
+def _substitute(call, stand_in):
+    """What replaces the call: the stand-in, times the expert's own factor where it has one."""
+    if call.scale is None:
+        return [call.x], stand_in
+    return [call.x, call.scale], lambda x, scale: stand_in(x) * scale
 
 
 def _stand_in(call, e: int, r_ED: torch.Tensor, q_ED: torch.Tensor):
@@ -180,10 +187,10 @@ def _check_expert_functions(evaluator: Evaluator, region: MoERegion, ffn: "_Cano
         leading = (region.num_experts,) if fake(call.x).dim() == 3 else ()  # a batched call's [E, T, D]
         rows = torch.randn(*leading, _ROWS, region.d_model, generator=generator, dtype=torch.float64).to(device)
         try:
-            (got,) = evaluator.run([call.y], overrides={call.x: rows})
+            (got,) = evaluator.run([call.y], overrides=_unscaled(call, rows))
         except Exception:  # the expert's code fixes its row count (a view to T rows): use its own shape
             rows = torch.randn(concrete_shape(call.x), generator=generator, dtype=torch.float64).to(device)
-            (got,) = evaluator.run([call.y], overrides={call.x: rows})
+            (got,) = evaluator.run([call.y], overrides=_unscaled(call, rows))
         experts = range(region.num_experts) if call.batched else [index]
         for e in experts:
             x_e = rows[e] if call.batched and rows.dim() == 3 else rows
@@ -192,6 +199,13 @@ def _check_expert_functions(evaluator: Evaluator, region: MoERegion, ffn: "_Cano
             if error:
                 return f"expert {e} of {region.num_experts} does not compute {ffn.describe()} with its stacked weights: {error}"
     return None
+
+
+def _unscaled(call, rows: torch.Tensor) -> dict:
+    """The call on `rows`, its own factor (a part of the combine) set to 1."""
+    if call.scale is None:
+        return {call.x: rows}
+    return {call.x: rows, call.scale: torch.ones(*rows.shape[:-1], 1, dtype=rows.dtype, device=rows.device)}
 
 
 class _CanonicalFFN:

@@ -25,7 +25,6 @@ NOT_YET = {
     "deepseek_v3_moe_infer": "not recognised",  # argsort, per-expert split by counts.tolist()
     "gathered_weights_einsum": "routing decision",  # weights gathered per token, w[ids]
     "longcat_zero_experts": "verification failed",  # identity experts past the bank
-    "weight_inside_expert": "not recognised",  # the routing weight between the two projections
     "sorted_split": "not recognised",  # per-expert chunks by bincount(...).tolist()
 }
 CORPUS = [name for name in spellings.SPELLINGS if name not in NOT_YET]

@@ -83,6 +83,20 @@ def test_a_weight_on_the_input_read_as_one_on_the_output_is_rejected():
     assert reason.startswith("verification failed: the record disagrees with the graph")
 
 
+def test_a_weight_inside_the_expert_left_out_of_the_check_is_rejected():
+    """`down(act(up(x)) * w)`: w is the combine's, read from inside the expert. A record whose
+    expert calls forget that factor disagrees with the graph."""
+    import spellings
+
+    model = spellings.make("weight_inside_expert")
+    captured, (region,) = recognised(model, torch.randn(2, 5, 16))
+    assert all(call.scale is not None for call in region.expert_calls) and verified(captured, [region]) == [""]
+    captured, (region,) = recognised(model, torch.randn(2, 5, 16))
+    region.expert_calls = [dataclasses.replace(call, scale=None) for call in region.expert_calls]
+    (reason,) = verified(captured, [region])
+    assert reason.startswith("verification failed: ")
+
+
 def test_swapped_stacked_weights_are_rejected():
     model, x = loop_model(style="mask")
     captured, (region,) = recognised(model, x)
