@@ -122,13 +122,18 @@ def past_end(indexed, index) -> bool:
             and index >= len(indexed))
 
 
+_COMPOUND = (ast.If, ast.For, ast.While, ast.With, ast.Try)
+
+
 def _guarded_past_end(body: list[ast.stmt], name: str) -> list[ast.stmt]:
-    """Before each statement that indexes something by the loop variable, skip the candidate if
-    the index is past the end (a padding class, say `one_hot(ids, num_experts + 1)`: no token
-    picks it, so the original loop never indexes the weights with it)."""
+    """Before each simple statement of the loop body that indexes something by the loop variable,
+    skip the candidate if the index is past the end (a padding class, say `one_hot(ids,
+    num_experts + 1)`: no token picks it, so the original loop never indexes the weights with
+    it). Where the guard skips, the original would raise at that very statement; a statement
+    under a condition (`if e < E: w[e]`) is left alone, since the original may not run it."""
     out: list[ast.stmt] = []
     for statement in body:
-        for node in ast.walk(statement):
+        for node in ([] if isinstance(statement, _COMPOUND) else ast.walk(statement)):
             if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Name) and node.slice.id == name
                     and isinstance(node.ctx, ast.Load)):
                 test = ast.Call(ast.Name("_moeshard_past_end", ast.Load()), [node.value, ast.Name(name, ast.Load())], [])

@@ -185,3 +185,35 @@ def test_two_dimensional_hits_keep_nonzero():
     m = torch.tensor([[0, 1], [1, 1]])
     compiled = torch.compile(PairLoop(), backend="moeshard", options={"inductor": False})
     assert PairLoop()(m).item() == compiled(m).item() == 4
+
+
+def test_a_conditional_index_past_the_end_keeps_its_candidate():
+    """An identity expert past the bank (`if e < E: experts[e](x) else: x`, LongCat-Flash's
+    zero-compute experts): the original runs it, so the static loop must not skip it."""
+
+    class IdentityPastTheBank(nn.Module):
+        def __init__(self, d_model=8, num_experts=3):
+            super().__init__()
+            self.router = nn.Linear(d_model, num_experts + 1, bias=False)
+            self.experts = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(num_experts))
+
+        def forward(self, x_TD):
+            chosen_T = self.router(x_TD).argmax(-1)
+            out = torch.zeros_like(x_TD)
+            hit = F.one_hot(chosen_T, len(self.experts) + 1).sum(0).nonzero()
+            for e in hit.squeeze(-1).tolist():
+                mask = chosen_T == e
+                if e < len(self.experts):
+                    out[mask] = self.experts[e](x_TD[mask])
+                else:
+                    out[mask] = x_TD[mask]
+            return out
+
+    torch.manual_seed(0)
+    model = IdentityPastTheBank().eval()
+    with torch.no_grad():
+        model.router.weight[-1] = model.router.weight[:-1].sum(0)  # many tokens to the identity class
+        x = torch.randn(16, 8)
+        ref = model(x)
+        assert (model.router(x).argmax(-1) == 3).any()
+        assert_close_to_eager(torch.compile(model, backend="moeshard", options={"inductor": False})(x), ref)
