@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from passes.graph_utils import fake, static_int
 from passes.region import MoERegion, Routing, WeightSource
-from passes.shard import ShardPlan
+from passes.shard import ShardPlan, sharded
 
 c10d = torch.ops._c10d_functional
 
@@ -99,7 +99,7 @@ def lower_region(
     if plan is not None:
         region.ffn_block = plan.ffn_block(region.d_ff)
         region.world_size, region.input_mode = plan.world_size, plan.input_mode
-        weights = weights.sharded(region.ffn_block, region.chain_layout)
+        weights = sharded(weights, region.ffn_block, region.chain_layout)
     data_parallel = plan is not None and plan.input_mode == "data_parallel"
     with graph.inserting_before(first_user(region)):
         w = add_weights(f"moe{index}_", weights)

@@ -55,16 +55,6 @@ class WeightSource:
     layout: tuple = ()  # what `stack` does with the inputs (hashable): equal layouts stack equally
     copies: bool = False  # `stack` copies (share one stack between graphs) rather than making views
 
-    def sharded(self, block: tuple[int, int], chain_layout: str | None = None) -> "WeightSource":
-        """The same weights, keeping only FFN columns [start, stop) of every expert (passes.shard)."""
-        from passes.shard import shard_weights
-
-        full = self.stack
-        return WeightSource(
-            self.inputs, lambda params: shard_weights(full(params), block, chain_layout),
-            (*self.layout, ("ffn_block", *block, chain_layout)), copies=True,
-        )
-
 
 @dataclass
 class Routing:

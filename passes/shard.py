@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.region import ExpertWeights
+from passes.region import ExpertWeights, WeightSource
 
 
 @dataclass(frozen=True)
@@ -81,4 +81,13 @@ def shard_weights(weights: ExpertWeights, block: tuple[int, int], chain_layout: 
         b_in_EF=None if weights.b_in_EF is None else own(weights.b_in_EF[:, f_in]),
         b_gate_EF=None if weights.b_gate_EF is None else own(weights.b_gate_EF[:, f]),
         b_out_ED=own(weights.b_out_ED),
+    )
+
+
+def sharded(weights: WeightSource, block: tuple[int, int], chain_layout: str | None = None) -> WeightSource:
+    """The same weights, keeping only FFN columns [start, stop) of every expert."""
+    full = weights.stack
+    return WeightSource(
+        weights.inputs, lambda params: shard_weights(full(params), block, chain_layout),
+        (*weights.layout, ("ffn_block", *block, chain_layout)), copies=True,
     )
