@@ -51,9 +51,6 @@ def rewrite(
     dropless: also remove the routers' capacity limits (changes results where tokens drop).
     plan: shard every region's experts over plan.world_size ranks (None: one rank).
     """
-    # Dynamo keeps a node nobody reads only for its effect (functorch's vmap nesting, for one):
-    # dead-code elimination removes what the rewrite left unread, never those
-    unread = {n for n in gm.graph.nodes if not n.users and n.op != "output"}
     rewritten = False
     for index, region in enumerate(regions):
         if region.status != "recognised":
@@ -70,7 +67,7 @@ def rewrite(
     drop_unused_emitted(gm.graph)
     if rewritten:
         prune_dead_asserts(gm.graph)
-        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or is_impure(n))
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     gm.graph.lint()
     gm.recompile()
 
@@ -92,8 +89,10 @@ def drop_unused_emitted(graph: fx.Graph) -> None:
 
 def is_impure(node: fx.Node) -> bool:
     """FX's purity test, plus in-place tensor methods (`out.index_add_(...)`), which FX's
-    dead-code elimination would otherwise drop when their result is unused."""
-    if node.is_impure():
+    dead-code elimination would otherwise drop when their result is unused, and functorch's
+    state calls that Dynamo records for torch.vmap (`_vmap_increment_nesting`, ...), which act
+    only by their effect."""
+    if node.is_impure() or getattr(node.target, "__module__", "") == "torch._functorch.predispatch":
         return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return node.op in ("call_method", "call_function") and isinstance(name, str) and name.endswith("_") and not name.startswith("_")
