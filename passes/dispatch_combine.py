@@ -129,26 +129,26 @@ def scaled_tiles(x: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
     product = x.args[0]
     if product.target not in (operator.mul, torch.mul, "mul") or len(product.args) != 2:
         return None
-    out = fake(x)
     for tiled, scale in (product.args, product.args[::-1]):
-        if not (isinstance(tiled, fx.Node) and isinstance(scale, fx.Node) and tiled.target == "repeat"):
-            continue
-        tokens, s = fake(tiled.args[0]), fake(scale)
-        if (tokens is not None and s is not None and out is not None and tokens.dim() == 2 and out.dim() == 3
-                and tuple(tiled.args[1:]) == (out.shape[0], 1) and tuple(out.shape[1:]) == tuple(tokens.shape)
-                and tuple(s.shape) == (out.shape[0] * tokens.shape[0], 1)):
-            return tiled.args[0], scale, [x, product, tiled]
+        if isinstance(scale, fx.Node) and fake(scale) is not None and _tiles_into(tiled, x):
+            E, T = fake(x).shape[:2]
+            if tuple(fake(scale).shape) == (E * T, 1):
+                return tiled.args[0], scale, [x, product, tiled]
     return None
 
 
 def _tiles_tokens(node: fx.Node) -> bool:
     """`x.repeat(E, 1).view(E, T, D)`: E copies of the [T, D] tokens, one per expert."""
-    tiled = node.args[0] if node.target in ("view", "reshape") and node.args else None
+    return node.target in ("view", "reshape") and bool(node.args) and _tiles_into(node.args[0], node)
+
+
+def _tiles_into(tiled, out: fx.Node) -> bool:
+    """`tiled` is `tokens.repeat(E, 1)` of [T, D] tokens and `out` holds it as [E, T, D]."""
     if not (isinstance(tiled, fx.Node) and tiled.target == "repeat" and isinstance(tiled.args[0], fx.Node)):
         return False
-    tokens, out = fake(tiled.args[0]), fake(node)
-    return (tokens is not None and out is not None and tokens.dim() == 2 and out.dim() == 3
-            and tuple(tiled.args[1:]) == (out.shape[0], 1) and tuple(out.shape[1:]) == tuple(tokens.shape))
+    tokens, shape = fake(tiled.args[0]), fake(out)
+    return (tokens is not None and shape is not None and tokens.dim() == 2 and shape.dim() == 3
+            and tuple(tiled.args[1:]) == (shape.shape[0], 1) and tuple(shape.shape[1:]) == tuple(tokens.shape))
 
 
 def _adds_leading_dim(node: fx.Node) -> bool:
