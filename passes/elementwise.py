@@ -124,7 +124,7 @@ def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
 
 
 def _candidates(zs: list[torch.Tensor]) -> dict[Elementwise, torch.Tensor]:
-    zs = [z.double().flatten(1) if z.dim() > 1 else z.double() for z in zs]  # bmm adds a unit dim
+    zs = [z.double().reshape(-1, z.shape[-1]) if z.dim() > 1 else z.double() for z in zs]  # as rows
     out: dict[Elementwise, torch.Tensor] = {}
     for name, act in ACTIVATIONS.items():
         if len(zs) == 1:

@@ -25,21 +25,27 @@ _EXPERT_INDEX = re.compile(r"^(\D*?)(\d+)$")
 
 
 ALL = "all"  # WeightRef.index of a 3-D parameter used for every expert at once (bmm, einsum, x @ w)
+GATHERED = "gathered"  # WeightRef.index of a 3-D parameter gathered per routed row, `w[ids]`
 
 
 @dataclass(frozen=True)
 class WeightRef:
-    """A parameter, a slice `param[index]` of a stacked one, or a stacked one whole (index ALL),
-    used as a linear weight."""
+    """A parameter, a slice `param[index]` of a stacked one, a stacked one whole (index ALL), or
+    one expert's matrix per routed row (index GATHERED, `param[ids]`), used as a linear weight."""
 
     param: fx.Node
     index: int | str | None
     out_in: bool  # True: [out, in] as F.linear takes it; False: [in, out] as x @ w takes it
     view: tuple[int, ...] | None = None  # the stack the parameter is viewed as first (DBRX: [E*F, D] as [E, F, D])
+    ids: fx.Node | None = None  # GATHERED: the expert ids the matrices are gathered by
 
     @property
     def batched(self) -> bool:
         return self.index == ALL
+
+    @property
+    def gathered(self) -> bool:
+        return self.index == GATHERED
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,6 +104,7 @@ def _linear(node: fx.Node) -> Linear | None:
         ref = None if layout is None else _weight_ref(w, out_in=layout[0], batched=layout[1])
         if ref is not None and ref.batched != layout[1]:
             return None
+        ref = ref or _gathered_ref(node.args[0], w)  # "td,tfd->tf" reads as either: the weight tells
     else:
         return None
     if ref is None or not isinstance(x, fx.Node) or (b is not None and not param_name(b)):
@@ -123,6 +130,27 @@ def _einsum_weight_layout(equation: str) -> tuple[bool, bool] | None:
     expert = w[0]
     leading = x[:-1] if x.startswith(expert) else expert + x[:-1]
     return (out_in, True) if out[:-1] == leading and len(set(out)) == len(out) else None
+
+
+def _gathered_ref(equation: str, w) -> WeightRef | None:
+    """`einsum("td,tkdf->tkf", x, w[ids])` (or `"tkf,tkfd->tkd"`): each routed row (t, k) times
+    its own expert's matrix, w gathered by the ids; the rows of x a prefix of the ids' dims."""
+    w = _uncast(w)
+    if not isinstance(w, fx.Node) or w.target is not operator.getitem or not isinstance(w.args[0], fx.Node):
+        return None
+    stacked, ids = w.args
+    if not param_name(stacked) or fake(stacked).dim() != 3 or fake(ids) is None or fake(ids).is_floating_point():
+        return None
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    x, _, w_dims = inputs.partition(",")
+    rows, pair = w_dims[:-2], w_dims[-2:]
+    if "." in equation or not x or len(rows) != fake(ids).dim() or not rows.startswith(x[:-1]):
+        return None
+    contracted, produced = x[-1], out[-1:]
+    out_in = {contracted + produced: False, produced + contracted: True}.get(pair)
+    if out_in is None or out != rows + produced or len(set(w_dims)) != len(w_dims):
+        return None
+    return WeightRef(stacked, GATHERED, out_in, ids=ids)
 
 
 def _is_transpose(node: fx.Node) -> bool:
@@ -177,6 +205,9 @@ def _with_bias_add(lin: Linear) -> Linear:
     if (b.target is operator.getitem and isinstance(b.args[0], fx.Node) and param_name(b.args[0])
             and fake(b.args[0]).dim() == 2 and static_int(b.args[1]) is not None):
         return Linear(add, lin.x, lin.weight, b.args[0], static_int(b.args[1]))
+    if lin.weight.gathered and b.target is operator.getitem and b.args[1] is lin.weight.ids \
+            and isinstance(b.args[0], fx.Node) and param_name(b.args[0]) and fake(b.args[0]).dim() == 2:
+        return Linear(add, lin.x, lin.weight, b.args[0], ALL)  # x @ w[ids] + b[ids]
     stacked_bias = _broadcast_over_tokens(b)
     if lin.weight.batched and stacked_bias is not None and fake(stacked_bias).shape[0] == lin.weight.shape[0]:
         return Linear(add, lin.x, lin.weight, stacked_bias, ALL)  # [E, T, O] + b[:, None, :]
@@ -207,9 +238,9 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
         if not firsts or len(firsts) > 2 or len({f.x for f in firsts}) != 1:
             continue
         linears_used = (*firsts, second)
-        if len({lin.weight.batched for lin in linears_used}) != 1:
+        if len({(lin.weight.batched, lin.weight.gathered, lin.weight.ids) for lin in linears_used}) != 1:
             continue
-        if second.weight.batched and len({lin.weight.shape[0] for lin in linears_used}) != 1:
+        if (second.weight.batched or second.weight.gathered) and len({lin.weight.shape[0] for lin in linears_used}) != 1:
             continue
         elementwise = identify([f.node for f in firsts], end)
         if elementwise is None or (len(firsts) == 2 and not elementwise.gated):
@@ -259,7 +290,7 @@ def _producing_linears(start: fx.Node, linears: dict[fx.Node, Linear], depth: in
 def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
     """(template shared by all experts of one MoE, this expert's index), from the weight's name."""
     ref = ffn.first[0].weight
-    if ref.batched:
+    if ref.batched or ref.gathered:
         return None
     name = param_name(ref.param)
     if ref.index is not None:
@@ -276,7 +307,7 @@ def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
 
 
 def expert_slices(ffn: FFN) -> list[FFN]:
-    """A batched FFN (3-D weights over every expert) as one FFN per expert, reading `w[e]`."""
+    """A batched or gathered FFN (3-D weights over every expert) as one FFN per expert, reading `w[e]`."""
     E = ffn.second.weight.shape[0]
 
     def sliced(lin: Linear, e: int) -> Linear:

@@ -9,6 +9,9 @@ those indicators, yields combine_TE: capacity drops, renormalisation, weights ap
 the combine and every spelling of the accumulation (index_add_, out[m] += ..., out[m] = ...,
 scatter_add, a stack and a weighted sum, an einsum with a dense gate) stay the model's own.
 
+Weights gathered per routed row (`w[ids]`) give one output per (token, slot) instead of one per
+expert; the same copy, with slot k's rows holding a 1 in column k, yields weights_TK.
+
 Whether the combine really has that form is not assumed: the verifier (passes.verify) checks
 the record against the original code with distinct experts before anything is rewritten.
 """
@@ -133,10 +136,11 @@ def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[ExpertCa
     """(combine_TE, base_TD): copies of the combine run on indicator expert outputs (D experts per
     copy), and, for an affine combine, on zeros (the part without experts, taken off the columns)."""
     with graph.inserting_before(before):
-        base = _run_copy(graph, combine, calls, None, num_experts, d_model) if combine.affine else None
+        base = _run_copy(graph, combine, _expert_indicators(graph, calls, None, num_experts, d_model)) \
+            if combine.affine else None
         chunks = []
         for start in range(0, num_experts, d_model):
-            out = _run_copy(graph, combine, calls, start, num_experts, d_model)
+            out = _run_copy(graph, combine, _expert_indicators(graph, calls, start, num_experts, d_model))
             flat = graph.call_method("reshape", (out, -1, d_model))
             if base is not None:
                 flat = graph.call_function(operator.sub, (flat, graph.call_method("reshape", (base, -1, d_model))))
@@ -147,12 +151,46 @@ def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[ExpertCa
     return combine_TE, base
 
 
-def _run_copy(graph: fx.Graph, combine: Combine, calls: list[ExpertCall], start: int | None, num_experts: int,
-              d_model: int) -> fx.Node:
-    """The combine's output, copied with each expert output replaced by its indicator (by zeros if
-    start is None)."""
-    env: dict[fx.Node, fx.Node] = {call.y: _indicator(graph, call, e, start, d_model, num_experts)
-                                  for e, call in enumerate(calls)}
+def emit_slot_weights(graph: fx.Graph, combine: Combine, y: fx.Node, tokens: fx.Node, before: fx.Node,
+                      prefix: str) -> tuple[fx.Node, fx.Node | None] | None:
+    """(weights_TK, base_TD) of a combine of per-slot outputs y ([T, K, D], or [T, D] for one
+    slot): the combine copied with y's slot k replaced by rows holding a 1 in column k (and, for
+    an affine combine, minus its copy on zeros). None where the slots outnumber the columns."""
+    value, d_model = fake(y), fake(tokens).shape[-1]
+    K = value.shape[1] if value.dim() == 3 else 1
+    if not isinstance(K, int) or K > d_model:
+        return None
+    with graph.inserting_before(before):
+        zeros_TD = graph.call_function(torch.zeros_like, (tokens,), {"dtype": value.dtype})
+        if value.dim() == 3:
+            device = {"device": value.device}
+            slots_K1 = graph.call_method("unsqueeze", (graph.call_function(torch.arange, (K,), device), 1))
+            columns_1D = graph.call_method("unsqueeze", (graph.call_function(torch.arange, (d_model,), device), 0))
+            eye_KD = graph.call_method("to", (graph.call_function(operator.eq, (slots_K1, columns_1D)), value.dtype))
+            zeros = graph.call_method("expand", (graph.call_method("unsqueeze", (zeros_TD, 1)), -1, K, -1))
+            indicator = graph.call_function(operator.add, (zeros, eye_KD))
+        else:
+            zeros = zeros_TD
+            indicator = graph.call_function(torch.clone, (zeros_TD,))
+            graph.call_function(operator.setitem, (indicator, (Ellipsis, 0), 1.0))
+        out = graph.call_method("reshape", (_run_copy(graph, combine, {y: indicator}), -1, d_model))
+        base = _run_copy(graph, combine, {y: zeros}) if combine.affine else None
+        if base is not None:
+            out = graph.call_function(operator.sub, (out, graph.call_method("reshape", (base, -1, d_model))))
+        weights_TK = graph.call_function(operator.getitem, (out, (slice(None), slice(0, K))))
+    weights_TK.name = f"{prefix}weights_TK"
+    return weights_TK, base
+
+
+def _expert_indicators(graph: fx.Graph, calls: list[ExpertCall], start: int | None, num_experts: int,
+                       d_model: int) -> dict[fx.Node, fx.Node]:
+    """Each expert output replaced by its indicator (by zeros if start is None)."""
+    return {call.y: _indicator(graph, call, e, start, d_model, num_experts) for e, call in enumerate(calls)}
+
+
+def _run_copy(graph: fx.Graph, combine: Combine, replaced: dict[fx.Node, fx.Node]) -> fx.Node:
+    """The combine's output, copied with the values in `replaced` read in place of the graph's."""
+    env = dict(replaced)
     for buffer in combine.buffers:
         env[buffer] = graph.node_copy(buffer, lambda n: env.get(n, n))
     for node in combine.nodes:

@@ -31,7 +31,7 @@ from passes.dispatch_combine import (accumulation, broadcast_source, row_source,
                                      selection, selection_mask as _selection_mask)
 from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
 from passes.graph_utils import fake, param_name, topo_index
-from passes.linear_combine import emit_combine_columns, find_combine
+from passes.linear_combine import emit_combine_columns, emit_slot_weights, find_combine
 from passes.lower import first_user
 from passes.nnz import nnz_bound
 from passes.region import ExpertCall, MoERegion, Routing
@@ -43,6 +43,7 @@ def recognise_loops(gm: fx.GraphModule, claimed: set[fx.Node]) -> list[MoERegion
     ffns = [f for f in find_ffns(gm) if not claimed.intersection(f.nodes)]
     groups: dict[tuple, dict[int, FFN]] = {}
     regions = [r for f in ffns if f.second.weight.batched and (r := _recognise_batched(gm, f)) is not None]
+    regions += [r for f in ffns if f.second.weight.gathered and (r := _recognise_gathered(gm, f)) is not None]
     for ffn in ffns:
         key = expert_key(ffn)
         if key is not None:
@@ -189,6 +190,36 @@ def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
         with gm.graph.inserting_before(first_user(region)):
             scale_ET = gm.graph.call_method("reshape", (scale_S1, E, -1))
             region.input_scale_TE = gm.graph.call_method("t", (scale_ET,))
+    return region
+
+
+def _recognise_gathered(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
+    """Weights gathered per routed row (`einsum("td,tkdf->tkf", x, w1[ids])`): row (t, k) runs
+    expert ids[t, k] on x_t; combined by any linear code, read per slot (passes.linear_combine)."""
+    tokens, ids = ffn.x, ffn.second.weight.ids
+    x, y, ids_value = fake(tokens), fake(ffn.y), fake(ids)
+    if ffn.inner_scale is not None or x is None or x.dim() != 2 or y is None or ids_value.dim() not in (1, 2):
+        return None
+    if tuple(y.shape) != (*ids_value.shape, x.shape[-1]) or ids_value.shape[0] != x.shape[0]:
+        return None
+    combine = find_combine(gm.graph, [ffn.y], tokens)
+    if combine is None:
+        return None
+    template = param_name(ffn.first[0].weight.param) + "[*]"
+    region = _region(template, expert_slices(ffn), "gathered", tokens, combine.output)
+    region.form, region.expert_calls = "stacked/gathered", []  # verified as a whole, with its own weights
+    prefix = f"{region.module.replace('.', '_')}_"
+    slots = emit_slot_weights(gm.graph, combine, ffn.y, tokens, first_user(region), prefix)
+    if slots is None:
+        return region.skip("more routing slots per token than model columns: the per-slot weights cannot be read")
+    weights_TK, region.base_TD = slots
+    K = 1 if ids_value.dim() == 1 else ids_value.shape[1]
+    with gm.graph.inserting_before(first_user(region)):
+        ids_TK = gm.graph.call_method("reshape", (ids, -1, K))
+    region.routing = Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)
+    region.top_k = K
+    order = topo_index(gm.graph)
+    region.erase = sorted(set(ffn.nodes) | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
     return region
 
 

@@ -748,6 +748,31 @@ class GatheredWeightsEinsum(Spelling):
         return torch.einsum("tk,tkd->td", weights, y).reshape(x.shape)
 
 
+class GatheredBiasTop1(Spelling):
+    """Top-1 by max, weights [E, out, in] and biases gathered by the ids, einsum("td,tfd->tf"), GELU, weight after."""
+
+    ROUTER = "softmax_max"
+    TOP1 = True
+
+    def __init__(self, d_model, d_ff, num_experts, top_k):
+        super().__init__(d_model, d_ff, num_experts, top_k)
+        self.fc1 = _stacked(num_experts, d_ff, d_model, fan_in=d_model)
+        self.fc1_bias = _stacked(num_experts, d_ff, fan_in=d_ff)
+        self.fc2 = _stacked(num_experts, d_model, d_ff, fan_in=d_ff)
+        self.fc2_bias = _stacked(num_experts, d_model, fan_in=d_model)
+
+    def expert(self, e, x_TD):
+        return F.gelu(x_TD @ self.fc1[e].T + self.fc1_bias[e]) @ self.fc2[e].T + self.fc2_bias[e]
+
+    def forward(self, x):
+        hidden = _tokens(x)
+        ids_T1, weights_T1 = self.route(hidden)
+        ids_T = ids_T1[:, 0]
+        h = F.gelu(torch.einsum("td,tfd->tf", hidden, self.fc1[ids_T]) + self.fc1_bias[ids_T])
+        y = torch.einsum("tf,tdf->td", h, self.fc2[ids_T]) + self.fc2_bias[ids_T]
+        return (y * weights_T1).reshape(x.shape)
+
+
 class EinsumStackedArgmax(Spelling):
     """Top-1 by argmax, gate = one_hot * probs, dense stacked experts via einsum("td,edf->etf"), einsum("te,etd->td")."""
 
@@ -1059,6 +1084,7 @@ SPELLINGS: dict[str, type] = {
     "gpt_oss": GptOss,
     "gpt_oss_dense_bmm": GptOssDenseBmm,
     "gathered_weights_einsum": GatheredWeightsEinsum,
+    "gathered_bias_top1": GatheredBiasTop1,
     "einsum_stacked_argmax": EinsumStackedArgmax,
     "llama4": Llama4,
     "qwen2_moe": Qwen2Moe,
