@@ -57,8 +57,26 @@ class Evaluator:
             if node in overrides:
                 continue
             stack.extend(substitutes[node][0] if node in substitutes else node.all_input_nodes)
-            stack.extend(u for u in node.users if _mutates(u, node) and self.order[u] > self.order[node])
+            stack.extend(_writes_into(node))
         return needed
+
+
+# Ops whose result shares its input's memory: a write into it writes into the input.
+_VIEWS = {operator.getitem, "view", "view_as", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+          "expand", "t", "unflatten", "diagonal", "unfold", torch.narrow, torch.select, torch.transpose}
+
+
+def _writes_into(node: fx.Node) -> list[fx.Node]:
+    """The in-place writes into the node's value, directly or through a view of it (a fresh
+    `new_empty` filled by `key[..., :n].copy_(k)`), each with the views it writes through."""
+    found = []
+    for user in node.users:
+        if _mutates(user, node):
+            found.append(user)
+        elif user.target in _VIEWS and user.args and user.args[0] is node:
+            writes = _writes_into(user)
+            found += [user, *writes] if writes else []
+    return found
 
 
 def _mutates(user: fx.Node, node: fx.Node) -> bool:

@@ -63,7 +63,8 @@ def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Co
         return None
     first = min(common, key=order.__getitem__)
     output = _buffer_root(first)
-    nodes = sorted({n for r in reached for n in r if order[n] <= order[first]}, key=order.__getitem__)
+    nodes = sorted({n for r in reached for n in r if order[n] <= order[first]} | set(_later_writes(first, output, order)),
+                   key=order.__getitem__)
     if any(n.target not in _LINEAR for n in nodes):
         return None
     buffers = sorted({_buffer_root(n) for n in nodes if writes_in_place(n)} - set(nodes), key=order.__getitem__)
@@ -72,8 +73,50 @@ def find_combine(graph: fx.Graph, outputs: list[fx.Node], tokens: fx.Node) -> Co
     nodes = sorted(set(nodes) | reads, key=order.__getitem__)
     if any(n.target not in _LINEAR for n in reads):
         return None
-    affine = any(b.target not in _ZEROS and not _zeroed(b) for b in buffers)
+    derived = set().union(*reached, outputs)
+    affine = any(b.target not in _ZEROS and not _zeroed(b) for b in buffers) or any(
+        _adds_other_terms(n, derived) for n in nodes)
     return Combine(output, nodes, buffers, affine)
+
+
+_ADDS = {*spellings("add", inplace=True), *spellings("sub", inplace=True), torch.where, torch.stack, torch.cat}
+_SOURCE_AT_3 = {"index_add_", torch.index_add, "index_add", "scatter_add_", torch.scatter_add, "scatter_add",
+                "index_copy_", torch.index_copy}
+_VALUE_AT_2 = {"index_put_", torch.index_put, "index_put", operator.setitem}
+
+
+def _adds_other_terms(node: fx.Node, derived: set[fx.Node]) -> bool:
+    """The node adds (or writes) a value that no expert output flows into: the combine is affine
+    in the experts' outputs (LongCat-Flash's identity experts add their input), not linear."""
+    if node.target in _SOURCE_AT_3:
+        terms = node.args[3:4]
+    elif node.target in _VALUE_AT_2:
+        terms = node.args[2:3]
+    elif node.target in _ADDS:
+        flat = node.args[0] if node.target in (torch.stack, torch.cat) else node.args[1:] if node.target is torch.where else node.args
+        terms = [t for t in flat if not (writes_in_place(node) and t is node.args[0])]
+    else:
+        return False
+    for term in terms:
+        if isinstance(term, fx.Node):
+            if term not in derived and _buffer_root(term).target not in _ZEROS and not _zeroed(_buffer_root(term)):
+                return True
+        elif isinstance(term, (int, float)) and term != 0 and node.target not in (torch.stack, torch.cat):
+            return True
+    return False
+
+
+def _later_writes(first: fx.Node, output: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
+    """Writes into the combined buffer after the last expert's (an identity expert adding its
+    rows), up to the first reader: the buffer's value is the region's output only after them."""
+    if not writes_in_place(first):
+        return []
+    writes = []
+    for user in sorted((u for u in _aliases_users(output) if order[u] > order[first]), key=order.__getitem__):
+        if not writes_in_place(user) or _buffer_root(user) is not output:
+            break
+        writes.append(user)
+    return writes
 
 
 def _feeds(node: fx.Node, targets: set[fx.Node], depth: int = 4) -> bool:

@@ -30,7 +30,7 @@ from passes.combine_columns import combine_column, emit_routing
 from passes.dispatch_combine import (accumulation, broadcast_source, row_source, scaled_rows, scaled_tiles,
                                      selection, selection_mask as _selection_mask)
 from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
-from passes.graph_utils import fake, param_name, topo_index
+from passes.graph_utils import fake, param_name, topo_index, writes_in_place
 from passes.linear_combine import emit_combine_columns, emit_slot_weights, find_combine
 from passes.lower import first_user
 from passes.nnz import nnz_bound
@@ -74,6 +74,9 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
     zeros, final = _accumulator(pairs)
     if zeros is None or fake(zeros) is None or fake(zeros).shape != fake(tokens).shape:
         return None
+    written = {n for _, _, a in pairs for n in a.nodes}
+    if any(writes_in_place(u) and u.args[0] is zeros and u not in written for u in zeros.users):
+        return None  # something else adds into the sum (an identity expert): the linear combine reads it
     region = _region(template, [m for m, _, _ in pairs], pairs[0][1].kind, tokens, final)
     region.erase = [n for m, s, a in pairs for n in (*s.nodes, *m.nodes, *a.nodes)] + [zeros]
     region.erase = sorted(set(region.erase), key=order.__getitem__)

@@ -32,8 +32,8 @@ def recognise_stacked(gm: fx.GraphModule) -> list[MoERegion]:
             continue
         module = name.rsplit(".", 1)[0]
         up_name = next((f"{module}.{u}" for u in _UP_NAMES if f"{module}.{u}" in params), None)
-        if up_name is None:
-            continue
+        if up_name is None or fake(params[up_name]).shape[0] != fake(down).shape[0]:
+            continue  # not the contract (LongCat-Flash's routes past the bank): the loop is read by meaning
         if _routed(gm, module):
             regions.append(_recognise_module(gm, module, params, up_name))
     return regions

@@ -23,7 +23,6 @@ from moeshard_compile.report import Report
 NOT_YET = {
     "gshard_einsum_capacity": "routing decision",  # dispatch / combine tensors [T, E, C]: tokens by capacity slot
     "deepseek_v3_moe_infer": "not recognised",  # argsort, per-expert split by counts.tolist()
-    "longcat_zero_experts": "verification failed",  # identity experts past the bank
     "sorted_split": "not recognised",  # per-expert chunks by bincount(...).tolist()
 }
 CORPUS = [name for name in spellings.SPELLINGS if name not in NOT_YET]

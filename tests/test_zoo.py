@@ -24,7 +24,6 @@ TABLE = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 LIMITS = {
     "doge": "a routing decision (topk)",  # experts are rows of embedding tables (rank-1 FFNs)
     "jetmoe": "not recognised",  # its experts split tokens by data-dependent sizes: several graphs
-    "longcat_flash": "expert ids outside",  # zero-compute (identity) experts past the bank
     "muse_spark_text": "unsupported submodules inside the experts",  # a norm after each expert
 }
 
