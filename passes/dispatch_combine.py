@@ -106,6 +106,21 @@ def broadcast_source(x: fx.Node, nodes: list[fx.Node]) -> fx.Node:
     return x
 
 
+def dispatched_rows(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """`einsum("tec,td->ecd", dispatch, tokens)`: slot c of expert e reads the tokens that
+    dispatch[:, e, c] weighs (GShard's capacity slots, one token each or none): (tokens,
+    dispatch), or None."""
+    if x.target is not torch.einsum or len(x.args) != 3 or not isinstance(x.args[0], str):
+        return None
+    inputs, _, out = x.args[0].replace(" ", "").partition("->")
+    first, _, second = inputs.partition(",")
+    for dispatch_dims, token_dims, dispatch, tokens in ((first, second, *x.args[1:]), (second, first, *x.args[:0:-1])):
+        if (len(token_dims), len(dispatch_dims), len(out)) == (2, 3, 3) and token_dims[0] == dispatch_dims[0] \
+                and out == dispatch_dims[1:] + token_dims[1] and len(set(dispatch_dims + token_dims)) == 4:
+            return tokens, dispatch
+    return None
+
+
 def scaled_rows(x: fx.Node):
     """`x[key] * w[key]` with w a [T, 1] column: (the selected rows, w, key, the nodes), or None."""
     if x.target not in (operator.mul, torch.mul, "mul") or len(x.args) != 2 or x.kwargs:

@@ -59,7 +59,9 @@ def rewrite(
             region.skip("the expert's code between its projections reads its columns in a pattern other than "
                         "one to one, interleaved pairs or halves: the FFN dim cannot be sharded across ranks")
             continue
-        if dropless and region.capacity_limits:
+        if dropless and region.capacity_limits and region.fixed_slots:
+            region.capacity += "; kept with dropless=True: the model's dispatch tensor has that many slots per expert"
+        elif dropless and region.capacity_limits:
             remove_capacity_limits(gm.graph, region.capacity_limits)
             region.capacity = "removed (dropless=True)"
         lower_region(gm, region, add_weights, index, plan)

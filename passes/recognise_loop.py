@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import (accumulation, broadcast_source, row_source, scaled_rows, scaled_tiles,
+from passes.dispatch_combine import (accumulation, broadcast_source, dispatched_rows, row_source, scaled_rows, scaled_tiles,
                                      selection, selection_mask as _selection_mask)
 from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
 from passes.graph_utils import fake, param_name, topo_index, writes_in_place
@@ -164,20 +164,24 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
 
 def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     """Every expert at once through 3-D weights (`einsum("td,edf->etf", x, w1)`, `bmm`, `x @ w1`),
-    every token through every expert; combined by any linear code (passes.linear_combine)."""
+    every token through every expert or, from a dispatch tensor, each through its capacity
+    slots ([E, C, D]); combined by any linear code (passes.linear_combine)."""
     if ffn.inner_scale is not None:
         return None
     nodes: list[fx.Node] = []
-    scaled = scaled_tiles(ffn.x)
+    scaled, dispatched = scaled_tiles(ffn.x), dispatched_rows(ffn.x)
     if scaled is not None:
         tokens, scale_S1, nodes = scaled
+    elif dispatched is not None:
+        (tokens, dispatch), nodes = dispatched, [ffn.x]
     else:
         tokens = broadcast_source(ffn.x, nodes)
     y = fake(ffn.y)
     if fake(tokens) is None or fake(tokens).dim() != 2 or y is None or y.dim() != 3:
         return None
     E = ffn.second.weight.shape[0]
-    if tuple(y.shape) != (E, *fake(tokens).shape):
+    rows = y.shape[1] if dispatched is not None else fake(tokens).shape[0]  # capacity slots, or every token
+    if tuple(y.shape) != (E, rows, fake(tokens).shape[1]):
         return None
     combine = find_combine(gm.graph, [ffn.y], tokens)
     if combine is None:
@@ -188,7 +192,10 @@ def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     region.form = "stacked/batched"
     region.expert_calls = [ExpertCall(ffn.x, ffn.y, batched=True)]
     _emit_linear_routing(gm, region, combine, set(ffn.nodes) | set(nodes))
-    region.top_k = E  # every token through every expert: nothing bounds the experts per token
+    # every token through every expert, unless a dispatch tensor bounds the experts per token
+    region.top_k = E if dispatched is None else max(1, nnz_bound(dispatch, fake(tokens).shape[0], E))
+    region.routing.top_k = region.top_k
+    region.fixed_slots = dispatched is not None
     if scaled is not None:
         with gm.graph.inserting_before(first_user(region)):
             scale_ET = gm.graph.call_method("reshape", (scale_S1, E, -1))

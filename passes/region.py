@@ -117,6 +117,7 @@ class MoERegion:
     expert_chain: tuple[fx.Node, fx.Node] | None = None
     chain_layout: str | None = None
     capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
+    fixed_slots: bool = False  # the model's dispatch tensor holds a fixed number of slots per expert (GShard)
     status: str = "recognised"  # -> "rewritten" | "skipped"
     reason: str = ""
     world_size: int = 1

@@ -21,7 +21,6 @@ from moeshard_compile.report import Report
 
 # Spellings not rewritten yet, with the words of their report rows (docs/usage.md, "skip reasons").
 NOT_YET = {
-    "gshard_einsum_capacity": "routing decision",  # dispatch / combine tensors [T, E, C]: tokens by capacity slot
     "deepseek_v3_moe_infer": "not recognised",  # argsort, per-expert split by counts.tolist()
     "sorted_split": "not recognised",  # per-expert chunks by bincount(...).tolist()
 }
@@ -74,6 +73,18 @@ def test_spelling_not_rewritten_is_reported(name):
         assert_close_to_eager(out, module(x))
     rows = [r for r in report.regions if r["status"] != "rewritten"]
     assert rows and all(NOT_YET[name] in r["reason"] for r in rows), report.regions
+
+
+def test_dropless_keeps_the_slots_of_a_dispatch_tensor():
+    """GShard's dispatch tensor has `capacity` slots per expert: dropless cannot give it more, so
+    the limit stays (and the report says so) rather than indexing past the slots."""
+    module = spellings.make("gshard_einsum_capacity", skew="hot")
+    x = torch.randn(2, 5, 16)
+    out, report = _compile_and_run(module, x, dropless=True)
+    with torch.no_grad():
+        assert_close_to_eager(out, module(x))
+    (region,) = report.regions
+    assert region["status"] == "rewritten" and "kept with dropless=True" in region["capacity"], region
 
 
 def rank_spelling(name: str, input_mode: str, skew: str):

@@ -8,8 +8,10 @@ import torch
 
 import hf_tiny
 import passes
+import spellings
 from graph_capture import capture
 from moe_zoo import MoEBlock, MoEConfig
+from passes.evaluate import Evaluator
 
 
 def recognised(model, *args, **kwargs):
@@ -118,6 +120,39 @@ def test_wrong_activation_is_rejected():
     region.activation = "gelu_tanh"  # 1e-3 away from the model's erf GELU
     (reason,) = verified(captured, [region])
     assert "does not compute gelu_tanh" in reason
+
+
+def test_perturbed_slot_weight_of_gathered_weights_is_rejected():
+    captured, (region,) = recognised(spellings.make("gathered_weights_einsum"), torch.randn(2, 5, 16))
+    assert verified(captured, [region]) == [""]
+    captured, (region,) = recognised(spellings.make("gathered_weights_einsum"), torch.randn(2, 5, 16))
+    region.routing = dataclasses.replace(region.routing, weights_TK=_scale_node(captured.gm.graph, region.routing.weights_TK, 1.001))
+    (reason,) = verified(captured, [region])
+    assert reason.startswith("verification failed: the record disagrees with the graph on random routing"), reason
+
+
+def test_identity_experts_left_out_of_the_combine_are_rejected():
+    captured, (region,) = recognised(spellings.make("longcat_zero_experts"), torch.randn(2, 5, 16))
+    assert region.base_TD is not None  # the identity experts' rows: what the combine adds without experts
+    region.base_TD = None
+    (reason,) = verified(captured, [region])
+    assert reason.startswith("verification failed: the record disagrees with the graph"), reason
+
+
+def test_the_evaluator_runs_writes_made_through_views():
+    class FilledBySlices(torch.nn.Module):
+        def forward(self, x):
+            out = x.new_empty(x.shape[0], 2 * x.shape[1])
+            out[:, : x.shape[1]].copy_(x)
+            out[:, x.shape[1] :].copy_(3 * x)
+            return out
+
+    gm = torch.fx.symbolic_trace(FilledBySlices())
+    (x_node,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    x = torch.randn(3, 4)
+    (got,) = Evaluator(gm.graph, {x_node: x}).run([out_node])
+    torch.testing.assert_close(got, FilledBySlices()(x).double())
 
 
 def test_too_small_top_k_bound_is_rejected():
