@@ -124,7 +124,7 @@ def identify(inputs: list[fx.Node], output: fx.Node) -> Elementwise | None:
 
 
 def _candidates(zs: list[torch.Tensor]) -> dict[Elementwise, torch.Tensor]:
-    zs = [z.double().reshape(-1, z.shape[-1]) if z.dim() > 1 else z.double() for z in zs]  # as rows
+    zs = [_as_rows(z) for z in zs]
     out: dict[Elementwise, torch.Tensor] = {}
     for name, act in ACTIVATIONS.items():
         if len(zs) == 1:
@@ -140,6 +140,14 @@ def _candidates(zs: list[torch.Tensor]) -> dict[Elementwise, torch.Tensor]:
             out[Elementwise(name, True, gate_input=0)] = act(zs[0]) * zs[1]
             out[Elementwise(name, True, gate_input=1)] = act(zs[1]) * zs[0]
     return out
+
+
+def _as_rows(z: torch.Tensor) -> torch.Tensor:
+    """The matmul output as rows of features: [..., F], or bmm's [S, F, 1]."""
+    z = z.double()
+    if z.dim() > 1 and z.shape[-1] == 1:
+        z = z.squeeze(-1)
+    return z.reshape(-1, z.shape[-1]) if z.dim() > 1 else z
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
