@@ -113,9 +113,46 @@ def emit_routing(gm: fx.GraphModule, region: MoERegion, columns: list[Column]) -
     emit = Emitter(gm.graph, f"{region.module.replace('.', '_')}_")
     T = fake(region.tokens_TD).shape[0]
     with gm.graph.inserting_before(first_user(region)):
-        cols = [_emit_column(emit, c, e, T) for e, c in enumerate(columns)]
-        combine_TE = emit.fn(torch.stack, cols, 1, name="combine_TE")
+        combine_TE = _emit_alike(emit, columns)
+        if combine_TE is None:
+            cols = [_emit_column(emit, c, e, T) for e, c in enumerate(columns)]
+            combine_TE = emit.fn(torch.stack, cols, 1, name="combine_TE")
     return Routing(combine_TE=combine_TE, top_k=_top_k_bound(columns, T, region.num_experts))
+
+
+def _emit_alike(emit, columns: list[Column]) -> fx.Node | None:
+    """combine_TE in one computation over the stacked masks, where every expert's column is the
+    same function of its own mask (the common case: a loop over `expert_mask[e]`), so the graph
+    holds a few nodes, not a few per expert (compile time grows with the graph); else None."""
+    first = columns[0]
+    shape = fake(first.mask).shape if first.mask is not None else None
+    if first.kind not in ("index", "mask") or len(columns) < 2 or any(
+            (c.kind, c.token_dim, c.weight, c.weight_dims, c.weight_select, c.constant) !=
+            (first.kind, first.token_dim, first.weight, first.weight_dims, first.weight_select, first.constant)
+            or fake(c.mask).shape != shape or fake(c.mask).dtype != fake(first.mask).dtype for c in columns):
+        return None
+    masks = emit.fn(torch.stack, [c.mask for c in columns], name="combine_masks")  # [E, *mask]
+    if first.kind == "mask":
+        if first.weight is None:
+            col_ET = emit.method("to", masks, torch.float32, name="combine_ET")
+        else:
+            flat = emit.method("reshape", first.weight, 1, -1, name="combine_w")
+            col_ET = emit.fn(torch.where, masks, flat, 0.0, name="combine_ET")
+    else:
+        ndim = len(shape)
+        other = tuple(d + 1 for d in range(ndim) if d != first.token_dim)
+        if first.weight is None:
+            weighted = emit.method("to", masks, torch.float32, name="combine_m")
+        else:
+            weight = first.weight
+            for dim, i in first.weight_select:
+                weight = emit.fn(operator.getitem, weight, (slice(None),) * dim + (i,), name="combine_sel")
+            weight = emit.method("unsqueeze", _align(emit, weight, first.weight_dims, ndim, "combine"), 0, name="combine_w")
+            routed = masks if fake(first.mask).dtype == torch.bool else emit.fn(operator.ne, masks, 0, name="combine_routed")
+            weighted = emit.fn(torch.where, routed, weight, 0.0, name="combine_mw")
+        col_ET = emit.method("sum", weighted, other, name="combine_ET") if other else weighted
+    combine_TE = emit.method("t", col_ET, name="combine_TE")
+    return emit.fn(operator.mul, combine_TE, first.constant, name="combine_TE_c") if first.constant != 1.0 else combine_TE
 
 
 def _emit_column(emit, column: Column, e: int, T) -> fx.Node:

@@ -52,7 +52,8 @@ def verify(gm: fx.GraphModule, regions: list[MoERegion], inputs: dict[fx.Node, o
 
 
 def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
-    weights = region.weights.stack([_double(evaluator.inputs[p]) for p in region.weights.inputs])
+    with torch.no_grad():  # in the model's dtype: each expert goes to float64 when checked (a full copy is GBs)
+        weights = region.weights.stack([evaluator.inputs[p] for p in region.weights.inputs])
     ffn = _CanonicalFFN(weights, region.activation, evaluator, region.expert_chain)
     if region.expert_chain is not None:
         reason = _check_chain(ffn, region)
@@ -216,18 +217,25 @@ class _CanonicalFFN:
                  chain: tuple[fx.Node, fx.Node] | None = None):
         self.w, self.activation = weights, activation
         self.act = (lambda h: evaluator.run([chain[1]], overrides={chain[0]: h})[0]) if chain else ACTIVATIONS[activation]
+        self._experts: dict[int, dict[str, torch.Tensor | None]] = {}
 
     def describe(self) -> str:
         return f"{self.activation}{' (gated)' if self.w.w_gate_EDF is not None else ''}"
 
+    def expert(self, e: int) -> dict[str, torch.Tensor | None]:
+        """Expert e's weights in float64, by ExpertWeights field name."""
+        if e not in self._experts:
+            self._experts[e] = {name: None if t is None else _double(t[e]) for name, t in self.w.tensors().items()}
+        return self._experts[e]
+
     def __call__(self, e: int, x_XD: torch.Tensor) -> torch.Tensor:
-        w = self.w
-        h_XF = x_XD @ w.w_in_EDF[e] + (0 if w.b_in_EF is None else w.b_in_EF[e])
-        if w.w_gate_EDF is None:
+        w = self.expert(e)
+        h_XF = x_XD @ w["w_in_EDF"] + (0 if w["b_in_EF"] is None else w["b_in_EF"])
+        if w["w_gate_EDF"] is None:
             h_XF = self.act(h_XF)
         else:
-            h_XF = self.act(x_XD @ w.w_gate_EDF[e] + (0 if w.b_gate_EF is None else w.b_gate_EF[e])) * h_XF
-        return h_XF @ w.w_out_EFD[e] + (0 if w.b_out_ED is None else w.b_out_ED[e])
+            h_XF = self.act(x_XD @ w["w_gate_EDF"] + (0 if w["b_gate_EF"] is None else w["b_gate_EF"])) * h_XF
+        return h_XF @ w["w_out_EFD"] + (0 if w["b_out_ED"] is None else w["b_out_ED"])
 
 
 def _check_chain(ffn: _CanonicalFFN, region: MoERegion) -> str | None:
