@@ -58,9 +58,10 @@ def tracing_for_moeshard() -> bool:
 
 @torch._dynamo.assume_constant_result
 def keep_data_dependent_shapes() -> bool:
-    """Let the frame being traced keep `where` / `nonzero` in its graph, as fullgraph=True does,
-    instead of breaking it there: a static loop selects each expert's tokens by data-dependent
-    shapes, and a graph break between the experts would hide the layer from moeshard.
+    """Let the frame being traced keep `where` / `nonzero` and `.tolist()` in its graph, as
+    fullgraph=True does, instead of breaking it there: a static loop selects each expert's tokens
+    by data-dependent shapes (or slices them by per-expert counts), and a graph break between the
+    experts would hide the layer from moeshard.
 
     Fake-tensor caching goes off for the rest of the frame: every op after a selection has fresh
     unbacked sizes, so its entries are made and never reused (a quarter of the tracing time)."""
@@ -68,7 +69,8 @@ def keep_data_dependent_shapes() -> bool:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         output = InstructionTranslator.current_tx().output
-        output.shape_env.settings = dataclasses.replace(output.shape_env.settings, allow_dynamic_output_shape_ops=True)
+        output.shape_env.settings = dataclasses.replace(output.shape_env.settings, allow_dynamic_output_shape_ops=True,
+                                                    allow_scalar_outputs=True)
         output.fake_mode.cache_enabled = False
     except Exception:  # noqa: BLE001 - private API: without it the loop still runs, in pieces
         log.debug("moeshard: could not keep data-dependent shapes in this graph", exc_info=True)

@@ -88,7 +88,7 @@ _OPCODES = {dis.opmap["FOR_ITER"], dis.opmap["STORE_SUBSCR"]}
 def _may_loop_over_experts(code) -> bool:
     """A cheap look at the bytecode before parsing the source (every nn.Module class passes here):
     a name of a selection or write-back, or a loop that stores into a subscript."""
-    return bool({"nonzero", "numel", *_DISPATCH_CALLS} & set(code.co_names)) or _OPCODES <= set(code.co_code[::2])
+    return bool({"nonzero", "numel", "tolist", *_DISPATCH_CALLS} & set(code.co_names)) or _OPCODES <= set(code.co_code[::2])
 
 
 def _rewrite(function: ast.FunctionDef) -> bool:
@@ -108,8 +108,8 @@ def _rewrite(function: ast.FunctionDef) -> bool:
                     statement.body = _guarded_past_end(statement.body, statement.target.id)
                 changed = True
     _drop_unused_hits(function, set(hits))
-    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and _dispatches(n)]:
-        loop.body = _without_empty_guards(loop.body)
+    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and (_dispatches(n) or _counts(n))]:
+        loop.body = _without_empty_guards(loop.body, _counts(loop))
         changed = True  # even unchanged, a loop over experts is traced keeping its data-dependent selections
     return changed
 
@@ -165,12 +165,26 @@ def _dispatches(loop: ast.For) -> bool:
     return selects and writes
 
 
-def _without_empty_guards(body: list[ast.stmt]) -> list[ast.stmt]:
+def _counts(loop: ast.For) -> set[str]:
+    """The count variable of a loop over per-expert counts that slices rows by them
+    (`for i, n in enumerate(counts.tolist()): ... x[start:start + n]`, DeepSeek's moe_infer):
+    {"n"}, or an empty set for any other loop."""
+    iterated, target = loop.iter, loop.target
+    if (isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Name) and iterated.func.id == "enumerate"
+            and len(iterated.args) == 1 and isinstance(target, ast.Tuple) and len(target.elts) == 2):
+        iterated, target = iterated.args[0], target.elts[1]
+    tolist = isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Attribute) and iterated.func.attr == "tolist"
+    slices = any(isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Slice) for n in ast.walk(loop))
+    return {target.id} if tolist and slices and isinstance(target, ast.Name) else set()
+
+
+def _without_empty_guards(body: list[ast.stmt], counts: set[str] = frozenset()) -> list[ast.stmt]:
     """A loop body without its guards against an empty selection: `if x.numel() == 0: continue`
-    goes, `if x.numel() > 0: <work>` becomes <work> (work on no rows is no work)."""
+    (or `if n == 0: continue` for a count n of `counts`) goes, `if x.numel() > 0: <work>` becomes
+    <work> (work on no rows is no work)."""
     out: list[ast.stmt] = []
     for statement in body:
-        if _skips_empty(statement):
+        if _skips_empty(statement) or _skips_zero_count(statement, counts):
             continue
         if _runs_if_nonempty(statement):
             out.extend(statement.body)
@@ -247,6 +261,17 @@ def _skips_empty(statement: ast.stmt) -> bool:
     """`if <x>.numel() == 0: continue` (or `.shape[0] == 0`, `len(x) == 0`)."""
     return (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
             and isinstance(statement.body[0], ast.Continue) and _compares_size(statement.test, (ast.Eq,)))
+
+
+def _skips_zero_count(statement: ast.stmt, counts: set[str]) -> bool:
+    """`if n == 0: continue` for a per-expert count n."""
+    if not (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
+            and isinstance(statement.body[0], ast.Continue)):
+        return False
+    test = statement.test
+    return (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+            and isinstance(test.left, ast.Name) and test.left.id in counts
+            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == 0)
 
 
 def _runs_if_nonempty(statement: ast.stmt) -> bool:

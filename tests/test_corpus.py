@@ -21,7 +21,6 @@ from moeshard_compile.report import Report
 
 # Spellings not rewritten yet, with the words of their report rows (docs/usage.md, "skip reasons").
 NOT_YET = {
-    "deepseek_v3_moe_infer": "not recognised",  # argsort, per-expert split by counts.tolist()
     "sorted_split": "not recognised",  # per-expert chunks by bincount(...).tolist()
 }
 CORPUS = [name for name in spellings.SPELLINGS if name not in NOT_YET]
