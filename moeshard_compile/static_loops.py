@@ -108,10 +108,37 @@ def _rewrite(function: ast.FunctionDef) -> bool:
                     statement.body = _guarded_past_end(statement.body, statement.target.id)
                 changed = True
     _drop_unused_hits(function, set(hits))
-    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and (_dispatches(n) or _counts(n))]:
-        loop.body = _without_empty_guards(loop.body, _counts(loop))
+    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and (_dispatches(n) or _counts(n, function))]:
+        loop.body = _without_empty_guards(loop.body, _counts(loop, function))
         changed = True  # even unchanged, a loop over experts is traced keeping its data-dependent selections
-    return changed
+    return changed or _lists_expert_counts(function)
+
+
+def _lists_expert_counts(function: ast.FunctionDef) -> bool:
+    """A router that hands its per-expert counts on as a list (`expert_size.tolist()`, JetMoE):
+    traced keeping the list's ints in the graph, unchanged, so the experts that split their rows
+    by it stay in the same graph. Only code that names experts: elsewhere a list stays a break."""
+    names = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(function) if isinstance(n, ast.Attribute)}
+    lists = [n.func.value for n in ast.walk(function)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "tolist"]
+    return bool(lists) and all(_known_length(x, function) for x in lists) and any("expert" in n.lower() for n in names)
+
+
+_UNKNOWN_LENGTH = {"bincount", "unique", "unique_consecutive", "nonzero", "masked_select"}
+
+
+def _known_length(tensor: ast.expr, function: ast.FunctionDef) -> bool:
+    """Whether the listed tensor's length is known when traced: not made by an op of data-dependent
+    size (`bincount(...).tolist()` cannot be traced into a list, so it stays a graph break), in
+    the expression or in what the function assigns to its name."""
+    sources = [tensor]
+    if isinstance(tensor, ast.Name):
+        sources += [a.value for a in ast.walk(function) if isinstance(a, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == tensor.id for t in a.targets)]
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for source in sources for n in ast.walk(source) if isinstance(n, ast.Call)}
+    return not calls & _UNKNOWN_LENGTH
 
 
 def past_end(indexed, index) -> bool:
@@ -165,7 +192,7 @@ def _dispatches(loop: ast.For) -> bool:
     return selects and writes
 
 
-def _counts(loop: ast.For) -> set[str]:
+def _counts(loop: ast.For, function: ast.FunctionDef) -> set[str]:
     """The count variable of a loop over per-expert counts that slices rows by them
     (`for i, n in enumerate(counts.tolist()): ... x[start:start + n]`, DeepSeek's moe_infer):
     {"n"}, or an empty set for any other loop."""
@@ -175,7 +202,8 @@ def _counts(loop: ast.For) -> set[str]:
         iterated, target = iterated.args[0], target.elts[1]
     tolist = isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Attribute) and iterated.func.attr == "tolist"
     slices = any(isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Slice) for n in ast.walk(loop))
-    return {target.id} if tolist and slices and isinstance(target, ast.Name) else set()
+    known = tolist and _known_length(iterated.func.value, function)
+    return {target.id} if known and slices and isinstance(target, ast.Name) else set()
 
 
 def _without_empty_guards(body: list[ast.stmt], counts: set[str] = frozenset()) -> list[ast.stmt]:

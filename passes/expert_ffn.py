@@ -26,6 +26,7 @@ _EXPERT_INDEX = re.compile(r"^(\D*?)(\d+)$")
 
 ALL = "all"  # WeightRef.index of a 3-D parameter used for every expert at once (bmm, einsum, x @ w)
 GATHERED = "gathered"  # WeightRef.index of a 3-D parameter gathered per routed row, `w[ids]`
+GROUPED = "grouped"  # WeightRef.index of a 3-D parameter applied to consecutive row chunks, one per expert
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class WeightRef:
     index: int | str | None
     out_in: bool  # True: [out, in] as F.linear takes it; False: [in, out] as x @ w takes it
     view: tuple[int, ...] | None = None  # the stack the parameter is viewed as first (DBRX: [E*F, D] as [E, F, D])
-    ids: fx.Node | None = None  # GATHERED: the expert ids the matrices are gathered by
+    ids: fx.Node | None = None  # GATHERED: the expert ids the matrices are gathered by; GROUPED: the split
 
     @property
     def batched(self) -> bool:
@@ -46,6 +47,16 @@ class WeightRef:
     @property
     def gathered(self) -> bool:
         return self.index == GATHERED
+
+    @property
+    def grouped(self) -> bool:
+        return self.index == GROUPED
+
+    @property
+    def rows(self):
+        """What decides which expert each row meets: the ids, or a split's sizes (one split of
+        the rows by the same counts is as good as another)."""
+        return tuple(self.ids.args[1]) if self.grouped else self.ids
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,6 +95,8 @@ class FFN:
 
 
 def _linear(node: fx.Node) -> Linear | None:
+    if node.target is torch.cat:
+        return _grouped_linear(node)
     method_matmul = node.op == "call_method" and node.target in ("matmul", "mm")  # x.matmul(w)
     if node.op != "call_function" and not method_matmul:
         return None
@@ -110,6 +123,28 @@ def _linear(node: fx.Node) -> Linear | None:
     if ref is None or not isinstance(x, fx.Node) or (b is not None and not param_name(b)):
         return None
     return Linear(node, x, ref, b)
+
+
+def _grouped_linear(node: fx.Node) -> Linear | None:
+    """`cat([F.linear(x.split(counts)[e], w[e]) for e in range(E)])` (JetMoE's ParallelExperts):
+    chunk e of the rows times expert e's matrix, back in row order, as one linear over the rows."""
+    parts = node.args[0] if node.args else None
+    if (node.args[1:] or [node.kwargs.get("dim", 0)])[0] != 0 or not isinstance(parts, (list, tuple)) or len(parts) < 2:
+        return None
+    linears = [_linear(p) if isinstance(p, fx.Node) else None for p in parts]
+    if any(lin is None or lin.weight.index != e for e, lin in enumerate(linears)):
+        return None
+    chunks = [lin.x for lin in linears]
+    split = chunks[0].args[0] if chunks[0].target is operator.getitem else None
+    if split is None or split.target not in ("split", torch.split) or (split.args[2:] or [split.kwargs.get("dim", 0)])[0] != 0:
+        return None
+    if any(c.target is not operator.getitem or c.args != (split, e) for e, c in enumerate(chunks)):
+        return None
+    first = linears[0]
+    if len({(lin.weight.param, lin.weight.out_in, lin.weight.view, lin.bias, lin.bias_index) for lin in linears}) != 1:
+        return None
+    weight = WeightRef(first.weight.param, GROUPED, first.weight.out_in, first.weight.view, ids=split)
+    return Linear(node, split.args[0], weight, first.bias, first.bias_index)
 
 
 def _einsum_weight_layout(equation: str) -> tuple[bool, bool] | None:
@@ -238,9 +273,10 @@ def find_ffns(gm: fx.GraphModule) -> list[FFN]:
         if not firsts or len(firsts) > 2 or len({f.x for f in firsts}) != 1:
             continue
         linears_used = (*firsts, second)
-        if len({(lin.weight.batched, lin.weight.gathered, lin.weight.ids) for lin in linears_used}) != 1:
+        if len({(lin.weight.index if isinstance(lin.weight.index, str) else None, lin.weight.rows)
+                for lin in linears_used}) != 1:
             continue
-        if (second.weight.batched or second.weight.gathered) and len({lin.weight.shape[0] for lin in linears_used}) != 1:
+        if isinstance(second.weight.index, str) and len({lin.weight.shape[0] for lin in linears_used}) != 1:
             continue
         elementwise = identify([f.node for f in firsts], end)
         if elementwise is None or (len(firsts) == 2 and not elementwise.gated):
@@ -290,7 +326,7 @@ def _producing_linears(start: fx.Node, linears: dict[fx.Node, Linear], depth: in
 def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
     """(template shared by all experts of one MoE, this expert's index), from the weight's name."""
     ref = ffn.first[0].weight
-    if ref.batched or ref.gathered:
+    if isinstance(ref.index, str):  # every expert in one call
         return None
     name = param_name(ref.param)
     if ref.index is not None:
@@ -307,7 +343,7 @@ def expert_key(ffn: FFN) -> tuple[tuple, int] | None:
 
 
 def expert_slices(ffn: FFN) -> list[FFN]:
-    """A batched or gathered FFN (3-D weights over every expert) as one FFN per expert, reading `w[e]`."""
+    """A batched, gathered or grouped FFN (3-D weights over every expert) as one FFN per expert, reading `w[e]`."""
     E = ffn.second.weight.shape[0]
 
     def sliced(lin: Linear, e: int) -> Linear:

@@ -23,6 +23,8 @@ combine); this file ties them together.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -44,6 +46,7 @@ def recognise_loops(gm: fx.GraphModule, claimed: set[fx.Node]) -> list[MoERegion
     groups: dict[tuple, dict[int, FFN]] = {}
     regions = [r for f in ffns if f.second.weight.batched and (r := _recognise_batched(gm, f)) is not None]
     regions += [r for f in ffns if f.second.weight.gathered and (r := _recognise_gathered(gm, f)) is not None]
+    regions += [r for f in ffns if f.second.weight.grouped and (r := _recognise_grouped(gm, f)) is not None]
     for ffn in ffns:
         key = expert_key(ffn)
         if key is not None:
@@ -236,6 +239,44 @@ def _recognise_gathered(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     order = topo_index(gm.graph)
     region.erase = sorted(set(ffn.nodes) | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
     return region
+
+
+def _recognise_grouped(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
+    """Rows split into consecutive chunks by per-expert counts, chunk e through expert e and
+    back in row order (JetMoE): the rows are the region's tokens, row s routed to the expert
+    whose chunk holds it with weight 1; the model's own code weighs and adds the rows back."""
+    split = ffn.second.weight.ids
+    counts = _counts_tensor(split.args[1])
+    E = ffn.second.weight.shape[0]
+    rows = fake(ffn.x)
+    if ffn.inner_scale is not None or counts is None or len(split.args[1]) != E or rows is None or rows.dim() != 2:
+        return None
+    template = param_name(ffn.first[0].weight.param) + "[*]"
+    region = _region(template, expert_slices(ffn), "grouped", ffn.x, ffn.y)
+    region.form, region.expert_calls = "stacked/grouped", []  # verified as a whole, with its own weights
+    with gm.graph.inserting_before(first_user(region)):
+        graph = gm.graph
+        experts_E = graph.call_function(torch.arange, (E,), {"device": rows.device})
+        ids_S = graph.call_function(torch.repeat_interleave, (experts_E, counts), {"output_size": rows.shape[0]})
+        ids_S1 = graph.call_method("unsqueeze", (ids_S, 1))
+        ones_S1 = graph.call_function(torch.ones_like, (ids_S1,), {"dtype": rows.dtype})
+    region.routing = Routing(ids_TK=ids_S1, weights_TK=ones_S1, top_k=1)
+    region.top_k = 1
+    order = topo_index(gm.graph)
+    region.erase = sorted(set(ffn.nodes), key=order.__getitem__)
+    return region
+
+
+def _counts_tensor(sizes) -> fx.Node | None:
+    """The tensor a split's sizes were read from, `[c[0].item(), c[1].item(), ...]` (a
+    `c.tolist()`), or None."""
+    sources = []
+    for e, size in enumerate(sizes):
+        element = size.args[0] if isinstance(size, fx.Node) and size.target == "item" else None
+        if element is None or element.target is not operator.getitem or element.args[1] != e:
+            return None
+        sources.append(element.args[0])
+    return sources[0] if sources and all(s is sources[0] for s in sources) and fake(sources[0]).dim() == 1 else None
 
 
 def _emit_linear_routing(gm: fx.GraphModule, region: MoERegion, combine, erase: set[fx.Node]) -> None:

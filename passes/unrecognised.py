@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from passes.graph_utils import fake, module_paths, param_name, writes_in_place
 from passes.region import MoERegion
+from passes.verify import ancestors as _ancestors, routing_source
 
 _INDEXED = re.compile(r"^(\D*?)(\d+)$")
 _ROUTING_OPS = (torch.topk, "topk", torch.argmax, "argmax", torch.max, "max")
@@ -81,17 +82,26 @@ def _bank_beside(module: str, banks: list[str]) -> str | None:
 
 
 def _covered(regions: list[MoERegion]) -> set[fx.Node]:
-    """Every node a region reads or replaces (so its router too, with the in-place writes into
-    the router's tensors: `group_mask.scatter_(1, group_idx, 1)`)."""
-    stack = [n for r in regions for n in (*r.erase, r.output_TD, r.tokens_TD, *_routing_nodes(r)) if n is not None]
-    seen: set[fx.Node] = set()
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-            stack.extend(u for u in node.users if writes_in_place(u) and u.args[0] is node)
-    return seen
+    """Every node of a region: what it replaces and reads back to its layer's input, the tensor
+    its tokens and its router both come from (so its router too, with the in-place writes into
+    the router's tensors: `group_mask.scatter_(1, group_idx, 1)`), but nothing before that input:
+    an unrecognised layer upstream is not the region's."""
+    covered: set[fx.Node] = set()
+    for region in regions:
+        if region.tokens_TD is None:
+            continue
+        routing = [n for n in _routing_nodes(region) if n is not None]
+        upstream = _ancestors([routing_source(region, routing)]) if routing else set()
+        stack = [n for n in (*region.erase, region.output_TD, region.tokens_TD, *routing) if n is not None]
+        seen: set[fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node not in seen and node not in upstream:
+                seen.add(node)
+                stack.extend(node.all_input_nodes)
+                stack.extend(u for u in node.users if writes_in_place(u) and u.args[0] is node)
+        covered |= seen
+    return covered
 
 
 def _routing_nodes(region: MoERegion) -> list[fx.Node]:

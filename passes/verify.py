@@ -119,15 +119,16 @@ def routing_source(region: MoERegion, routing_nodes: list[fx.Node]) -> fx.Node:
     Giving it random values runs the model's own router: the routings tested are ones the model
     can produce. When the router reads nothing the tokens come from, the tokens themselves."""
     D = region.d_model
-    token_ancestors = _ancestors([region.tokens_TD])
-    routing_ancestors = _ancestors(routing_nodes)
+    token_ancestors = ancestors([region.tokens_TD])
+    routing_ancestors = ancestors(routing_nodes)
     order = {n: i for i, n in enumerate(region.tokens_TD.graph.nodes)}
     common = [n for n in token_ancestors & routing_ancestors
               if fake(n) is not None and fake(n).is_floating_point() and fake(n).dim() >= 2 and fake(n).shape[-1] == D]
     return max(common, key=order.__getitem__) if common else region.tokens_TD
 
 
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes and every node they are computed from."""
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:

@@ -1,5 +1,7 @@
 """Loops over `nonzero()` in any module are captured as one graph under moeshard (moeshard_compile.static_loops)."""
 
+import dis
+
 import pytest
 import torch
 import torch.nn as nn
@@ -217,3 +219,48 @@ def test_a_conditional_index_past_the_end_keeps_its_candidate():
         ref = model(x)
         assert (model.router(x).argmax(-1) == 3).any()
         assert_close_to_eager(torch.compile(model, backend="moeshard", options={"inductor": False})(x), ref)
+
+
+def _count_loop(x_SD, counts_E, experts):
+    outputs, start = [], 0
+    for e, count in enumerate(counts_E.tolist()):
+        if count == 0:
+            continue
+        outputs.append(experts[e](x_SD[start:start + count]))
+        start += count
+    return torch.cat(outputs)
+
+
+def _bincount_loop(x_SD, ids_S, experts):
+    outputs, start = [], 0
+    for e, count in enumerate(torch.bincount(ids_S, minlength=len(experts)).tolist()):
+        outputs.append(experts[e](x_SD[start:start + count]))
+        start += count
+    return torch.cat(outputs)
+
+
+def _expert_sizes(gates_TE):
+    expert_size = gates_TE.long().sum(0)
+    return expert_size.tolist()
+
+
+def _lengths(mask_BS):
+    return mask_BS.sum(-1).tolist()
+
+
+def test_a_loop_over_per_expert_counts_drops_its_zero_count_guard():
+    """`if count == 0: continue` branches on a data-dependent int: it goes (no rows is no work)."""
+    static = static_version(_count_loop)
+    assert static is not None
+    experts = [nn.Linear(4, 4) for _ in range(3)]
+    x, counts = torch.randn(5, 4), torch.tensor([2, 0, 3])
+    torch.testing.assert_close(static(x, counts, experts), _count_loop(x, counts, experts))
+    compares = [[i for i in dis.get_instructions(fn) if i.opname == "COMPARE_OP"] for fn in (_count_loop, static)]
+    assert (len(compares[0]), len(compares[1])) == (1, 0)
+
+
+def test_lists_of_unknown_length_and_lists_without_experts_stay_graph_breaks():
+    """bincount's length is data-dependent (Dynamo cannot list it); a list that is not about
+    experts (sequence lengths) is none of moeshard's business."""
+    assert static_version(_bincount_loop) is None and static_version(_lengths) is None
+    assert static_version(_expert_sizes) is not None

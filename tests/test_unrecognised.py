@@ -59,6 +59,17 @@ def test_an_unrecognised_expert_bank_is_reported_and_warned():
         assert_close_to_eager(torch.compile(model, backend="moeshard", options={"inductor": False})(x), model(x))
 
 
+def test_an_unrecognised_layer_before_a_rewritten_one_is_reported():
+    """A rewritten region's router reads its layer's input, which comes from the layer before:
+    that layer is upstream, not part of the region, and still gets its row."""
+    import spellings
+
+    model = nn.Sequential(MaxOfExperts(d_model=16), spellings.make("mixtral", d_model=16)).eval()
+    report, _ = _explain(model, torch.randn(6, 16))
+    rows = sorted((row["module"], row["status"]) for row in report.regions)
+    assert rows == [("0.experts", "skipped"), ("1.experts", "rewritten")], report.regions
+
+
 def test_a_routing_decision_without_a_bank_is_reported():
     class TopKGather(nn.Module):
         def __init__(self):

@@ -23,7 +23,7 @@ TABLE = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 # (docs/usage.md explains each and what to do).
 LIMITS = {
     "doge": "a routing decision (topk)",  # experts are rows of embedding tables (rank-1 FFNs)
-    "jetmoe": "not recognised",  # its experts split tokens by data-dependent sizes: several graphs
+    "jetmoe": "expert bank",  # its mixture of attention heads: experts around attention, not an FFN
     "muse_spark_text": "unsupported submodules inside the experts",  # a norm after each expert
 }
 
