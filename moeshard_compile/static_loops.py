@@ -108,8 +108,8 @@ def _rewrite(function: ast.FunctionDef) -> bool:
                     statement.body = _guarded_past_end(statement.body, statement.target.id)
                 changed = True
     _drop_unused_hits(function, set(hits))
-    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and (_dispatches(n) or _counts(n, function))]:
-        loop.body = _without_empty_guards(loop.body, _counts(loop, function))
+    for loop in [n for n in ast.walk(function) if isinstance(n, ast.For) and _dispatches(n)]:
+        loop.body = _without_empty_guards(loop.body)
         changed = True  # even unchanged, a loop over experts is traced keeping its data-dependent selections
     return changed or _lists_expert_counts(function)
 
@@ -117,12 +117,18 @@ def _rewrite(function: ast.FunctionDef) -> bool:
 def _lists_expert_counts(function: ast.FunctionDef) -> bool:
     """A router that hands its per-expert counts on as a list (`expert_size.tolist()`, JetMoE):
     traced keeping the list's ints in the graph, unchanged, so the experts that split their rows
-    by it stay in the same graph. Only code that names experts: elsewhere a list stays a break."""
+    by it (`x.split(counts)`, which checks they cover the rows) stay in the same graph. Only code
+    that names experts, and not a loop over the list: slicing rows by running sums of counts
+    (DeepSeek's moe_infer) leaves Inductor unable to prove the slices cover the rows."""
     names = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)}
     names |= {n.attr for n in ast.walk(function) if isinstance(n, ast.Attribute)}
     lists = [n.func.value for n in ast.walk(function)
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "tolist"]
-    return bool(lists) and all(_known_length(x, function) for x in lists) and any("expert" in n.lower() for n in names)
+    looped = any(isinstance(n, ast.For) and any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+                                                and c.func.attr == "tolist" for c in ast.walk(n.iter))
+                 for n in ast.walk(function))
+    return (bool(lists) and not looped and all(_known_length(x, function) for x in lists)
+            and any("expert" in n.lower() for n in names))
 
 
 _UNKNOWN_LENGTH = {"bincount", "unique", "unique_consecutive", "nonzero", "masked_select"}
@@ -192,27 +198,12 @@ def _dispatches(loop: ast.For) -> bool:
     return selects and writes
 
 
-def _counts(loop: ast.For, function: ast.FunctionDef) -> set[str]:
-    """The count variable of a loop over per-expert counts that slices rows by them
-    (`for i, n in enumerate(counts.tolist()): ... x[start:start + n]`, DeepSeek's moe_infer):
-    {"n"}, or an empty set for any other loop."""
-    iterated, target = loop.iter, loop.target
-    if (isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Name) and iterated.func.id == "enumerate"
-            and len(iterated.args) == 1 and isinstance(target, ast.Tuple) and len(target.elts) == 2):
-        iterated, target = iterated.args[0], target.elts[1]
-    tolist = isinstance(iterated, ast.Call) and isinstance(iterated.func, ast.Attribute) and iterated.func.attr == "tolist"
-    slices = any(isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Slice) for n in ast.walk(loop))
-    known = tolist and _known_length(iterated.func.value, function)
-    return {target.id} if known and slices and isinstance(target, ast.Name) else set()
-
-
-def _without_empty_guards(body: list[ast.stmt], counts: set[str] = frozenset()) -> list[ast.stmt]:
+def _without_empty_guards(body: list[ast.stmt]) -> list[ast.stmt]:
     """A loop body without its guards against an empty selection: `if x.numel() == 0: continue`
-    (or `if n == 0: continue` for a count n of `counts`) goes, `if x.numel() > 0: <work>` becomes
-    <work> (work on no rows is no work)."""
+    goes, `if x.numel() > 0: <work>` becomes <work> (work on no rows is no work)."""
     out: list[ast.stmt] = []
     for statement in body:
-        if _skips_empty(statement) or _skips_zero_count(statement, counts):
+        if _skips_empty(statement):
             continue
         if _runs_if_nonempty(statement):
             out.extend(statement.body)
@@ -289,17 +280,6 @@ def _skips_empty(statement: ast.stmt) -> bool:
     """`if <x>.numel() == 0: continue` (or `.shape[0] == 0`, `len(x) == 0`)."""
     return (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
             and isinstance(statement.body[0], ast.Continue) and _compares_size(statement.test, (ast.Eq,)))
-
-
-def _skips_zero_count(statement: ast.stmt, counts: set[str]) -> bool:
-    """`if n == 0: continue` for a per-expert count n."""
-    if not (isinstance(statement, ast.If) and not statement.orelse and len(statement.body) == 1
-            and isinstance(statement.body[0], ast.Continue)):
-        return False
-    test = statement.test
-    return (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
-            and isinstance(test.left, ast.Name) and test.left.id in counts
-            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == 0)
 
 
 def _runs_if_nonempty(statement: ast.stmt) -> bool:

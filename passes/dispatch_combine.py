@@ -62,29 +62,13 @@ def selection(x: fx.Node) -> Selection:
     return Selection("dense", x, None, [])
 
 
-@dataclass(frozen=True)
-class RowSlice:
-    """Rows [start, stop) of a row selection `x[key]`: experts reading consecutive chunks of
-    rows sorted by expert (`sorted_x[start:start + count_e]`, DeepSeek's moe_infer)."""
-
-    key: fx.Node  # the selection's key
-    start: object  # int, SymInt node or None
-    stop: object
-
-
-def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | RowSlice | None]:
+def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | None]:
     """(tokens, the nodes selecting rows of them, the selection key) for an expert's input:
-    `x[key]`, `x[mask]`, `index_select(x, 0, key)`, `gather(x, 0, key)`, rows [a, b) of one of
-    those (a RowSlice key), or x itself (key None), through casts and reshapes. Rows only: a
-    selection along another dim gives (None, [], None)."""
+    `x[key]`, `x[mask]`, `index_select(x, 0, key)`, `gather(x, 0, key)`, or x itself (key None),
+    through casts and reshapes. Rows only: a selection along another dim gives (None, [], None)."""
     nodes: list[fx.Node] = []
     base = _strip(x, nodes)
     key = None
-    if base.target is operator.getitem and isinstance(base.args[0], fx.Node) and _row_slice(base.args[1]):
-        tokens, inner, key = row_source(base.args[0])
-        if not isinstance(key, fx.Node):
-            return None, [], None
-        return tokens, [*nodes, base, *inner], RowSlice(key, base.args[1].start, base.args[1].stop)
     if base.op == "call_function" and base.target is operator.getitem and isinstance(base.args[0], fx.Node):
         key = base.args[1]
         if isinstance(key, tuple) and len(key) == 2 and key[0] is None:
@@ -107,18 +91,6 @@ def row_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node], fx.Node | Row
         nodes.append(source)
         source = source.args[0]
     return source, nodes, key
-
-
-def _row_slice(key) -> bool:
-    return isinstance(key, slice) and key.step is None and key != slice(None)
-
-
-def chained(keys: list) -> bool:
-    """RowSlices of one selection, each starting where the one before stops, the first at 0:
-    with counts >= 0, each row of the selection is read by one expert at most."""
-    if not keys or not all(isinstance(k, RowSlice) and k.key is keys[0].key for k in keys):
-        return False
-    return keys[0].start in (None, 0) and all(b.start is a.stop for a, b in zip(keys, keys[1:]))
 
 
 _BROADCASTS = ("expand", "unsqueeze", "repeat", "expand_as", "contiguous", "to", "type_as", "float")

@@ -38,7 +38,6 @@ _LINEAR = {
     "view", "reshape", torch.reshape, "permute", torch.permute, "transpose", torch.transpose, "unsqueeze",
     "squeeze", "flatten", "unflatten", "expand", "contiguous", "to", "type_as", "float", "double", "half", "bfloat16",
     operator.getitem, torch.where, "masked_fill", torch.masked_fill, "t", "mT",
-    torch.empty_like,  # a buffer the combine fills (`new_x = empty_like(y); new_x[idxs] = y`)
 }
 _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros")
 

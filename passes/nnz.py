@@ -82,27 +82,6 @@ def _float_to_integer(n: fx.Node) -> bool:
     return source.is_floating_point() and not result.is_floating_point()
 
 
-_SORTS = ("argsort", torch.argsort)
-_FLOOR_DIVS = (operator.floordiv, "div", torch.div, "floor_divide", torch.floor_divide)
-
-
-def rows_per_token(key: fx.Node, T) -> int | None:
-    """How many rows `x[key]` holds of each token, where provable: K for `key = perm // K` with
-    perm a permutation of range(T * K) (`ids.flatten().argsort()` or `.sort()`'s indices: the
-    (token, slot) rows sorted by expert), else None."""
-    if key.target not in _FLOOR_DIVS or len(key.args) != 2 or not isinstance(key.args[0], fx.Node):
-        return None
-    if key.target in ("div", torch.div) and key.kwargs.get("rounding_mode") not in ("floor", "trunc"):
-        return None
-    perm, K = key.args[0], static_int(key.args[1])
-    is_sort = perm.target is operator.getitem and perm.args[1] == 1 and isinstance(perm.args[0], fx.Node) \
-        and perm.args[0].target in ("sort", torch.sort)
-    source = perm.args[0].args[0] if is_sort else perm.args[0] if perm.target in _SORTS else None
-    if K is None or K <= 0 or fake(source) is None or fake(source).dim() != 1 and not is_sort:
-        return None
-    return K if statically_known_true(fake(source).numel() == T * K) else None
-
-
 def _per_token(ids, T, num_experts: int) -> int:
     """numel(ids) / T when provably an integer; the slot count is usually ids' static last dim,
     which also works when T is symbolic (dynamic shapes), where the quotient would not simplify."""

@@ -29,13 +29,13 @@ import torch
 import torch.fx as fx
 
 from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import (RowSlice, accumulation, broadcast_source, chained, dispatched_rows, row_source,
-                                     scaled_rows, scaled_tiles, selection, selection_mask as _selection_mask)
+from passes.dispatch_combine import (accumulation, broadcast_source, dispatched_rows, row_source, scaled_rows,
+                                     scaled_tiles, selection, selection_mask as _selection_mask)
 from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
 from passes.graph_utils import fake, param_name, topo_index, writes_in_place
 from passes.linear_combine import emit_combine_columns, emit_slot_weights, find_combine
 from passes.lower import first_user
-from passes.nnz import nnz_bound, rows_per_token
+from passes.nnz import nnz_bound
 from passes.region import ExpertCall, MoERegion, Routing
 
 _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_")
@@ -159,12 +159,7 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
     E, T = len(members), fake(tokens).shape[0]
     keys = [key for _, _, key in sources]
     # each token is routed to at most as many experts as select it; dense dispatch proves nothing
-    if chained(keys):  # consecutive chunks of rows: a token reaches as many experts as it has rows
-        bound = rows_per_token(keys[0].key, T) or E
-    elif None in keys or any(isinstance(k, RowSlice) for k in keys):
-        bound = E
-    else:
-        bound = max(nnz_bound(_selection_mask(k), T, E) for k in keys)
+    bound = E if None in keys else max(nnz_bound(_selection_mask(k), T, E) for k in keys)
     region.routing = Routing(combine_TE=region.routing.combine_TE, top_k=max(1, min(bound, E)))
     region.top_k = region.routing.top_k
     return region
