@@ -773,6 +773,36 @@ class GatheredBiasTop1(Spelling):
         return (y * weights_T1).reshape(x.shape)
 
 
+class SplitParallelExperts(Spelling):
+    """JetMoE-style: (token, slot) rows sorted by expert, x.split(counts.tolist()), a linear per chunk, cat, twice
+    around a fused SwiGLU; weighted and index_add_'ed back by token; counts from one_hot(ids).sum(0)."""
+
+    ROUTER = "topk_softmax"
+
+    def __init__(self, d_model, d_ff, num_experts, top_k):
+        super().__init__(d_model, d_ff, num_experts, top_k)
+        self.w_in = _stacked(num_experts, 2 * d_ff, d_model, fan_in=d_model)
+        self.w_out = _stacked(num_experts, d_model, d_ff, fan_in=d_ff)
+
+    def expert(self, e, x_TD):
+        gate, up = F.linear(x_TD, self.w_in[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w_out[e])
+
+    def _grouped(self, rows_SD, weight, expert_size):
+        chunks = rows_SD.split(expert_size, dim=0)
+        return torch.cat([F.linear(chunks[e], weight[e]) for e in range(self.num_experts)], dim=0)
+
+    def forward(self, x):
+        hidden = _tokens(x)
+        ids, weights = self.route(hidden)
+        expert_size = F.one_hot(ids, self.num_experts).sum(dim=(0, 1)).tolist()
+        _, order = ids.flatten().sort(0)
+        token = order.div(self.top_k, rounding_mode="trunc")
+        gate, up = self._grouped(hidden[token], self.w_in, expert_size).chunk(2, dim=-1)
+        y = self._grouped(F.silu(gate) * up, self.w_out, expert_size) * weights.flatten()[order, None]
+        return torch.zeros_like(hidden).index_add(0, token, y).reshape(x.shape)
+
+
 class EinsumStackedArgmax(Spelling):
     """Top-1 by argmax, gate = one_hot * probs, dense stacked experts via einsum("td,edf->etf"), einsum("te,etd->td")."""
 
@@ -1085,6 +1115,7 @@ SPELLINGS: dict[str, type] = {
     "gpt_oss_dense_bmm": GptOssDenseBmm,
     "gathered_weights_einsum": GatheredWeightsEinsum,
     "gathered_bias_top1": GatheredBiasTop1,
+    "split_parallel_experts": SplitParallelExperts,
     "einsum_stacked_argmax": EinsumStackedArgmax,
     "llama4": Llama4,
     "qwen2_moe": Qwen2Moe,
