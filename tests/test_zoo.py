@@ -25,6 +25,7 @@ LIMITS = {
     "doge": "a routing decision (topk)",  # experts are rows of embedding tables (rank-1 FFNs)
     "jetmoe": "expert bank",  # its FFN experts are rewritten; its mixture of attention heads is not an FFN
     "muse_spark_text": "unsupported submodules inside the experts",  # a norm after each expert
+    "ergo": "unsupported submodules inside the experts",  # a norm after each expert (transformers >= 5.25)
 }
 
 BUILDABLE = [f for f in zoo_families.FAMILIES if f not in zoo_families.UNBUILDABLE]

@@ -110,7 +110,7 @@ SHRINK = {
     "num_attention_heads": 2, "num_key_value_heads": 2, "n_heads": 2, "num_heads": 2, "head_dim": 16,
     "encoder_attention_heads": 2, "decoder_attention_heads": 2, "d_kv": 8, "kv_channels": 16,
     "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "qk_head_dim": 16,
-    "v_head_dim": 16, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 8, "o_lora_rank": 16, "o_groups": 1,
+    "v_head_dim": 16, "index_n_heads": 2, "index_num_heads": 1, "index_head_dim": 16, "index_topk": 8, "o_lora_rank": 16, "o_groups": 1,
     "swa_head_dim": 16, "swa_num_attention_heads": 2, "swa_num_key_value_heads": 2, "rotary_dim": 8,
     "num_sliding_attention_heads": 2, "linear_num_heads": 2, "linear_head_dim": 16,
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
