@@ -120,6 +120,8 @@ def _grouped_linear(node: fx.Node) -> Linear | None:
     split = chunks[0].args[0] if chunks[0].target is operator.getitem else None
     if split is None or split.target not in ("split", torch.split) or (split.args[2:] or [split.kwargs.get("dim", 0)])[0] != 0:
         return None
+    if not isinstance(split.args[1], (list, tuple)):
+        return None  # equal chunks of a fixed size: not per-expert counts
     if any(c.target is not operator.getitem or c.args != (split, e) for e, c in enumerate(chunks)):
         return None
     first = linears[0]
