@@ -151,7 +151,7 @@ def _emit_alike(emit, columns: list[Column]) -> fx.Node | None:
             routed = masks if fake(first.mask).dtype == torch.bool else emit.fn(operator.ne, masks, 0, name="combine_routed")
             weighted = emit.fn(torch.where, routed, weight, 0.0, name="combine_mw")
         col_ET = emit.method("sum", weighted, other, name="combine_ET") if other else weighted
-    combine_TE = emit.method("t", col_ET, name="combine_TE")
+    combine_TE = emit.method("contiguous", emit.method("t", col_ET, name="combine_TE_t"), name="combine_TE")  # row-major, as stacked
     return emit.fn(operator.mul, combine_TE, first.constant, name="combine_TE_c") if first.constant != 1.0 else combine_TE
 
 
