@@ -56,25 +56,37 @@ def tracing_for_moeshard() -> bool:
     return False
 
 
-@torch._dynamo.assume_constant_result
-def keep_data_dependent_shapes() -> bool:
-    """Let the frame being traced keep `where` / `nonzero` and `.tolist()` in its graph, as
-    fullgraph=True does, instead of breaking it there: a static loop selects each expert's tokens
-    by data-dependent shapes (or slices them by per-expert counts), and a graph break between the
-    experts would hide the layer from moeshard.
-
-    Fake-tensor caching goes off for the rest of the frame: every op after a selection has fresh
-    unbacked sizes, so its entries are made and never reused (a quarter of the tracing time)."""
+def _keep(**settings) -> bool:
+    """Change the frame being traced's shape settings (and turn fake-tensor caching off)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         output = InstructionTranslator.current_tx().output
-        output.shape_env.settings = dataclasses.replace(output.shape_env.settings, allow_dynamic_output_shape_ops=True,
-                                                    allow_scalar_outputs=True)
+        output.shape_env.settings = dataclasses.replace(output.shape_env.settings, **settings)
         output.fake_mode.cache_enabled = False
     except Exception:  # noqa: BLE001 - private API: without it the loop still runs, in pieces
         log.debug("moeshard: could not keep data-dependent shapes in this graph", exc_info=True)
     return True
+
+
+@torch._dynamo.assume_constant_result
+def keep_data_dependent_shapes() -> bool:
+    """Let the frame being traced keep `where` / `nonzero` in its graph, as fullgraph=True does,
+    instead of breaking it there: a static loop selects each expert's tokens by data-dependent
+    shapes, and a graph break between the experts would hide the layer from moeshard.
+
+    Fake-tensor caching goes off for the rest of the frame: every op after a selection has fresh
+    unbacked sizes, so its entries are made and never reused (a quarter of the tracing time)."""
+    return _keep(allow_dynamic_output_shape_ops=True)
+
+
+@torch._dynamo.assume_constant_result
+def keep_listed_counts() -> bool:
+    """As keep_data_dependent_shapes, and `.tolist()` of the router's per-expert counts stays in
+    the graph as ints (JetMoE's router hands them to experts that split their rows by them). Only
+    for such routers: in a frame that lists a tensor of data-dependent length, Dynamo would fail
+    where it otherwise breaks the graph."""
+    return _keep(allow_dynamic_output_shape_ops=True, allow_scalar_outputs=True)
 
 
 def _switch_router_logits(self, hidden_states):
@@ -174,9 +186,11 @@ def _shim_class(cls, static_forward) -> None:
 
 
 def _keeping_data_dependent_shapes(static_forward):
+    keep = keep_listed_counts if getattr(static_forward, "_moeshard_lists_counts", False) else keep_data_dependent_shapes
+
     @functools.wraps(static_forward)
     def forward(self, *args, **kwargs):
-        keep_data_dependent_shapes()
+        keep()
         return static_forward(self, *args, **kwargs)
 
     return forward

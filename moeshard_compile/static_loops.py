@@ -78,6 +78,7 @@ def static_version(fn: Callable) -> Callable | None:
     exec(compile(module, inspect.getsourcefile(fn) or "<moeshard>", "exec"), fn.__globals__, namespace)
     static = namespace[function.name]
     static.__defaults__, static.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__
+    static._moeshard_lists_counts = _lists_expert_counts(function)  # traced keeping `.tolist()` ints
     log.debug("moeshard: %s.%s loops over every expert when traced", fn.__module__, fn.__qualname__)
     return static
 
