@@ -77,7 +77,7 @@ from bench.moe_layer import (  # noqa: E402
 )
 from moeshard_compile.kernels.ops import sort_by_expert, use_triton  # noqa: E402  (registers the fused ops)
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402  (registers the op)
-from passes.lower import ACTIVATIONS  # noqa: E402
+from moeshard_compile.passes.op_contract import ACTIVATIONS  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG

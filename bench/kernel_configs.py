@@ -35,7 +35,7 @@ from moeshard_compile.kernels.ops import sort_by_expert  # noqa: E402
 from moeshard_compile.kernels.grouped_ffn import (  # noqa: E402
     TileConfig, default_config, expert_bytes, launch_ffn_in, launch_ffn_out,
 )
-from passes.lower import ACTIVATIONS  # noqa: E402
+from moeshard_compile.passes.op_contract import ACTIVATIONS  # noqa: E402
 
 SHAPES = {
     "switch-base/E64/T16384/k1/skew": Shape("switch-base", 64, 16384, 1, "skew"),

@@ -20,9 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-import passes
-from passes.graph_utils import dropout_args, module_paths, param_name
-from passes.unrecognised import find_unrecognised
+from moeshard_compile import passes
+from moeshard_compile.passes.graph_utils import dropout_args, module_paths, param_name
+from moeshard_compile.passes.unrecognised import find_unrecognised
 from moeshard_compile import distributed
 from moeshard_compile.options import OptionError, Options
 from moeshard_compile.report import Report, region_row, unrecognised_row

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from moeshard_compile.options import INPUT_MODES, OptionError, Options
-from passes.region import MoERegion
-from passes.shard import ShardPlan
+from moeshard_compile.passes.region import MoERegion
+from moeshard_compile.passes.shard import ShardPlan
 
 c10d = torch.ops._c10d_functional
 _SIGNATURE_LEN = 64  # ints per rank in the check row

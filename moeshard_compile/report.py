@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from passes.region import MoERegion
-from passes.unrecognised import Unrecognised
+from moeshard_compile.passes.region import MoERegion
+from moeshard_compile.passes.unrecognised import Unrecognised
 
 COLUMNS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",

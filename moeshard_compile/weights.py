@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from passes.region import MoERegion, WeightSource
+from moeshard_compile.passes.region import MoERegion, WeightSource
 
 _SAMPLES_PER_PARAM = 32
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

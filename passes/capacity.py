@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.graph_utils import spellings, static_int
-from passes.region import MoERegion
+from .graph_utils import spellings, static_int
+from .region import MoERegion
 
 _COMPARE = spellings("le") + spellings("lt")
 _STOP = (torch._C._nn.linear, F.linear, operator.matmul, torch.matmul)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.dispatch_combine import Accumulation, Selection
-from passes.graph_utils import fake, static_int
-from passes.lower import Emitter, first_user
-from passes.nnz import nnz_bound
-from passes.region import MoERegion, Routing
+from .dispatch_combine import Accumulation, Selection
+from .graph_utils import fake, static_int
+from .lower import Emitter, first_user
+from .nnz import nnz_bound
+from .region import MoERegion, Routing
 
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.graph_utils import dropout_args, fake, spellings
+from .graph_utils import dropout_args, fake, spellings
 
 _CASTS = ("to", "type_as", "float", "contiguous")
 _TRANSPARENT_METHODS = (*_CASTS, "reshape", "view")  # on the dispatch side, reshapes keep the rows

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import fake
-from passes.lower import ACTIVATIONS
+from .graph_utils import fake
+from .op_contract import ACTIVATIONS
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 

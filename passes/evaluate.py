@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import fake
+from .graph_utils import fake
 
 # A node's value computed from other nodes' values (the verifier swaps experts for cheap stand-ins).
 Substitute = tuple[list[fx.Node], Callable[..., torch.Tensor]]

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from passes.elementwise import Elementwise, identify, nodes_between
-from passes.graph_utils import fake, param_name, topo_index
-from passes.linears import ALL, Linear, WeightRef, read_linear, with_bias_add
-from passes.region import ExpertWeights, WeightSource, gate_up_columns
+from .elementwise import Elementwise, identify, nodes_between
+from .graph_utils import fake, param_name, topo_index
+from .linears import ALL, Linear, WeightRef, read_linear, with_bias_add
+from .region import ExpertWeights, WeightSource, gate_up_columns
 
 _EXPERT_INDEX = re.compile(r"^(\D*?)(\d+)$")
 

@@ -25,8 +25,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from passes.graph_utils import fake, spellings, writes_in_place
-from passes.region import ExpertCall
+from .graph_utils import fake, spellings, writes_in_place
+from .region import ExpertCall
 
 # Ops through which the experts' outputs may flow to the combined value: linear in them.
 _LINEAR = {

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.graph_utils import fake, param_name, static_int
+from .graph_utils import fake, param_name, static_int
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 _MATMUL = (operator.matmul, torch.matmul)

@@ -13,7 +13,7 @@ After, on one rank::
     y_SD = grouped_ffn_out_scatter(h_SF, offs_E, w_out, b_out, dest=order_S, scale=weight_sorted_S)
     out_TD = y_SD.unflatten(0, (T, K)).sum(1)                  # rows were stored at their (token, slot) place
 
-The three ops (moeshard_compile/kernels) run Triton kernels on CUDA and a torch reference
+The three ops (named in op_contract.py, registered by moeshard_compile/kernels) run Triton kernels on CUDA and a torch reference
 elsewhere; a zero-weight slot contributes exactly 0 even where its expert output is inf/nan.
 
 Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
@@ -35,33 +35,14 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from passes.graph_utils import fake, static_int
-from passes.region import MoERegion, Routing, WeightSource
-from passes.shard import ShardPlan, sharded
+from .graph_utils import fake, static_int
+from .op_contract import FFN_IN, FFN_OUT, GROUP_BY_EXPERT, op, sort_key_dtype
+from .region import MoERegion, Routing, WeightSource
+from .shard import ShardPlan, sharded
 
 c10d = torch.ops._c10d_functional
 
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-# Named functions (no lambdas) so the rewritten graph's code reads well in dumps.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": gelu_tanh,
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "identity": identity,
-}
 
 # Called once per region with its weight source: stacks the weights and returns one new graph
 # input (placeholder) per stacked tensor, by ExpertWeights field name.
@@ -89,8 +70,6 @@ def lower_region(
     With a ShardPlan this rank computes its FFN block of every expert (passes/shard.py) and
     the collectives of `plan.input_mode` join the partial results.
     """
-    from moeshard_compile.kernels import ops  # noqa: F401  (registers the fused expert ops)
-
     graph = gm.graph
     routing, E = region.routing, region.num_experts
     out_dtype = region.output_TD.meta["example_value"].dtype
@@ -110,7 +89,7 @@ def lower_region(
         # dispatch: group this rank's T*K (token, slot) rows by expert
         ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
         weight_S = emit.method("reshape", routing.weights_TK, -1, name="weight_S")
-        group = emit.fn(torch.ops.moeshard.group_by_expert.default, ids_S, weight_S, E, K, name="group")
+        group = emit.fn(op(GROUP_BY_EXPERT), ids_S, weight_S, E, K, name="group")
         order_S, token_S, weight_sorted_S, counts_E, offs_E = (
             emit.fn(operator.getitem, group, i, name=name)
             for i, name in enumerate(("order_S", "token_S", "weight_sorted_S", "counts_E", "offs_E")))
@@ -161,7 +140,7 @@ class _ExpertFFN:
         w = self.w
         activation = "identity" if self.chain is not None else self.activation
         h_RF = self.emit.fn(
-            torch.ops.moeshard.gather_grouped_ffn_in.default, x_XD, rows_R, offs_E, w["w_in_EDF"],
+            op(FFN_IN), x_XD, rows_R, offs_E, w["w_in_EDF"],
             w.get("w_gate_EDF"), w.get("b_in_EF"), w.get("b_gate_EF"), activation, name=name,
         )
         return h_RF if self.chain is None else copy_chain(self.emit.graph, self.chain, h_RF)
@@ -169,7 +148,7 @@ class _ExpertFFN:
     def ffn_out(self, h_RF, offs_E, b_out, dest_R, scale_R, *, name: str) -> fx.Node:
         """y[dest[r]] = scale[r] * (h[r] @ w_out + b_out) (exactly 0 where scale is 0)."""
         return self.emit.fn(
-            torch.ops.moeshard.grouped_ffn_out_scatter.default, h_RF, offs_E, self.w["w_out_EFD"], b_out,
+            op(FFN_OUT), h_RF, offs_E, self.w["w_out_EFD"], b_out,
             dest_R, scale_R, name=name,
         )
 
@@ -258,12 +237,6 @@ def _chunk_sizes(tokens_TD: fx.Node, top_k: int, chunks: int) -> list[int | None
 def _split(emit: Emitter, t, sizes: list[int], name: str) -> list[fx.Node]:
     pieces = emit.fn(torch.split, t, sizes, name=f"{name}_split")
     return [emit.fn(operator.getitem, pieces, c, name=f"{name}{c}") for c in range(len(sizes))]
-
-
-def sort_key_dtype(num_experts: int) -> torch.dtype:
-    """The narrowest integers that hold expert ids: a radix sort makes one pass per key byte
-    (16384 int16 keys sort in 0.030 ms on an H100, int64 in 0.076 ms)."""
-    return torch.int16 if num_experts < 2**15 else torch.int32
 
 
 def _sort_keys(emit: Emitter, ids, num_experts: int, name: str) -> fx.Node:

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from passes.graph_utils import fake, spellings, static_int
+from .graph_utils import fake, spellings, static_int
 
 _EQ = spellings("eq")
 _SELECTORS = (F.one_hot, *_EQ)

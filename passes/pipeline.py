@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.capacity import describe, find_capacity_limits, remove_capacity_limits
-from passes.lower import AddWeights, lower_region
-from passes.recognise_loop import recognise_loops
-from passes.recognise_stacked import recognise_stacked
-from passes.region import MoERegion
-from passes.shard import ShardPlan
+from .capacity import describe, find_capacity_limits, remove_capacity_limits
+from .lower import AddWeights, lower_region
+from .recognise_loop import recognise_loops
+from .recognise_stacked import recognise_stacked
+from .region import MoERegion
+from .shard import ShardPlan
 
 _ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
 

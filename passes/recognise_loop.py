@@ -28,15 +28,15 @@ import operator
 import torch
 import torch.fx as fx
 
-from passes.combine_columns import combine_column, emit_routing
-from passes.dispatch_combine import (accumulation, broadcast_source, dispatched_rows, row_source, scaled_rows,
+from .combine_columns import combine_column, emit_routing
+from .dispatch_combine import (accumulation, broadcast_source, dispatched_rows, row_source, scaled_rows,
                                      scaled_tiles, selection, selection_mask as _selection_mask)
-from passes.expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
-from passes.graph_utils import fake, param_name, topo_index, writes_in_place
-from passes.linear_combine import emit_combine_columns, emit_slot_weights, find_combine
-from passes.lower import first_user
-from passes.nnz import nnz_bound
-from passes.region import ExpertCall, MoERegion, Routing
+from .expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
+from .graph_utils import fake, param_name, topo_index, writes_in_place
+from .linear_combine import emit_combine_columns, emit_slot_weights, find_combine
+from .lower import first_user
+from .nnz import nnz_bound
+from .region import ExpertCall, MoERegion, Routing
 
 _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.elementwise import GRAPH, Elementwise, identify
-from passes.graph_utils import fake, module_paths, param_name
-from passes.region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
+from .elementwise import GRAPH, Elementwise, identify
+from .graph_utils import fake, module_paths, param_name
+from .region import ExpertWeights, MoERegion, Routing, WeightSource, gate_up_columns
 
 _UP_NAMES = ("gate_up_proj", "up_proj")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.region import ExpertWeights, WeightSource
+from .region import ExpertWeights, WeightSource
 
 
 @dataclass(frozen=True)

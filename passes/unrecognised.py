@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.graph_utils import fake, module_paths, param_name, writes_in_place
-from passes.region import MoERegion
-from passes.verify import ancestors as _ancestors, routing_source
+from .graph_utils import fake, module_paths, param_name, writes_in_place
+from .region import MoERegion
+from .verify import ancestors as _ancestors, routing_source
 
 _INDEXED = re.compile(r"^(\D*?)(\d+)$")
 _ROUTING_OPS = (torch.topk, "topk", torch.argmax, "argmax", torch.max, "max")

@@ -26,11 +26,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.evaluate import Evaluator, concrete_shape
-from passes.graph_utils import fake
-from passes.lower import ACTIVATIONS
-from passes.region import ExpertWeights, MoERegion
-from passes.shard import CHAIN_LAYOUTS, chain_input_columns
+from .evaluate import Evaluator, concrete_shape
+from .graph_utils import fake
+from .op_contract import ACTIVATIONS
+from .region import ExpertWeights, MoERegion
+from .shard import CHAIN_LAYOUTS, chain_input_columns
 
 TOLERANCE = 1e-6  # relative to the output's size; float64 rounding is ~1e-15
 _ROWS = 8  # rows per expert for the expert-function check

@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 
 import moeshard_compile  # noqa: F401  (installs the capture shims)
-import passes
-from passes.region import MoERegion
+from moeshard_compile import passes
+from moeshard_compile.passes.region import MoERegion
 
 
 @dataclass

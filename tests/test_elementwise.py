@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from passes.elementwise import GRAPH, Elementwise, identify
+from moeshard_compile.passes.elementwise import GRAPH, Elementwise, identify
 
 
 def traced(fn, *shapes: tuple[int, ...]) -> tuple[list[fx.Node], fx.Node]:

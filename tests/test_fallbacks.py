@@ -9,9 +9,9 @@ import torch.nn as nn
 from helpers import assert_close_to_eager
 from moe_zoo import MoEBlock, MoEConfig
 
-import passes
-import passes.lower
-import passes.pipeline
+from moeshard_compile import passes
+import moeshard_compile.passes.lower
+import moeshard_compile.passes.pipeline
 
 STYLES = ["index", "mask", "dense"]
 
@@ -214,9 +214,9 @@ def test_wrapped_activation_module_is_read_by_what_it_computes(tmp_path):
 def _failing_lower_region(monkeypatch, fail_on_call: int):
     """Make the lowering raise RuntimeError("boom") on its `fail_on_call`-th call (0-based).
 
-    passes.pipeline does `from passes.lower import lower_region`, so the name it calls lives in
+    passes.pipeline does `from .lower import lower_region`, so the name it calls lives in
     passes.pipeline; patching passes.lower alone would not reach it. Both are patched."""
-    real = passes.lower.lower_region
+    real = moeshard_compile.passes.lower.lower_region
     calls = []
 
     def lower_region(gm, region, add_weights, index, plan=None):
@@ -225,8 +225,8 @@ def _failing_lower_region(monkeypatch, fail_on_call: int):
             raise RuntimeError("boom")
         return real(gm, region, add_weights, index, plan)
 
-    monkeypatch.setattr(passes.lower, "lower_region", lower_region)
-    monkeypatch.setattr(passes.pipeline, "lower_region", lower_region)
+    monkeypatch.setattr(moeshard_compile.passes.lower, "lower_region", lower_region)
+    monkeypatch.setattr(moeshard_compile.passes.pipeline, "lower_region", lower_region)
     return calls
 
 

@@ -8,7 +8,7 @@ import torch.fx as fx
 
 import hf_tiny
 import moeshard_compile
-import passes
+from moeshard_compile import passes
 from moe_zoo import MoEBlock, MoEConfig
 
 FFN_IN = torch.ops.moeshard.gather_grouped_ffn_in.default
@@ -102,9 +102,9 @@ def test_switch_capacity_mask_kept_and_removed():
 
 def test_a_wrong_top_k_bound_is_caught_at_compile_time(monkeypatch):
     """The verifier evaluates the routing: a wrong bound skips the region, and the model stays exact."""
-    import passes.combine_columns
+    import moeshard_compile.passes.combine_columns
 
-    monkeypatch.setattr(passes.combine_columns, "nnz_bound", lambda *args: 1)
+    monkeypatch.setattr(moeshard_compile.passes.combine_columns, "nnz_bound", lambda *args: 1)
     cfg = MoEConfig(num_experts=4, top_k=2, style="dense")
     model, x = MoEBlock(cfg).eval(), torch.randn(2, 3, cfg.d_model)
     report = moeshard_compile.explain(model, x)
@@ -114,9 +114,9 @@ def test_a_wrong_top_k_bound_is_caught_at_compile_time(monkeypatch):
 
 def test_a_wrong_top_k_bound_fails_loudly_at_run_time(monkeypatch):
     """Past the verifier, the lowering re-checks the bound at run time: a wrong one raises, naming the module."""
-    import passes.combine_columns
+    import moeshard_compile.passes.combine_columns
 
-    monkeypatch.setattr(passes.combine_columns, "nnz_bound", lambda *args: 1)
+    monkeypatch.setattr(moeshard_compile.passes.combine_columns, "nnz_bound", lambda *args: 1)
     monkeypatch.setattr(passes, "verify", lambda *args: None)
     cfg = MoEConfig(num_experts=4, top_k=2, style="dense")
     model = MoEBlock(cfg).eval()

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops as kernel_ops
-from passes.lower import ACTIVATIONS
+from moeshard_compile.passes.lower import ACTIVATIONS
 
 ffn_in = torch.ops.moeshard.gather_grouped_ffn_in.default
 ffn_out = torch.ops.moeshard.grouped_ffn_out_scatter.default

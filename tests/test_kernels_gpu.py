@@ -15,7 +15,7 @@ import torch
 
 from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops  # noqa: F401  (registers the fused ops)
-from passes.lower import ACTIVATIONS
+from moeshard_compile.passes.lower import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 if torch.cuda.is_available():

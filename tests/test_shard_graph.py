@@ -15,7 +15,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 import hf_tiny
 import moeshard_compile
 from moe_zoo import MoEBlock, MoEConfig
-from passes.shard import ffn_block
+from moeshard_compile.passes.shard import ffn_block
 
 WORLD, RANK = 8, 3
 c10d = torch.ops._c10d_functional

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import hf_tiny
-import passes
+from moeshard_compile import passes
 import spellings
 from graph_capture import capture
 from moe_zoo import MoEBlock, MoEConfig
-from passes.evaluate import Evaluator
+from moeshard_compile.passes.evaluate import Evaluator
 
 
 def recognised(model, *args, **kwargs):
@@ -190,8 +190,8 @@ def test_shifted_expert_ids_of_stacked_experts_are_rejected():
 def test_the_columns_expert_code_reads_are_proven_before_sharding(chain, width, layout):
     """Which input columns each output column of copied expert code reads decides how the FFN dim
     shards (passes.shard.CHAIN_LAYOUTS); a pattern not proven leaves the region unsharded."""
-    from passes.shard import CHAIN_LAYOUTS
-    from passes.verify import _reads_columns_as
+    from moeshard_compile.passes.shard import CHAIN_LAYOUTS
+    from moeshard_compile.passes.verify import _reads_columns_as
 
     h = torch.randn(8, width, dtype=torch.float64)
     base = chain(h)
@@ -204,8 +204,8 @@ def test_stand_ins_tell_a_weight_on_the_input_from_one_on_the_output(batched):
     """The combine check swaps experts for stand-ins: a linear stand-in would take f(w x) (the
     weight scaling the expert's input, as Llama 4 does) for w f(x), and pass a record that
     computes the other."""
-    from passes.region import ExpertCall
-    from passes.verify import _stand_in
+    from moeshard_compile.passes.region import ExpertCall
+    from moeshard_compile.passes.verify import _stand_in
 
     r_ED, q_ED = torch.randn(2, 3, 4, dtype=torch.float64)
     call = ExpertCall(x=None, y=None, batched=batched)

@@ -43,10 +43,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-# Order defines the kernels' ACTIVATION code; names match passes.lower.ACTIVATIONS.
+from moeshard_compile.passes.op_contract import ACTIVATIONS
+
+# The kernels' ACTIVATION code of each activation of the op contract.
 ACTIVATION_CODES = {name: code for code, name in enumerate(
     ("identity", "relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 )}
+assert ACTIVATION_CODES.keys() == ACTIVATIONS.keys(), "every activation of the contract needs a kernel code"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import importlib.util
 
 import torch
 
-from passes.lower import ACTIVATIONS, sort_key_dtype
+from moeshard_compile.passes.op_contract import ACTIVATIONS, FFN_IN, FFN_OUT, GROUP_BY_EXPERT, sort_key_dtype
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
@@ -108,7 +108,7 @@ def _(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, activation
     return x_XD.new_empty(rows_R.shape[0], w_in_EDF.shape[2])
 
 
-@_op("moeshard::gather_grouped_ffn_in")
+@_op(FFN_IN)
 def gather_grouped_ffn_in(
     x_XD: torch.Tensor, rows_R: torch.Tensor, offs_E: torch.Tensor, w_in_EDF: torch.Tensor,
     w_gate_EDF: torch.Tensor | None, b_in_EF: torch.Tensor | None, b_gate_EF: torch.Tensor | None, activation: str,
@@ -155,7 +155,7 @@ def _(h_RF, offs_E, w_out_EFD, b_out_ED, dest_R, scale_R):
     return h_RF.new_empty(h_RF.shape[0], w_out_EFD.shape[2])
 
 
-@_op("moeshard::grouped_ffn_out_scatter")
+@_op(FFN_OUT)
 def grouped_ffn_out_scatter(
     h_RF: torch.Tensor, offs_E: torch.Tensor, w_out_EFD: torch.Tensor, b_out_ED: torch.Tensor | None,
     dest_R: torch.Tensor, scale_R: torch.Tensor | None,
@@ -168,7 +168,7 @@ def grouped_ffn_out_scatter(
     return torch.ops.moeshard.grouped_ffn_out_scatter_reference(*args)
 
 
-@_op("moeshard::group_by_expert")
+@_op(GROUP_BY_EXPERT)
 def group_by_expert(
     ids_S: torch.Tensor, weight_S: torch.Tensor, num_experts: int, top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
