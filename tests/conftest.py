@@ -26,7 +26,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles from scratch: no cache hits or recompile limits from earlier tests."""
+    """Each test compiles from scratch: no cache hits or recompile limits from the tests run before it."""
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
 

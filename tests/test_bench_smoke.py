@@ -1,6 +1,6 @@
-"""The bench scripts a GPU session runs, end to end on CPU (--smoke) or as far as CPU allows (--help, an sm_90 compile), so that they cannot rot.
+"""The bench scripts a GPU run uses, end to end on CPU (--smoke) or as far as CPU allows (--help, an sm_90 compile), so that they cannot rot.
 
-A subprocess, as the GPU session runs it: tiny shapes on CPU, every variant, about 30 s on 2 cores
+A subprocess, as a GPU run starts it: tiny shapes on CPU, every variant, about 30 s on 2 cores
 with a cold Inductor cache (conftest gives each test run its own).
 """
 
@@ -17,7 +17,7 @@ VARIANTS = {"hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard
 
 
 def run_bench(script: str, *argv: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """bench/<script> as a GPU session runs it (a subprocess from the repository root); it must succeed."""
+    """bench/<script> as a GPU run starts it (a subprocess from the repository root); it must succeed."""
     result = subprocess.run([sys.executable, f"bench/{script}", *argv], cwd=ROOT, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,5 @@
 """bench/paper_ranks.py --smoke: the real-ranks comparison on 2 spawned gloo ranks, so the script a
-multi-GPU session runs cannot rot. Checks the rows against what the shapes imply."""
+multi-GPU run uses cannot rot. Checks the rows against what the shapes imply."""
 
 import json
 import subprocess

@@ -1,6 +1,6 @@
-"""bench/paper.py --smoke end to end, so that the script a GPU session runs once cannot rot.
+"""bench/paper.py --smoke end to end, so that the script a GPU run uses cannot rot.
 
-A subprocess, as the GPU session runs it: tiny shapes on CPU, every system, every configuration;
+A subprocess, as a GPU run starts it: tiny shapes on CPU, every system, every configuration;
 the metrics checked against what the shapes imply (N = 2 ranks, T = 16 tokens per rank, D = 32).
 """
 

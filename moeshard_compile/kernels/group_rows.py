@@ -8,7 +8,7 @@ per expert, offs_E their cumsum. A counting sort, since E is known:
   _block_counts_kernel  each block counts its rows per expert -> counts_BE;
   _place_rows_kernel    each block sums counts_BE to the experts' starts and its own offsets in
                         them, then places each of its rows at that offset + its rank among the
-                        block's earlier rows of the same expert (a cumsum over one-hot ids: stable).
+                        block's preceding rows of the same expert (a cumsum over one-hot ids: stable).
 On an H100 this took 0.011 ms for 16384 rows and 64 experts, where torch.sort, the scatter_add of
 the counts, their cumsum, the // K and the weight gather took 0.051 ms (bench/dispatch.py).
 Rows whose id lies outside [0, E) are left out of every group (their outputs are not written).
