@@ -41,8 +41,10 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.moe_layer import environment  # noqa: E402
-from moeshard_compile.kernels import grouped_ffn  # noqa: E402
-from moeshard_compile.kernels.grouped_ffn import TileConfig, launch_ffn_in, launch_ffn_out  # noqa: E402
+from moeshard_compile.kernels import launch  # noqa: E402
+from moeshard_compile.kernels.ffn_in import launch_ffn_in  # noqa: E402
+from moeshard_compile.kernels.ffn_out import launch_ffn_out  # noqa: E402
+from moeshard_compile.kernels.tile_config import TileConfig  # noqa: E402
 
 D, F, E, ROWS = 768, 3072, 64, 16384
 DEVICE = torch.device("cuda")
@@ -137,12 +139,12 @@ def parts(peak: float) -> list[list]:
 @contextlib.contextmanager
 def programs(count: int):
     """Persistent launches inside get `count` programs (SMs) instead of one per SM."""
-    sm_count = grouped_ffn._sm_count
-    grouped_ffn._sm_count = lambda device_index: count
+    sm_count = launch._sm_count
+    launch._sm_count = lambda device_index: count
     try:
         yield
     finally:
-        grouped_ffn._sm_count = sm_count
+        launch._sm_count = sm_count
 
 
 def concurrently(kernel: str, crowded: Experts, crowded_tiles: TileConfig | None, crowded_sms: int,
@@ -164,7 +166,7 @@ def concurrently(kernel: str, crowded: Experts, crowded_tiles: TileConfig | None
 def split() -> list[list]:
     named = routing_parts()
     crowded, sparse = Experts(named["skew: crowded experts alone"]), Experts(named["skew: sparse experts alone"])
-    sms = grouped_ffn._sm_count(DEVICE.index or 0)
+    sms = launch._sm_count(DEVICE.index or 0)
     rows = []
     for tile_name, tiles in SPARSE_TILES.items():
         for kernel in ("ffn_in", "ffn_out"):
@@ -179,7 +181,7 @@ def coresident() -> list[list]:
     named = routing_parts()
     full, crowded, sparse = (Experts(named[name]) for name in (
         "skew: all (the target shape)", "skew: crowded experts alone", "skew: sparse experts alone"))
-    sms = grouped_ffn._sm_count(DEVICE.index or 0)
+    sms = launch._sm_count(DEVICE.index or 0)
     rows = []
     for kernel in ("ffn_in", "ffn_out"):
         for tile_name, tiles in (("128x256 w8 s4 (default)", None), ("128x128 w4 s3", CORESIDENT_TILES)):
@@ -219,7 +221,7 @@ def main(argv: list[str]) -> None:
     print(tabulate(parts(peak), headers=["rows", "kernel", "R", "experts", "ms", "TFLOP/s", "weights TB/s", "x floor"],
                    tablefmt="github", floatfmt=".4g"))
     if args.split:
-        sms = grouped_ffn._sm_count(DEVICE.index or 0)
+        sms = launch._sm_count(DEVICE.index or 0)
         print(tabulate(split(), tablefmt="github", floatfmt=".4g", headers=[
             "sparse experts' tiles", "kernel", "sparse alone ms",
             *(f"both, {sms - s} + {s} SMs" for s in SPLITS)]))

@@ -32,9 +32,9 @@ from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.expert_kernels import MODELS, Shape, make_problem  # noqa: E402
 from bench.moe_layer import DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops  # noqa: E402
 from moeshard_compile.kernels.ops import sort_by_expert  # noqa: E402
-from moeshard_compile.kernels.grouped_ffn import (  # noqa: E402
-    TileConfig, default_config, expert_bytes, launch_ffn_in, launch_ffn_out,
-)
+from moeshard_compile.kernels.ffn_in import launch_ffn_in  # noqa: E402
+from moeshard_compile.kernels.ffn_out import launch_ffn_out  # noqa: E402
+from moeshard_compile.kernels.tile_config import TileConfig, default_config, expert_bytes  # noqa: E402
 from moeshard_compile.passes.op_contract import ACTIVATIONS  # noqa: E402
 
 SHAPES = {

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops as kernel_ops
-from moeshard_compile.passes.lower import ACTIVATIONS
+from moeshard_compile.passes.op_contract import ACTIVATIONS
 
 ffn_in = torch.ops.moeshard.gather_grouped_ffn_in.default
 ffn_out = torch.ops.moeshard.grouped_ffn_out_scatter.default
@@ -247,18 +247,24 @@ def test_package_imports_without_triton():
 
 
 def test_kernel_activations_match_the_lowering():
-    assert set(require_triton().ACTIVATION_CODES) == set(ACTIVATIONS)
+    require_triton()
+    from moeshard_compile.kernels.activations import ACTIVATION_CODES
+
+    assert set(ACTIVATION_CODES) == set(ACTIVATIONS)
 
 
 def test_tf32_only_when_allowed():
     """fp32 dots use TF32 exactly when torch allows it for CUDA matmuls; other dtypes never ask."""
-    grouped_ffn, matmul = require_triton(), torch.backends.cuda.matmul
+    require_triton()
+    from moeshard_compile.kernels.launch import _input_precision_tf32
+
+    matmul = torch.backends.cuda.matmul
     before = matmul.allow_tf32
     try:
         for allowed in (False, True):
             matmul.allow_tf32 = allowed
-            assert grouped_ffn._input_precision_tf32(torch.float32) is allowed
-            assert grouped_ffn._input_precision_tf32(torch.bfloat16) is False
+            assert _input_precision_tf32(torch.float32) is allowed
+            assert _input_precision_tf32(torch.bfloat16) is False
     finally:
         matmul.allow_tf32 = before
 
@@ -272,27 +278,27 @@ def require_triton():
     """The kernel tests fail (never skip) without triton: it is in the test extras."""
     if not kernel_ops.HAS_TRITON:
         pytest.fail("triton is not installed; it is a test dependency: pip install -e '.[test]'")
-    from moeshard_compile.kernels import grouped_ffn
-
-    return grouped_ffn
 
 
 def test_persistent_tma_only_where_it_applies():
     """The default takes the persistent TMA kernel for 2-byte dtypes only, and the launch falls back
     to pointer loads for weights a TMA descriptor cannot describe."""
-    grouped_ffn = require_triton()
-    bf16, fp32 = grouped_ffn.default_config(torch.bfloat16), grouped_ffn.default_config(torch.float32)
+    require_triton()
+    from moeshard_compile.kernels.launch import _use_tma
+    from moeshard_compile.kernels.tile_config import default_config
+
+    bf16, fp32 = default_config(torch.bfloat16), default_config(torch.float32)
     assert bf16.persistent_tma and not fp32.persistent_tma
     # the programs split between sparse and crowded experts only where the rows come by TMA (measured faster there)
-    assert bf16.stream_tile_cost > 0 and grouped_ffn.default_config(torch.bfloat16, tma_rows=False).stream_tile_cost == 0
+    assert bf16.stream_tile_cost > 0 and default_config(torch.bfloat16, tma_rows=False).stream_tile_cost == 0
     cpu = torch.device("cpu")  # Triton's interpreter runs descriptors, so only the layouts decide here
     w_EDF = torch.empty(4, 32, 48, dtype=torch.bfloat16)
-    assert grouped_ffn._use_tma(bf16, cpu, w_EDF, None)
-    assert not grouped_ffn._use_tma(replace(bf16, persistent_tma=False), cpu, w_EDF)
-    assert not grouped_ffn._use_tma(bf16, cpu, torch.empty(4, 48, 32, dtype=torch.bfloat16).transpose(1, 2))
-    assert not grouped_ffn._use_tma(bf16, cpu, torch.empty(4, 32, 21, dtype=torch.bfloat16))  # 42-byte rows
-    assert not grouped_ffn._use_tma(bf16, cpu, torch.empty(4 * 32 * 48 + 1, dtype=torch.bfloat16)[1:].view(4, 32, 48))
-    assert not grouped_ffn._use_tma(bf16, cpu, w_EDF, torch.empty(4, 32, 21, dtype=torch.bfloat16))  # gate too
+    assert _use_tma(bf16, cpu, w_EDF, None)
+    assert not _use_tma(replace(bf16, persistent_tma=False), cpu, w_EDF)
+    assert not _use_tma(bf16, cpu, torch.empty(4, 48, 32, dtype=torch.bfloat16).transpose(1, 2))
+    assert not _use_tma(bf16, cpu, torch.empty(4, 32, 21, dtype=torch.bfloat16))  # 42-byte rows
+    assert not _use_tma(bf16, cpu, torch.empty(4 * 32 * 48 + 1, dtype=torch.bfloat16)[1:].view(4, 32, 48))
+    assert not _use_tma(bf16, cpu, w_EDF, torch.empty(4, 32, 21, dtype=torch.bfloat16))  # gate too
 
 
 def run_self(mode: str, interpret: bool) -> str:
@@ -336,7 +342,9 @@ def run_interpreted() -> None:
     import triton.language as tl
     from triton.runtime.interpreter import InterpreterBuilder
 
-    from moeshard_compile.kernels.grouped_ffn import TileConfig, launch_ffn_in, launch_ffn_out
+    from moeshard_compile.kernels.ffn_in import launch_ffn_in
+    from moeshard_compile.kernels.ffn_out import launch_ffn_out
+    from moeshard_compile.kernels.tile_config import TileConfig
 
     # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584, 3.6 to 3.9 at least):
     # give it the values; on a GPU bf16 products are exact in the fp32 accumulator, as here.
@@ -396,7 +404,7 @@ def check_tile_schedule() -> None:
 
     import triton
 
-    from moeshard_compile.kernels.grouped_ffn import num_tiles
+    from moeshard_compile.kernels.schedule import num_tiles
 
     rng = random.Random(0)
     for trial in range(60):
@@ -436,7 +444,7 @@ def check_program_split() -> None:
 
     import triton
 
-    from moeshard_compile.kernels.grouped_ffn import num_tiles
+    from moeshard_compile.kernels.schedule import num_tiles
 
     rng = random.Random(1)
     for trial in range(40):
@@ -472,7 +480,7 @@ if kernel_ops.HAS_TRITON:  # a module-level kernel: the interpreter resolves _ti
     import triton
     import triton.language as tl
 
-    from moeshard_compile.kernels.grouped_ffn import _schedule, _share, _tile
+    from moeshard_compile.kernels.schedule import _schedule, _share, _tile
 
     @triton.jit
     def schedule_kernel(offs_ptr, expert_ptr, m_ptr, R, E, NUM_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -516,7 +524,7 @@ def compile_cases():
 
 
 def kernel_activation(name: str) -> int:
-    from moeshard_compile.kernels.grouped_ffn import ACTIVATION_CODES
+    from moeshard_compile.kernels.activations import ACTIVATION_CODES
 
     return ACTIVATION_CODES[name]
 
@@ -532,17 +540,19 @@ UNIT_STRIDES = {"ffn_in": ("stride_xD", "stride_wF", "stride_gF", "stride_bF", "
 def run_compile() -> None:
     """Both kernels for sm_90 with the default tiles, specialized as the GPU launch specializes them
     (16-divisible pointers and strides, unit strides constant, so loads pipeline as there)."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from moeshard_compile.kernels import grouped_ffn
+    from moeshard_compile.kernels.tile_config import default_config
 
     index_args = {"rows_ptr", "offs_ptr", "dest_ptr"}
     for name, dtype, flags, tma in compile_cases():
-        config = grouped_ffn.default_config(torch.float32 if dtype == "fp32" else torch.bfloat16, flags.get("GATED", False))
+        config = default_config(torch.float32 if dtype == "fp32" else torch.bfloat16, flags.get("GATED", False))
         assert not tma or config.persistent_tma, f"{name} {dtype}: the default config has no persistent TMA kernel"
-        kernel = getattr(grouped_ffn, f"_{name}_kernel")
+        kernel = getattr(importlib.import_module(f"moeshard_compile.kernels.{name}"), f"_{name}_kernel")
         constexprs = {**flags, "NUM_N": 6, "E_POW2": 64, "EVEN_K": dtype == "bf16", "EVEN_N": dtype == "bf16",
                       "ZIGZAG": not tma, "PERSISTENT_TMA": tma, "TMA_ROWS": tma and dtype == "bf16",
                       "STREAM_TILE_COST": config.stream_tile_cost, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,

@@ -15,11 +15,13 @@ import torch
 
 from helpers import grouping_by_definition
 from moeshard_compile.kernels import ops  # noqa: F401  (registers the fused ops)
-from moeshard_compile.passes.lower import ACTIVATIONS
+from moeshard_compile.passes.op_contract import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 if torch.cuda.is_available():
-    from moeshard_compile.kernels import grouped_ffn
+    from moeshard_compile.kernels.ffn_in import launch_ffn_in
+    from moeshard_compile.kernels.ffn_out import launch_ffn_out
+    from moeshard_compile.kernels.tile_config import STREAM_TILE_COST, default_config
 
 ffn_in = torch.ops.moeshard.gather_grouped_ffn_in.default
 ffn_out = torch.ops.moeshard.grouped_ffn_out_scatter.default
@@ -90,11 +92,11 @@ def test_kernels_match_float64_on_gpu(dtype, routing, gated, loop):
 
     run_in, run_out = ffn_in, ffn_out
     if loop != "default":
-        config = grouped_ffn.default_config(dtype, gated)
+        config = default_config(dtype, gated)
         config = (dataclasses.replace(config, persistent_tma=False) if loop == "per_tile" else
-                  dataclasses.replace(config, tma_rows=True, stream_tile_cost=grouped_ffn.STREAM_TILE_COST))
-        run_in = functools.partial(grouped_ffn.launch_ffn_in, config=config)
-        run_out = functools.partial(grouped_ffn.launch_ffn_out, config=config)
+                  dataclasses.replace(config, tma_rows=True, stream_tile_cost=STREAM_TILE_COST))
+        run_in = functools.partial(launch_ffn_in, config=config)
+        run_out = functools.partial(launch_ffn_out, config=config)
     poison_allocator(dtype)
     h_RF = run_in(x_XD, rows_R, offs_E, w_in, w_gate, b_in, b_gate, activation)
     poison_allocator(dtype)

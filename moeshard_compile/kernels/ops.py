@@ -37,7 +37,8 @@ from moeshard_compile.passes.op_contract import ACTIVATIONS, FFN_IN, FFN_OUT, GR
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     from moeshard_compile.kernels.group_rows import MAX_EXPERTS, launch_group_by_expert
-    from moeshard_compile.kernels.grouped_ffn import launch_ffn_in, launch_ffn_out
+    from moeshard_compile.kernels.ffn_in import launch_ffn_in
+    from moeshard_compile.kernels.ffn_out import launch_ffn_out
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
