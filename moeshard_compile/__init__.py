@@ -8,7 +8,7 @@ registers the `moeshard::` ops and installs the capture shims for HF experts.
 
 from moeshard_compile import capture
 from moeshard_compile.kernels import ops  # noqa: F401  (registers torch.ops.moeshard)
-from moeshard_compile.backend import moeshard_backend
+from moeshard_compile.backend import make_backend, moeshard_backend
 from moeshard_compile.distributed import CollectiveFailedError, RankMismatchError
 from moeshard_compile.explain import explain
 from moeshard_compile.options import OptionError, Options
@@ -17,5 +17,5 @@ from moeshard_compile.weights import ReleasedError
 
 capture.install()
 
-__all__ = ["moeshard_backend", "explain", "Options", "OptionError", "Report", "RankMismatchError",
+__all__ = ["moeshard_backend", "make_backend", "explain", "Options", "OptionError", "Report", "RankMismatchError",
            "CollectiveFailedError", "ReleasedError"]

@@ -1,6 +1,6 @@
 """The `moeshard` Dynamo backend: recognise MoE regions, rewrite them, hand over to Inductor.
 
-    Dynamo FX graph -> passes.recognise -> passes.rewrite -> Inductor (compile_fx)
+    Dynamo FX graph -> passes.recognise, prepare, verify, rewrite -> stacked weights -> Inductor (compile_fx)
 
 Graphs without MoE regions go to Inductor unchanged. Everything the backend did is recorded
 in a Report (and, with `dump_dir`, written next to each graph's code before/after).
@@ -47,7 +47,8 @@ moeshard_backend._moeshard = True  # lets the capture shims recognise moeshard a
 
 
 def make_backend(opts: Options, report: Report) -> Callable:
-    """A moeshard backend that records into `report` (for explain and tests)."""
+    """A moeshard backend that records into `report`: for explain, and for a compiled model whose
+    report or rewritten graphs (`report.rewritten_graphs`) you want to read."""
 
     def backend(gm: fx.GraphModule, example_inputs: list) -> Callable:
         return compile_graph(gm, example_inputs, opts, report)
@@ -67,6 +68,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     plan, group = distributed.resolve(opts)
     try:
         regions = passes.recognise(gm)
+        passes.prepare(gm, regions)
     except Exception as error:  # a graph no recogniser can read must still run, unchanged
         reason = _first_line("recognition failed", error)
         log.warning("moeshard: graph %d compiled unchanged, %s", graph_id, reason)
@@ -76,7 +78,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if fallback:
         report.fallbacks.append({"graph": graph_id, "reason": fallback})
         for region in regions:
-            if region.status == "recognised":
+            if region.status is passes.Status.RECOGNISED:
                 region.skip(fallback)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     started = time.perf_counter()
@@ -85,10 +87,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     unrecognised = find_unrecognised(gm, regions)
     if plan is not None:
         distributed.check_fits(regions, plan)
-    feed = WeightFeed(gm, example_inputs, with_digest=plan is not None, fingerprint=opts.weight_check == "fingerprint")
-    attempted = [r for r in regions if r.status == "recognised"]
+    attempted = [r for r in regions if r.status is passes.Status.RECOGNISED]
     try:
-        passes.rewrite(gm, regions, feed.add_weights, dropless=opts.dropless, plan=plan)
+        sources = passes.rewrite(gm, regions, dropless=opts.dropless, plan=plan)
+        feed = WeightFeed(gm, example_inputs, sources, with_digest=plan is not None,
+                          fingerprint=opts.weight_check == "fingerprint")
         chunked = plan is not None and plan.input_mode == "data_parallel" and plan.comm_chunks > 1
         compiled = _lower(gm, example_inputs, feed.tensors(), opts, keep_comm_order=chunked and bool(attempted))
     except Exception as error:  # keep the model working: compile the original graph, say why
@@ -102,12 +105,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         gm, feed = original, WeightFeed(original, example_inputs)
         compiled = _lower(original, example_inputs, [], opts)
     _refuse_released(gm, example_inputs)
-    feed.describe([r for r in regions if r.status == "rewritten"])
+    report.rewritten_graphs.append(gm)
     if opts.release_unsharded and plan is not None:
         feed.release_unsharded()
+    rewritten = [r for r in regions if r.status is passes.Status.REWRITTEN]
+    held = dict(zip(rewritten, feed.held()))
     for region in regions:
-        log.info("moeshard: %s %s (%s) %s", region.module, region.status, region.form, region.reason)
-    rows = [region_row(graph_id, r) for r in regions]
+        log.info("moeshard: %s %s (%s) %s", region.module, region.status.value, region.form, region.reason)
+    rows = [region_row(graph_id, r, plan, held.get(r), opts.dropless) for r in regions]
     rows += [unrecognised_row(graph_id, u) for u in unrecognised]
     report.regions += rows
     _warn_skipped(graph_id, [row for row in rows if row["status"] != "rewritten"])
@@ -118,7 +123,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if group is None or not regions:
         return feed.bind(compiled)
     # every rank that found MoE regions takes part in the check, also one that runs them unsharded
-    rewritten = [r for r in regions if r.status == "rewritten"]
     check = distributed.RankCheck(group, opts, rewritten, skipped=len(regions) - len(rewritten))
     if not rewritten:
         return _checked(compiled, check)

@@ -29,6 +29,7 @@ def explain(model: torch.nn.Module, *args, options=None, **kwargs) -> Report:
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, GuardOnDataDependentSymNode):  # not one graph
             report.regions.clear()
             report.fallbacks.clear()
+            report.rewritten_graphs.clear()
             report.graphs = 0
             torch.compile(model, backend=backend)(*args, **kwargs)
     report.note_graph_breaks()  # breaks found after the last graph too

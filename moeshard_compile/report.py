@@ -7,10 +7,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.fx as fx
 from tabulate import tabulate
 
-from moeshard_compile.passes.region import MoERegion
+from moeshard_compile.passes.capacity import describe
+from moeshard_compile.passes.region import MoERegion, Status
+from moeshard_compile.passes.shard import ShardPlan
 from moeshard_compile.passes.unrecognised import Unrecognised
+from moeshard_compile.weights import Held
 
 COLUMNS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
@@ -26,10 +30,16 @@ def dynamo_breaks() -> Counter:
     return Counter(counters["graph_break"])
 
 
-def region_row(graph: int, region: MoERegion) -> dict:
-    row = {name: getattr(region, name) for name in COLUMNS + SHARD_FIELDS}
-    row["dtype"] = str(region.dtype).removeprefix("torch.")
-    row["ffn_block"] = list(region.ffn_block) if region.ffn_block else None
+def region_row(graph: int, region: MoERegion, plan: ShardPlan | None, held: Held | None, dropless: bool) -> dict:
+    """A region's row: the record, the plan it was lowered with and what its weights hold."""
+    row = {name: getattr(region, name) for name in COLUMNS if hasattr(region, name)}
+    row.update(dtype=str(region.dtype).removeprefix("torch."), status=region.status.value,
+               capacity=describe(region, dropless), world_size=1, input_mode="", ffn_block=None,
+               shard_shapes={}, expert_bytes=0, expert_bytes_per_rank=0)
+    if plan is not None and region.status is Status.REWRITTEN:
+        row.update(world_size=plan.world_size, input_mode=plan.input_mode, ffn_block=list(plan.ffn_block(region.d_ff)))
+    if held is not None:
+        row.update(shard_shapes=held.shapes, expert_bytes=held.expert_bytes, expert_bytes_per_rank=held.nbytes)
     return {"graph": graph, **row}
 
 
@@ -61,13 +71,16 @@ class Report:
 
     `regions`: dicts with the COLUMNS fields (and "graph", the graph's index);
     `graph_breaks`: Dynamo's reasons for splitting the model into several graphs;
-    `fallbacks`: graphs compiled unchanged as a whole, with the reason.
+    `fallbacks`: graphs compiled unchanged as a whole, with the reason;
+    `rewritten_graphs`: each graph as the backend handed it on (to Inductor), to inspect in tests
+    or by hand (`print(gm.code)`); not written to the dump, which has them as files.
     """
 
     regions: list[dict] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     fallbacks: list[dict] = field(default_factory=list)
     graphs: int = 0
+    rewritten_graphs: list[fx.GraphModule] = field(default_factory=list, repr=False)
     verify_seconds: float = 0.0  # compile time spent checking records against their graphs (passes.verify)
     # Dynamo counts graph breaks per process; those already counted here are left out
     breaks_before: Counter = field(default_factory=Counter, repr=False)

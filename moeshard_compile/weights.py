@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from moeshard_compile.passes.region import MoERegion, WeightSource
+from moeshard_compile.passes.region import WeightSource
 
 _SAMPLES_PER_PARAM = 32
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -192,7 +193,7 @@ def _rebuild(key: tuple, source: WeightSource, params: list[torch.Tensor], with_
 def _stacked(source: WeightSource, params: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
     with torch.no_grad():
         weights = source.stack([p.detach() for p in params])
-    stacked = {name: t for name, t in weights.tensors().items() if t is not None}
+    stacked = weights.present()
     return list(stacked), list(stacked.values())
 
 
@@ -215,43 +216,37 @@ class _RegionWeights:
         return _rebuild(_key(self.source, params), self.source, params, self.with_digest, new=False)
 
 
-class WeightFeed:
-    """The stacked weights of one graph's rewritten regions, appended to its inputs at each call.
+@dataclass(frozen=True)
+class Held:
+    """What one rewritten region's stacked weights hold on this rank, for the report."""
 
+    shapes: dict[str, list[int]]  # each stacked tensor's shape
+    nbytes: int  # their bytes (this rank's shard)
+    expert_bytes: int  # bytes of the user's expert parameters they are made from (all experts, unsharded)
+
+
+class WeightFeed:
+    """The stacked weights of one rewritten graph, appended to its inputs at each call.
+
+    `sources` (passes.rewrite's result) say how each group of the graph's weight inputs is
+    stacked from its parameters; they are stacked now, from the example inputs.
     with_digest: keep an exact checksum of every copy's parameters (sharded graphs: the ranks
     compare them, moeshard_compile.distributed). fingerprint: compare the copies' fingerprints
     at every call (Options.weight_check)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, with_digest: bool = False, fingerprint: bool = True):
-        self.gm, self.example_inputs, self.with_digest = gm, list(example_inputs), with_digest
-        self.fingerprint = fingerprint
-        self.input_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.regions: list[_RegionWeights] = []
-        self.built: list[tuple[list[str], list[torch.Tensor]]] = []  # at compile time, per region
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, sources: list[WeightSource] = (),
+                 with_digest: bool = False, fingerprint: bool = True):
+        self.example_inputs, self.fingerprint = list(example_inputs), fingerprint
+        input_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        self.regions = [_RegionWeights(s, [input_index[n] for n in s.inputs], with_digest) for s in sources]
+        self.built = [(stacked.names, stacked.tensors) for stacked, _ in (r.stack(self.example_inputs) for r in self.regions)]
         self.release_pending = False
 
-    def add_weights(self, prefix: str, source: WeightSource) -> dict[str, fx.Node]:
-        """Stack `source` now and append one placeholder per stacked tensor."""
-        region = _RegionWeights(source, [self.input_index[n] for n in source.inputs], self.with_digest)
-        self.regions.append(region)
-        stacked, _ = region.stack(self.example_inputs)
-        names = stacked.names
-        self.built.append((names, stacked.tensors))
-        graph = self.gm.graph
-        last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        nodes = {}
-        with graph.inserting_after(last_placeholder):
-            for name in reversed(names):
-                nodes[name] = graph.placeholder(f"{prefix}{name}")
-        return nodes
-
-    def describe(self, regions: list[MoERegion]) -> None:
-        """Record on each rewritten region (in lowering order) what it holds: shapes and bytes."""
-        assert len(regions) == len(self.regions), "one stacked set per rewritten region"
-        for region, weights, (names, tensors) in zip(regions, self.regions, self.built):
-            region.shard_shapes = {name: list(t.shape) for name, t in zip(names, tensors)}
-            region.expert_bytes_per_rank = sum(t.nbytes for t in tensors)
-            region.expert_bytes = sum(self.example_inputs[i].nbytes for i in weights.indices)
+    def held(self) -> list[Held]:
+        """What each rewritten region (in lowering order) holds: shapes and bytes."""
+        return [Held(shapes={name: list(t.shape) for name, t in zip(names, tensors)}, nbytes=sum(t.nbytes for t in tensors),
+                     expert_bytes=sum(self.example_inputs[i].nbytes for i in weights.indices))
+                for weights, (names, tensors) in zip(self.regions, self.built)]
 
     def release_unsharded(self) -> None:
         """At the first call (Dynamo has built its guards by then), free the user's expert parameters."""

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import spellings, static_int
-from .region import MoERegion
+from .region import MoERegion, Status
 
 _COMPARE = spellings("le") + spellings("lt")
 _STOP = (torch._C._nn.linear, F.linear, operator.matmul, torch.matmul)
@@ -37,11 +37,18 @@ def find_capacity_limits(region: MoERegion) -> list[fx.Node]:
     return found
 
 
-def describe(limits: list[fx.Node]) -> str | None:
+def describe(region: MoERegion, dropless: bool) -> str | None:
+    """The region's capacity limit as the compiled graph applies it, for the report."""
+    limits = region.capacity_limits
     if not limits:
         return None
+    if dropless and region.status is Status.REWRITTEN and not region.fixed_slots:
+        return "removed (dropless=True)"
     values = sorted({str(static_int(n.args[1]) if static_int(n.args[1]) is not None else n.args[1]) for n in limits})
-    return f"expert_capacity={'/'.join(values)} (tokens past it are dropped, as in the model)"
+    kept = f"expert_capacity={'/'.join(values)} (tokens past it are dropped, as in the model)"
+    if dropless and region.status is Status.REWRITTEN:
+        return kept + "; kept with dropless=True: the model's dispatch tensor has that many slots per expert"
+    return kept
 
 
 def remove_capacity_limits(graph: fx.Graph, limits: list[fx.Node]) -> None:

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from .dispatch_combine import Accumulation, Selection
 from .graph_utils import fake, static_int
-from .lower import Emitter, first_user
+from .emit import Emitter, first_user
 from .nnz import nnz_bound
 from .region import MoERegion, Routing
 
@@ -117,7 +117,7 @@ def emit_routing(gm: fx.GraphModule, region: MoERegion, columns: list[Column]) -
         if combine_TE is None:
             cols = [_emit_column(emit, c, e, T) for e, c in enumerate(columns)]
             combine_TE = emit.fn(torch.stack, cols, 1, name="combine_TE")
-    return Routing(combine_TE=combine_TE, top_k=_top_k_bound(columns, T, region.num_experts))
+    return Routing(combine_TE=combine_TE)
 
 
 def _emit_alike(emit, columns: list[Column]) -> fx.Node | None:
@@ -195,7 +195,7 @@ def _align(emit, weight: fx.Node, dims: tuple, ndim: int, name: str) -> fx.Node:
     return weight
 
 
-def _top_k_bound(columns: list[Column], T, num_experts: int) -> int:
+def top_k_bound(columns: list[Column], T, num_experts: int) -> int:
     """An upper bound on the experts per token, proven from how the routing was computed.
 
     See passes.nnz: one_hot / ids == e give numel(ids) / T per token, products keep the

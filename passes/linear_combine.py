@@ -195,14 +195,12 @@ def emit_combine_columns(graph: fx.Graph, combine: Combine, calls: list[ExpertCa
 
 
 def emit_slot_weights(graph: fx.Graph, combine: Combine, y: fx.Node, tokens: fx.Node, before: fx.Node,
-                      prefix: str) -> tuple[fx.Node, fx.Node | None] | None:
+                      prefix: str) -> tuple[fx.Node, fx.Node | None]:
     """(weights_TK, base_TD) of a combine of per-slot outputs y ([T, K, D], or [T, D] for one
     slot): the combine copied with y's slot k replaced by rows holding a 1 in column k (and, for
-    an affine combine, minus its copy on zeros). None where the slots outnumber the columns."""
+    an affine combine, minus its copy on zeros). Needs K <= D (a column per slot)."""
     value, d_model = fake(y), fake(tokens).shape[-1]
     K = value.shape[1] if value.dim() == 3 else 1
-    if not isinstance(K, int) or K > d_model:
-        return None
     with graph.inserting_before(before):
         zeros_TD = graph.call_function(torch.zeros_like, (tokens,), {"dtype": value.dtype})
         if value.dim() == 3:

@@ -31,44 +31,26 @@ Every recogniser feeds this function, so sharding and faster kernels change this
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from .graph_utils import fake, static_int
 from .op_contract import FFN_IN, FFN_OUT, GROUP_BY_EXPERT, op, sort_key_dtype
+from .emit import Emitter, first_user
 from .region import MoERegion, Routing, WeightSource
 from .shard import ShardPlan, sharded
 
 c10d = torch.ops._c10d_functional
 
 
-# Called once per region with its weight source: stacks the weights and returns one new graph
-# input (placeholder) per stacked tensor, by ExpertWeights field name.
-AddWeights = Callable[[str, "WeightSource"], dict[str, fx.Node]]
-
-
-class Emitter:
-    """Appends named nodes before an anchor; keeps the lowering below readable."""
-
-    def __init__(self, graph: fx.Graph, prefix: str):
-        self.graph, self.prefix = graph, prefix
-
-    def fn(self, target, *args, name: str, **kwargs) -> fx.Node:
-        return self.graph.create_node("call_function", target, args, kwargs, name=f"{self.prefix}{name}")
-
-    def method(self, target: str, *args, name: str, **kwargs) -> fx.Node:
-        return self.graph.create_node("call_method", target, args, kwargs, name=f"{self.prefix}{name}")
-
-
-def lower_region(
-    gm: fx.GraphModule, region: MoERegion, add_weights: AddWeights, index: int, plan: ShardPlan | None = None
-) -> None:
+def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardPlan | None = None) -> WeightSource:
     """Replace `region.output_TD` by the grouped computation and erase the old region.
 
     With a ShardPlan this rank computes its FFN block of every expert (passes/shard.py) and
-    the collectives of `plan.input_mode` join the partial results.
+    the collectives of `plan.input_mode` join the partial results. The stacked weights are new
+    graph inputs, after the graph's own: returns the source they are stacked from.
     """
     graph = gm.graph
     routing, E = region.routing, region.num_experts
@@ -76,15 +58,13 @@ def lower_region(
     emit = Emitter(graph, f"moe{index}_")
     weights = region.weights
     if plan is not None:
-        region.ffn_block = plan.ffn_block(region.d_ff)
-        region.world_size, region.input_mode = plan.world_size, plan.input_mode
-        weights = sharded(weights, region.ffn_block, region.chain_layout)
+        weights = sharded(weights, plan.ffn_block(region.d_ff), region.chain_layout)
     data_parallel = plan is not None and plan.input_mode == "data_parallel"
     with graph.inserting_before(first_user(region)):
-        w = add_weights(f"moe{index}_", weights)
+        w = _add_weight_inputs(graph, f"moe{index}_", weights)
+        K = region.top_k
         if routing.ids_TK is None:
-            routing = _topk_from_combine(emit, routing, E, region.module)
-        K = routing.top_k
+            routing = _topk_from_combine(emit, routing, E, K, region.module)
 
         # dispatch: group this rank's T*K (token, slot) rows by expert
         ids_S = emit.method("reshape", routing.ids_TK, -1, name="ids_S")
@@ -95,8 +75,8 @@ def lower_region(
             for i, name in enumerate(("order_S", "token_S", "weight_sorted_S", "counts_E", "offs_E")))
         experts = _ExpertFFN(emit, w, region.activation, region.expert_chain)
         rows_XD, row_S = region.tokens_TD, token_S  # what the first matmul gathers its rows from
-        if region.input_scale_TE is not None:  # the router scales each expert's input: one row per (token, slot)
-            scale_TK = emit.fn(torch.gather, region.input_scale_TE, 1, routing.ids_TK, name="input_scale_TK")
+        if routing.input_scale_TE is not None:  # the router scales each expert's input: one row per (token, slot)
+            scale_TK = emit.fn(torch.gather, routing.input_scale_TE, 1, routing.ids_TK, name="input_scale_TK")
             repeated_SD = emit.method("repeat_interleave", region.tokens_TD, K, 0, name="tokens_SD")
             scaled_SD = emit.fn(operator.mul, repeated_SD, emit.method("reshape", scale_TK, -1, 1, name="input_scale_S1"),
                                 name="scaled_tokens_SD")
@@ -116,8 +96,8 @@ def lower_region(
             acc_TD = emit.method("sum", y_TKD, 1, name="sum_TD")
             if plan is not None:  # replicated: every rank holds partial sums of the same tokens
                 acc_TD = _collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
-        if region.base_TD is not None:  # the combine's own term without experts (a clone it writes into)
-            base_TD = emit.method("reshape", region.base_TD, emit.method("size", acc_TD, name="acc_size"), name="base_TD")
+        if routing.base_TD is not None:  # the combine's own term without experts (a clone it writes into)
+            base_TD = emit.method("reshape", routing.base_TD, emit.method("size", acc_TD, name="acc_size"), name="base_TD")
             acc_TD = emit.fn(operator.add, acc_TD, base_TD, name="with_base_TD")
         out_TD = emit.method("to", acc_TD, out_dtype, name="out_TD")
 
@@ -125,6 +105,7 @@ def lower_region(
     for node in reversed(region.erase):
         if not node.users:
             graph.erase_node(node)
+    return weights
 
 
 class _ExpertFFN:
@@ -257,14 +238,13 @@ def _wait(emit: Emitter, start: fx.Node, name: str) -> fx.Node:
     return emit.fn(c10d.wait_tensor.default, start, name=name)
 
 
-def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
+def _topk_from_combine(emit: Emitter, routing: Routing, num_experts: int, K: int, module: str) -> Routing:
     """Dense [T, E] combine weights -> the K non-zero (expert, weight) pairs of each row.
 
     K bounds the non-zero, non-NaN entries of a row (passes.nnz); a NaN can stand anywhere, as
     0 * NaN does in the model's own combine. A NaN weight makes the token's output NaN in every
     element, as in the model, so NaN entries are taken first: every other token stays exact."""
     combine_TE = routing.combine_TE
-    K = routing.top_k
     routed_TE = emit.fn(operator.ne, combine_TE, 0, name="routed_TE")
     nan_TE = emit.fn(torch.isnan, combine_TE, name="nan_TE")
     if K < num_experts:
@@ -284,7 +264,7 @@ def _topk_from_combine(emit: Emitter, routing, num_experts: int, module: str):
     topk = emit.fn(torch.topk, priority_TE, K, dim=-1, name="topk")
     ids_TK = emit.fn(operator.getitem, topk, 1, name="ids_TK")
     weights_TK = emit.fn(torch.gather, combine_TE, 1, ids_TK, name="weights_TK")
-    return Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)
+    return replace(routing, ids_TK=ids_TK, weights_TK=weights_TK, combine_TE=None)
 
 
 def copy_chain(graph: fx.Graph, chain: tuple[fx.Node, fx.Node], h: fx.Node) -> fx.Node:
@@ -302,12 +282,18 @@ def copy_chain(graph: fx.Graph, chain: tuple[fx.Node, fx.Node], h: fx.Node) -> f
     return env[sink]
 
 
-def first_user(region: MoERegion) -> fx.Node:
-    """Insertion point: just before the first node that reads the region's output."""
-    erase = set(region.erase)
-    users = [u for u in region.output_TD.users if u not in erase]
-    order = {n: i for i, n in enumerate(region.output_TD.graph.nodes)}
-    return min(users, key=order.__getitem__)
+def _add_weight_inputs(graph: fx.Graph, prefix: str, source: WeightSource) -> dict[str, fx.Node]:
+    """One graph input per tensor `source` stacks, after the graph's last input, by ExpertWeights
+    field name; which tensors it stacks is read off stacking meta stand-ins of its inputs."""
+    stand_ins = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+                 for v in (fake(n) for n in source.inputs)]
+    names = list(source.stack(stand_ins).present())
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    nodes = {}
+    with graph.inserting_after(last_input):
+        for name in reversed(names):
+            nodes[name] = graph.placeholder(f"{prefix}{name}")
+    return nodes
 
 
 def _replace_uses_after(region: MoERegion, new: fx.Node) -> None:

@@ -1,15 +1,15 @@
-"""recognise -> (checks) -> rewrite, over one Dynamo graph."""
+"""recognise -> prepare -> (verify) -> rewrite, over one Dynamo graph."""
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from .capacity import describe, find_capacity_limits, remove_capacity_limits
-from .lower import AddWeights, lower_region
+from .capacity import find_capacity_limits, remove_capacity_limits
+from .lower import lower_region
 from .recognise_loop import recognise_loops
 from .recognise_stacked import recognise_stacked
-from .region import MoERegion
+from .region import MoERegion, Status, WeightSource
 from .shard import ShardPlan
 
 _ASSERTS = (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)
@@ -19,59 +19,62 @@ _EMITTED = "moeshard_emitted"
 
 
 def recognise(gm: fx.GraphModule) -> list[MoERegion]:
-    """Every MoE region of the graph, in graph order. Recognisers never modify semantics;
-    the loop recogniser adds the (dead until rewritten) nodes computing its combine weights,
-    marked so that `rewrite` removes those of regions it does not rewrite."""
-    before = set(gm.graph.nodes)
+    """Every MoE region of the graph, in graph order; the graph is left as it is."""
     stacked = recognise_stacked(gm)
-    loops = recognise_loops(gm, {n for r in stacked if r.status == "recognised" for n in r.erase})
+    loops = recognise_loops(gm, {n for r in stacked if r.status is Status.RECOGNISED for n in r.erase})
     # where transformers' experts contract could not be read, the loop recogniser reads by meaning
-    found = {n for r in loops if r.status == "recognised" for n in r.erase}
-    regions = [r for r in stacked if r.status == "recognised" or not found.intersection(r.erase)] + loops
+    found = {n for r in loops if r.status is Status.RECOGNISED for n in r.erase}
+    regions = [r for r in stacked if r.status is Status.RECOGNISED or not found.intersection(r.erase)] + loops
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(regions, key=lambda r: order.get(r.output_TD, len(order)))
+
+
+def prepare(gm: fx.GraphModule, regions: list[MoERegion]) -> None:
+    """Build each recognised region's routing (emitting the combine weights it reads off the
+    model's code, dead until rewritten and marked so that `rewrite` removes those of regions
+    it does not rewrite) and find the capacity limits its router applies."""
+    before = set(gm.graph.nodes)
     for region in regions:
-        if region.routing is not None:
+        if region.status is Status.RECOGNISED:
+            region.routing = region.route()
             region.capacity_limits = find_capacity_limits(region)
-            region.capacity = describe(region.capacity_limits)
     for node in gm.graph.nodes:
         if node not in before:
             node.meta[_EMITTED] = True
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(regions, key=lambda r: order.get(r.output_TD, len(order)))
 
 
 def rewrite(
     gm: fx.GraphModule,
     regions: list[MoERegion],
-    add_weights: AddWeights,
     dropless: bool = False,
     plan: ShardPlan | None = None,
-) -> None:
-    """Lower every region still marked "recognised"; leave skipped ones as they are.
+) -> list[WeightSource]:
+    """Lower every region still marked recognised; leave skipped ones as they are. Returns the
+    sources of the stacked weights the rewritten graph reads after its own inputs, in order.
 
-    dropless: also remove the routers' capacity limits (changes results where tokens drop).
+    dropless: also remove the routers' capacity limits (changes results where tokens drop),
+    except where the model's dispatch tensor holds a fixed number of slots per expert.
     plan: shard every region's experts over plan.world_size ranks (None: one rank).
     """
-    rewritten = False
+    sources = []
     for index, region in enumerate(regions):
-        if region.status != "recognised":
+        if region.status is not Status.RECOGNISED:
             continue
         if plan is not None and region.activation == "graph" and region.chain_layout is None:
             region.skip("the expert's code between its projections reads its columns in a pattern other than "
                         "one to one, interleaved pairs or halves: the FFN dim cannot be sharded across ranks")
             continue
-        if dropless and region.capacity_limits and region.fixed_slots:
-            region.capacity += "; kept with dropless=True: the model's dispatch tensor has that many slots per expert"
-        elif dropless and region.capacity_limits:
+        if dropless and region.capacity_limits and not region.fixed_slots:
             remove_capacity_limits(gm.graph, region.capacity_limits)
-            region.capacity = "removed (dropless=True)"
-        lower_region(gm, region, add_weights, index, plan)
-        region.status, rewritten = "rewritten", True
+        sources.append(lower_region(gm, region, index, plan))
+        region.status = Status.REWRITTEN
     drop_unused_emitted(gm.graph)
-    if rewritten:
+    if sources:
         prune_dead_asserts(gm.graph)
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     gm.graph.lint()
     gm.recompile()
+    return sources
 
 
 def drop_unused_emitted(graph: fx.Graph) -> None:

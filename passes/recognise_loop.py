@@ -24,19 +24,20 @@ combine); this file ties them together.
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
-from .combine_columns import combine_column, emit_routing
+from .combine_columns import combine_column, emit_routing, top_k_bound
 from .dispatch_combine import (accumulation, broadcast_source, dispatched_rows, row_source, scaled_rows,
                                      scaled_tiles, selection, selection_mask as _selection_mask)
 from .expert_ffn import FFN, expert_key, expert_slices, find_ffns, stack_expert_weights
 from .graph_utils import fake, param_name, topo_index, writes_in_place
 from .linear_combine import emit_combine_columns, emit_slot_weights, find_combine
-from .lower import first_user
+from .emit import first_user
 from .nnz import nnz_bound
-from .region import ExpertCall, MoERegion, Routing
+from .region import ExpertCall, MoERegion, Routing, Status
 
 _ZEROS = (torch.zeros_like, torch.zeros, "new_zeros", "zero_")
 
@@ -54,7 +55,7 @@ def recognise_loops(gm: fx.GraphModule, claimed: set[fx.Node]) -> list[MoERegion
     for (template, *_), members in groups.items():
         ordered = [members[i] for i in sorted(members)]
         region = _recognise_group(gm, template, ordered)
-        if region is None or region.status != "recognised":
+        if region is None or region.status is not Status.RECOGNISED:
             region = _recognise_linear(gm, template, ordered) or region
         if region is not None:
             regions.append(region)
@@ -89,8 +90,8 @@ def _recognise_group(gm: fx.GraphModule, template: str, members: list[FFN]) -> M
         if column is None:
             return region.skip(f"could not read the routing weights of expert {len(columns)} ({a.kind} form)")
         columns.append(column)
-    region.routing = emit_routing(gm, region, columns)
-    region.top_k = region.routing.top_k
+    region.top_k = top_k_bound(columns, fake(tokens).shape[0], region.num_experts)
+    region.route = lambda: emit_routing(gm, region, columns)
     return region
 
 
@@ -104,14 +105,13 @@ def _region(template: str, members: list[FFN], kind: str, tokens: fx.Node, outpu
         module=_owner(template[: -len("[*]")] if stacked else template[: template.index("*")]),
         form=f"{'stacked_loop' if stacked else 'module_loop'}/{kind}",
         num_experts=len(members),
-        top_k=0,
+        top_k=None,  # the caller's: proven from the routing code
         d_model=fake(tokens).shape[-1],
         d_ff=width // 2 if gated and len(first.first) == 1 else _in_features(first.second),
         activation=first.elementwise.activation,
         gated=gated,
         has_bias=first.second.bias is not None or first.first[0].bias is not None,
         dtype=fake(first.first[0].weight.param).dtype,
-        capacity=None,
         tokens_TD=tokens,
         output_TD=output,
     )
@@ -152,16 +152,21 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
         return None
     region = _region(template, members, "linear", tokens, combine.output)
     dispatch = {n for _, ns, _ in sources for n in ns} | {n for s in scaled if s for n in s[3]}
-    _emit_linear_routing(gm, region, combine, {n for m in members for n in m.nodes} | dispatch)
-    if all(scaled):  # the routing weight scales each expert's input: x[m] * w_e[m]
+    region.erase = _erased(gm, combine, {n for m in members for n in m.nodes} | dispatch)
+    scales = [s[1] for s in scaled] if all(scaled) else None  # the routing weight scales each expert's input
+
+    def route() -> Routing:
+        routing = _linear_routing(gm, region, combine)
+        if scales is None:
+            return routing
         with gm.graph.inserting_before(first_user(region)):
-            region.input_scale_TE = gm.graph.call_function(torch.cat, ([s[1] for s in scaled], 1))
+            return replace(routing, input_scale_TE=gm.graph.call_function(torch.cat, (scales, 1)))
+
     E, T = len(members), fake(tokens).shape[0]
     keys = [key for _, _, key in sources]
     # each token is routed to at most as many experts as select it; dense dispatch proves nothing
     bound = E if None in keys else max(nnz_bound(_selection_mask(k), T, E) for k in keys)
-    region.routing = Routing(combine_TE=region.routing.combine_TE, top_k=max(1, min(bound, E)))
-    region.top_k = region.routing.top_k
+    region.route, region.top_k = route, max(1, min(bound, E))
     return region
 
 
@@ -194,15 +199,20 @@ def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     region = _region(template, members, "batched", tokens, combine.output)
     region.form = "stacked/batched"
     region.expert_calls = [ExpertCall(ffn.x, ffn.y, batched=True)]
-    _emit_linear_routing(gm, region, combine, set(ffn.nodes) | set(nodes))
+    region.erase = _erased(gm, combine, set(ffn.nodes) | set(nodes))
     # every token through every expert, unless a dispatch tensor bounds the experts per token
     region.top_k = E if dispatched is None else max(1, nnz_bound(dispatch, fake(tokens).shape[0], E))
-    region.routing.top_k = region.top_k
     region.fixed_slots = dispatched is not None
-    if scaled is not None:
+
+    def route() -> Routing:
+        routing = _linear_routing(gm, region, combine)
+        if scaled is None:
+            return routing
         with gm.graph.inserting_before(first_user(region)):
             scale_ET = gm.graph.call_method("reshape", (scale_S1, E, -1))
-            region.input_scale_TE = gm.graph.call_method("t", (scale_ET,))
+            return replace(routing, input_scale_TE=gm.graph.call_method("t", (scale_ET,)))
+
+    region.route = route
     return region
 
 
@@ -221,18 +231,19 @@ def _recognise_gathered(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     template = param_name(ffn.first[0].weight.param) + "[*]"
     region = _region(template, expert_slices(ffn), "gathered", tokens, combine.output)
     region.form, region.expert_calls = "stacked/gathered", []  # verified as a whole, with its own weights
-    prefix = f"{region.module.replace('.', '_')}_"
-    slots = emit_slot_weights(gm.graph, combine, ffn.y, tokens, first_user(region), prefix)
-    if slots is None:
-        return region.skip("more routing slots per token than model columns: the per-slot weights cannot be read")
-    weights_TK, region.base_TD = slots
     K = 1 if ids_value.dim() == 1 else ids_value.shape[1]
-    with gm.graph.inserting_before(first_user(region)):
-        ids_TK = gm.graph.call_method("reshape", (ids, -1, K))
-    region.routing = Routing(ids_TK=ids_TK, weights_TK=weights_TK, top_k=K)
-    region.top_k = K
-    order = topo_index(gm.graph)
-    region.erase = sorted(set(ffn.nodes) | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
+    if not isinstance(K, int) or K > x.shape[-1]:
+        return region.skip("more routing slots per token than model columns: the per-slot weights cannot be read")
+    region.erase, region.top_k = _erased(gm, combine, set(ffn.nodes)), K
+
+    def route() -> Routing:
+        prefix = f"{region.module.replace('.', '_')}_"
+        weights_TK, base_TD = emit_slot_weights(gm.graph, combine, ffn.y, tokens, first_user(region), prefix)
+        with gm.graph.inserting_before(first_user(region)):
+            ids_TK = gm.graph.call_method("reshape", (ids, -1, K))
+        return Routing(ids_TK=ids_TK, weights_TK=weights_TK, base_TD=base_TD)
+
+    region.route = route
     return region
 
 
@@ -249,15 +260,18 @@ def _recognise_grouped(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     template = param_name(ffn.first[0].weight.param) + "[*]"
     region = _region(template, expert_slices(ffn), "grouped", ffn.x, ffn.y)
     region.form, region.expert_calls = "stacked/grouped", []  # verified as a whole, with its own weights
-    with gm.graph.inserting_before(first_user(region)):
+
+    def route() -> Routing:
         graph = gm.graph
-        experts_E = graph.call_function(torch.arange, (E,), {"device": rows.device})
-        ids_S = graph.call_function(torch.repeat_interleave, (experts_E, counts), {"output_size": rows.shape[0]})
-        ids_S1 = graph.call_method("unsqueeze", (ids_S, 1))
-        ones_S1 = graph.call_function(torch.ones_like, (ids_S1,), {"dtype": rows.dtype})
-    region.routing = Routing(ids_TK=ids_S1, weights_TK=ones_S1, top_k=1)
-    region.top_k = 1
+        with graph.inserting_before(first_user(region)):
+            experts_E = graph.call_function(torch.arange, (E,), {"device": rows.device})
+            ids_S = graph.call_function(torch.repeat_interleave, (experts_E, counts), {"output_size": rows.shape[0]})
+            ids_S1 = graph.call_method("unsqueeze", (ids_S, 1))
+            ones_S1 = graph.call_function(torch.ones_like, (ids_S1,), {"dtype": rows.dtype})
+        return Routing(ids_TK=ids_S1, weights_TK=ones_S1)
+
     order = topo_index(gm.graph)
+    region.route, region.top_k = route, 1
     region.erase = sorted(set(ffn.nodes), key=order.__getitem__)
     return region
 
@@ -274,13 +288,18 @@ def _counts_tensor(sizes) -> fx.Node | None:
     return sources[0] if sources and all(s is sources[0] for s in sources) and fake(sources[0]).dim() == 1 else None
 
 
-def _emit_linear_routing(gm: fx.GraphModule, region: MoERegion, combine, erase: set[fx.Node]) -> None:
+def _erased(gm: fx.GraphModule, combine, nodes: set[fx.Node]) -> list[fx.Node]:
+    """`nodes` and the combine's, in graph order: what dies with the rewrite."""
     order = topo_index(gm.graph)
-    region.erase = sorted(erase | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
+    return sorted(nodes | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
+
+
+def _linear_routing(gm: fx.GraphModule, region: MoERegion, combine) -> Routing:
+    """combine_TE (and base_TD) read off the model's combine run on indicator expert outputs."""
     prefix = f"{region.module.replace('.', '_')}_"
-    combine_TE, region.base_TD = emit_combine_columns(gm.graph, combine, region.expert_calls, region.num_experts,
-                                                      region.d_model, first_user(region), prefix)
-    region.routing = Routing(combine_TE=combine_TE, top_k=region.num_experts)  # the caller may prove less
+    combine_TE, base_TD = emit_combine_columns(gm.graph, combine, region.expert_calls, region.num_experts,
+                                               region.d_model, first_user(region), prefix)
+    return Routing(combine_TE=combine_TE, base_TD=base_TD)
 
 
 def _accumulator(pairs) -> tuple[fx.Node | None, fx.Node | None]:

@@ -56,9 +56,9 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
     inputs = [a for a in inputs if not param_name(a)]
     outputs = [n for n in body if any(u not in body_set for u in n.users)]
     region = MoERegion(
-        module=module, form=f"stacked/{_implementation(body)}", num_experts=E, top_k=0, d_model=0, d_ff=0, activation="?",
-        gated=up_name.endswith("gate_up_proj"), has_bias=f"{module}.down_proj_bias" in params,
-        dtype=fake(down).dtype, capacity=None,
+        module=module, form=f"stacked/{_implementation(body)}", num_experts=E, top_k=None, d_model=None, d_ff=None,
+        activation=None, gated=up_name.endswith("gate_up_proj"), has_bias=f"{module}.down_proj_bias" in params,
+        dtype=fake(down).dtype,
     )
     tokens = [a for a in inputs if fake(a).is_floating_point() and fake(a).dim() == 2 and fake(a).shape[-1] in fake(down).shape[1:]]
     ids = [a for a in inputs if not fake(a).is_floating_point() and fake(a).dim() == 2]
@@ -67,11 +67,10 @@ def _recognise_module(gm: fx.GraphModule, module: str, params: dict, up_name: st
         return region.skip(f"expected inputs (hidden_states, top_k_index, top_k_weights), found {len(inputs)} tensors")
     if len(outputs) != 1:
         return region.skip(f"expected one output tensor, found {len(outputs)}")
-    region.tokens_TD, region.output_TD = tokens[0], outputs[0]
-    region.routing = Routing(ids_TK=ids[0], weights_TK=weights[0], top_k=int(fake(ids[0]).shape[1]))
-    region.top_k = region.routing.top_k
-    D = fake(tokens[0]).shape[-1]
-    region.d_model = D
+    routing = Routing(ids_TK=ids[0], weights_TK=weights[0])  # the module's own inputs: nothing to emit
+    region.tokens_TD, region.output_TD, region.route = tokens[0], outputs[0], lambda: routing
+    region.top_k = int(fake(ids[0]).shape[1])
+    D = region.d_model = fake(tokens[0]).shape[-1]
     region.erase = body
 
     transposed = _is_transposed(up, D)

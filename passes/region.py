@@ -7,6 +7,7 @@ Shape legend used across the project:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +30,10 @@ class ExpertWeights:
     b_in_EF: torch.Tensor | None = None
     b_gate_EF: torch.Tensor | None = None
     b_out_ED: torch.Tensor | None = None
+
+    def present(self) -> dict[str, torch.Tensor]:
+        """The tensors this expert form has, by field name (the rewritten graph's weight inputs)."""
+        return {name: t for name, t in self.tensors().items() if t is not None}
 
     def tensors(self) -> dict[str, torch.Tensor | None]:
         return {
@@ -56,20 +61,23 @@ class WeightSource:
     copies: bool = False  # `stack` copies (share one stack between graphs) rather than making views
 
 
-@dataclass
+@dataclass(frozen=True)
 class Routing:
-    """Token -> expert assignment as graph nodes.
+    """Token -> expert assignment as graph nodes, built by a region's `route` (passes.prepare).
 
     Either top-k form (`ids_TK` int64 expert ids, `weights_TK` their combine weights) or
-    dense form (`combine_TE`: weight of expert e for token t, zero where not routed, and
-    `top_k`, an upper bound on the non-zeros per row). Slots whose weight is zero are
-    computed but contribute nothing, exactly as a dropped token contributes nothing.
+    dense form (`combine_TE`: weight of expert e for token t, zero where not routed, at most
+    the region's `top_k` non-zeros per row). Slots whose weight is zero are computed but
+    contribute nothing, exactly as a dropped token contributes nothing.
+    `base_TD`: what the combine yields with every expert output 0 (None: zero);
+    `input_scale_TE`: expert e reads x_t * input_scale_TE[t, e] (Llama 4's router; None: x_t).
     """
 
     ids_TK: fx.Node | None = None
     weights_TK: fx.Node | None = None
     combine_TE: fx.Node | None = None
-    top_k: int = 1
+    base_TD: fx.Node | None = None
+    input_scale_TE: fx.Node | None = None
 
 
 @dataclass(frozen=True)
@@ -85,26 +93,35 @@ class ExpertCall:
     scale: fx.Node | None = None
 
 
-@dataclass
+class Status(str, enum.Enum):
+    RECOGNISED = "recognised"  # found; rewritten unless a later check skips it
+    REWRITTEN = "rewritten"
+    SKIPPED = "skipped"  # left as the model wrote it; `reason` says why
+
+
+@dataclass(eq=False)
 class MoERegion:
-    """One MoE layer's dispatch / experts / combine, as found in a Dynamo graph."""
+    """One MoE layer's dispatch / experts / combine, as found in a Dynamo graph.
+
+    Recognition leaves the graph as it is: nodes the rewrite needs and the graph lacks (combine
+    weights read from the model's own routing code) are emitted by `route`, which
+    passes.prepare runs. Fields a recogniser could not read before skipping are None.
+    """
 
     module: str  # qualified name of the module holding the experts, e.g. "encoder.block.1.layer.1.mlp"
     form: str  # which recogniser matched, e.g. "module_loop/index_add", "stacked/grouped_mm"
     num_experts: int
-    top_k: int
-    d_model: int
-    d_ff: int
-    activation: str  # "relu", "gelu", "gelu_tanh", "silu", ..., or "graph": `expert_chain`, run as it is
+    top_k: int | None  # experts per token, at most (proven from the routing code)
+    d_model: int | None
+    d_ff: int | None
+    activation: str | None  # "relu", "gelu", "gelu_tanh", "silu", ..., or "graph": `expert_chain`, run as it is
     gated: bool
     has_bias: bool
     dtype: torch.dtype
-    capacity: str | None  # human description of a capacity limit kept from the model, None if none
     tokens_TD: fx.Node | None = None
-    routing: Routing | None = None
     output_TD: fx.Node | None = None  # node whose value the rewrite replaces
-    base_TD: fx.Node | None = None  # what the combine yields with every expert output 0 (None: zero)
-    input_scale_TE: fx.Node | None = None  # expert e reads x_t * input_scale_TE[t, e] (Llama 4's router); None: x_t
+    route: Callable[[], Routing] | None = None
+    routing: Routing | None = None  # what `route` built
     erase: list[fx.Node] = field(default_factory=list)  # nodes that die with the rewrite (side-effecting ones too)
     weights: WeightSource | None = None
     # how the graph calls the experts: one ExpertCall per expert (per-expert loops), one batched
@@ -118,17 +135,11 @@ class MoERegion:
     chain_layout: str | None = None
     capacity_limits: list[fx.Node] = field(default_factory=list)  # router comparisons that drop tokens
     fixed_slots: bool = False  # the model's dispatch tensor holds a fixed number of slots per expert (GShard)
-    status: str = "recognised"  # -> "rewritten" | "skipped"
+    status: Status = Status.RECOGNISED
     reason: str = ""
-    world_size: int = 1
-    input_mode: str = ""  # "data_parallel" | "replicated" when sharded over world_size > 1 ranks
-    ffn_block: tuple[int, int] | None = None  # this rank's [start, stop) of d_ff when sharded
-    shard_shapes: dict[str, list[int]] = field(default_factory=dict)  # stacked tensors this rank holds
-    expert_bytes: int = 0  # bytes of the user's expert parameters (all experts, unsharded)
-    expert_bytes_per_rank: int = 0  # bytes of the stacked (sharded) expert weights this rank holds
 
     def skip(self, reason: str) -> "MoERegion":
-        self.status, self.reason = "skipped", reason
+        self.status, self.reason = Status.SKIPPED, reason
         return self
 
 

@@ -29,7 +29,7 @@ import torch.fx as fx
 from .evaluate import Evaluator, concrete_shape
 from .graph_utils import fake
 from .op_contract import ACTIVATIONS
-from .region import ExpertWeights, MoERegion
+from .region import ExpertWeights, MoERegion, Status
 from .shard import CHAIN_LAYOUTS, chain_input_columns
 
 TOLERANCE = 1e-6  # relative to the output's size; float64 rounding is ~1e-15
@@ -41,7 +41,7 @@ def verify(gm: fx.GraphModule, regions: list[MoERegion], inputs: dict[fx.Node, o
     """Skip (with the reason) every recognised region whose record the graph does not confirm."""
     evaluator = Evaluator(gm.graph, inputs)
     for region in regions:
-        if region.status != "recognised":
+        if region.status is not Status.RECOGNISED:
             continue
         try:
             reason = _check(evaluator, region)
@@ -72,8 +72,8 @@ def _check(evaluator: Evaluator, region: MoERegion) -> str | None:
         h = _tokens(concrete_shape(source), case, generator)
         device = _device(evaluator, region)
         h = h.to(device)
-        base = [region.base_TD] if region.base_TD is not None else []
-        scale = [region.input_scale_TE] if region.input_scale_TE is not None else []
+        base = [routing.base_TD] if routing.base_TD is not None else []
+        scale = [routing.input_scale_TE] if routing.input_scale_TE is not None else []
         x_TD, *route = evaluator.run([region.tokens_TD, *routing_nodes, *base, *scale], overrides={source: h})
         scale_TE = route.pop().double() if scale else None
         base_TD = route.pop() if base else None
@@ -167,13 +167,13 @@ def _combine(x_TD: torch.Tensor, route: list[torch.Tensor], expert, region: MoER
     if len(route) == 1:
         combine_TE = route[0].reshape(x_TD.shape[0], region.num_experts).double()
         per_token = ((combine_TE != 0) & ~combine_TE.isnan()).sum(-1)
-        if per_token.numel() and per_token.max().item() > region.routing.top_k:
-            return f"a token has {per_token.max().item()} experts, more than the proven bound top_k={region.routing.top_k}"
+        if per_token.numel() and per_token.max().item() > region.top_k:
+            return f"a token has {per_token.max().item()} experts, more than the proven bound top_k={region.top_k}"
         for e in range(region.num_experts):
             (tokens,) = torch.nonzero(combine_TE[:, e], as_tuple=True)
             out_TD.index_add_(0, tokens, combine_TE[tokens, e, None] * expert(e, inputs(e, tokens)))
         return out_TD
-    ids_TK, weights_TK = (t.reshape(x_TD.shape[0], region.routing.top_k) for t in route)
+    ids_TK, weights_TK = (t.reshape(x_TD.shape[0], region.top_k) for t in route)
     if ids_TK.numel() and (ids_TK.min() < 0 or ids_TK.max() >= region.num_experts):
         return f"expert ids outside [0, {region.num_experts})"
     for e in range(region.num_experts):

@@ -6,6 +6,7 @@ Recognition runs inside the backend call: Dynamo drops the graph's links to the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -33,19 +34,30 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copy
 
 
-def capture(model: torch.nn.Module, *args, **kwargs) -> Captured:
-    """The one graph Dynamo traces for `model(*args, **kwargs)` under moeshard's capture shims,
-    with the regions passes.recognise finds in it."""
-    graphs: list[Captured] = []
+def on_graph(model: torch.nn.Module, run: Callable[[fx.GraphModule, list], Any], *args, **kwargs) -> Any:
+    """`run(gm, example_inputs)` on a copy of the one graph Dynamo traces for `model(*args,
+    **kwargs)` under moeshard's capture shims, inside the backend call; its result."""
+    results = []
 
     def backend(gm: fx.GraphModule, example_inputs: list):
-        copy = fx.GraphModule(gm, copy_graph(gm.graph))  # recognition adds nodes: run Dynamo's graph as it is
-        graphs.append(Captured(copy, list(example_inputs), passes.recognise(copy)))
+        results.append(run(fx.GraphModule(gm, copy_graph(gm.graph)), list(example_inputs)))
         return gm.forward
 
     backend._moeshard = True  # the capture shims apply, as under the real backend
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
-    (captured,) = graphs
-    return captured
+    (result,) = results
+    return result
+
+
+def capture(model: torch.nn.Module, *args, **kwargs) -> Captured:
+    """The graph of `model(*args, **kwargs)` with the regions passes.recognise finds in it,
+    prepared (their routing built)."""
+
+    def recognised(gm: fx.GraphModule, example_inputs: list) -> Captured:
+        regions = passes.recognise(gm)
+        passes.prepare(gm, regions)
+        return Captured(gm, example_inputs, regions)
+
+    return on_graph(model, recognised, *args, **kwargs)

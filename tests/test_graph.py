@@ -23,29 +23,11 @@ def is_per_expert(node: fx.Node) -> bool:
 
 def rewritten_graphs(model, *args, dropless=False, **kwargs) -> list[fx.GraphModule]:
     """Compile with moeshard (no Inductor) and return the rewritten graph of each Dynamo graph."""
-    graphs = []
-    opts = moeshard_compile.Options(inductor=False, dropless=dropless)
-
-    moeshard = moeshard_compile.backend.make_backend(opts, moeshard_compile.Report())
-
-    def backend(gm, example_inputs):
-        compiled = moeshard(gm, example_inputs)
-        graphs.append(_graph_of(compiled))
-        return compiled
-
-    backend._moeshard = True
+    report = moeshard_compile.Report()
+    backend = moeshard_compile.backend.make_backend(moeshard_compile.Options(inductor=False, dropless=dropless), report)
     with torch.no_grad():
         torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
-    return graphs
-
-
-def _graph_of(compiled) -> fx.GraphModule:
-    """The GraphModule behind the backend's callable (bound method of the rewritten module)."""
-    for cell in compiled.__closure__:
-        inner = cell.cell_contents
-        if hasattr(inner, "__self__") and isinstance(inner.__self__, fx.GraphModule):
-            return inner.__self__
-    raise AssertionError("no GraphModule found")
+    return report.rewritten_graphs
 
 
 def count(gm: fx.GraphModule, target) -> int:

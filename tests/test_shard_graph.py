@@ -37,29 +37,15 @@ def sharded_graphs(model, *args, **kwargs) -> tuple[list[fx.GraphModule], moesha
     options = {"inductor": False, **kwargs.pop("options", {})}
     report = moeshard_compile.Report()
     moeshard = moeshard_compile.backend.make_backend(moeshard_compile.Options.from_user(options), report)
-    graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append(_graph_module_in(moeshard(gm, example_inputs)))
+        moeshard(gm, example_inputs)
         return gm.forward
 
     backend._moeshard = True
     with torch.no_grad():
         torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
-    return graphs, report
-
-
-def _graph_module_in(fn) -> fx.GraphModule:
-    """The rewritten GraphModule behind the backend's (wrapped) callable."""
-    if isinstance(getattr(fn, "__self__", None), fx.GraphModule):
-        return fn.__self__
-    for cell in getattr(fn, "__closure__", None) or ():
-        if callable(cell.cell_contents):
-            try:
-                return _graph_module_in(cell.cell_contents)
-            except LookupError:
-                pass
-    raise LookupError("no GraphModule found")
+    return report.rewritten_graphs, report
 
 
 def count(gm: fx.GraphModule, target) -> int:

@@ -78,9 +78,9 @@ def test_a_weight_on_the_input_read_as_one_on_the_output_is_rejected():
 
     model = spellings.make("llama4")
     captured, (region,) = recognised(model, torch.randn(2, 5, 16))
-    assert region.input_scale_TE is not None and verified(captured, [region]) == [""]
+    assert region.routing.input_scale_TE is not None and verified(captured, [region]) == [""]
     captured, (region,) = recognised(model, torch.randn(2, 5, 16))
-    region.input_scale_TE = None
+    region.routing = dataclasses.replace(region.routing, input_scale_TE=None)
     (reason,) = verified(captured, [region])
     assert reason.startswith("verification failed: the record disagrees with the graph")
 
@@ -133,8 +133,8 @@ def test_perturbed_slot_weight_of_gathered_weights_is_rejected():
 
 def test_identity_experts_left_out_of_the_combine_are_rejected():
     captured, (region,) = recognised(spellings.make("longcat_zero_experts"), torch.randn(2, 5, 16))
-    assert region.base_TD is not None  # the identity experts' rows: what the combine adds without experts
-    region.base_TD = None
+    assert region.routing.base_TD is not None  # the identity experts' rows: what the combine adds without experts
+    region.routing = dataclasses.replace(region.routing, base_TD=None)
     (reason,) = verified(captured, [region])
     assert reason.startswith("verification failed: the record disagrees with the graph"), reason
 
@@ -158,7 +158,7 @@ def test_the_evaluator_runs_writes_made_through_views():
 def test_too_small_top_k_bound_is_rejected():
     model, x = loop_model(top_k=3)
     captured, (region,) = recognised(model, x)
-    region.routing = dataclasses.replace(region.routing, top_k=2)
+    region.top_k = 2
     (reason,) = verified(captured, [region])
     assert "a token has 3 experts, more than the proven bound top_k=2" in reason
 
