@@ -1,8 +1,7 @@
 """The common record every recogniser produces and the one lowering consumes.
 
-Shape legend used across the project:
-    T tokens, D model dim, F expert ffn dim, E experts, K routing slots per token,
-    S = T * K routed (token, slot) rows.
+Tensor names end in their shapes by the project's legend (docs/design.md, "Shapes"):
+T tokens, D model dim, F expert ffn dim, E experts, K routing slots per token, S = T * K rows.
 """
 
 from __future__ import annotations

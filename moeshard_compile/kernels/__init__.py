@@ -3,7 +3,8 @@
 Importing this package registers torch.ops.moeshard.gather_grouped_ffn_in and
 torch.ops.moeshard.grouped_ffn_out_scatter; it imports without triton (reference path only).
 
-Shape legend: X tokens, R expert-grouped rows, D model dim, F ffn dim, E experts.
+Shapes by the project's legend (docs/design.md): X the rows a gather reads from, R expert-grouped
+rows, M the rows a matmul computes, D model dim, F ffn dim, E experts.
 
 Two kernels, each one launch for all experts: ffn_in.py (the gather, the first grouped matmul
 and the activation) and ffn_out.py (the second grouped matmul, the routing weight and the

@@ -15,7 +15,7 @@ lowering passes a permutation of range(R) as dest_R, so every row of y is writte
 (no atomics; the K slots of a token are summed afterwards by a reduction Inductor fuses).
 
 Path selection, inside each op (so torch.compile traces the choice away):
-  CUDA tensors in fp32/bf16/fp16 and triton importable -> the Triton kernels (grouped_ffn.py),
+  CUDA tensors in fp32/bf16/fp16 and triton importable -> the Triton kernels (ffn_in.py, ffn_out.py),
     called through wrap_triton so that Inductor sees and schedules them;
   anything else (CPU, float64, no triton)             -> the `*_reference` op: plain torch,
     one matmul per non-empty expert, opaque to the compiler (it reads offs_E on the host).
@@ -70,8 +70,8 @@ def _experts(offs_E: torch.Tensor):
         start = end
 
 
-def _linear(x_ND: torch.Tensor, w_DF: torch.Tensor, b_EF: torch.Tensor | None, e: int) -> torch.Tensor:
-    return x_ND @ w_DF if b_EF is None else torch.addmm(b_EF[e], x_ND, w_DF)
+def _linear(x_MD: torch.Tensor, w_DF: torch.Tensor, b_EF: torch.Tensor | None, e: int) -> torch.Tensor:
+    return x_MD @ w_DF if b_EF is None else torch.addmm(b_EF[e], x_MD, w_DF)
 
 
 def _check_ffn_in(x_XD, rows_R, offs_E, w_in_EDF, w_gate_EDF, b_in_EF, b_gate_EF, activation) -> None:
@@ -94,12 +94,12 @@ def gather_grouped_ffn_in_reference(
     act = ACTIVATIONS[activation]
     h_RF = x_XD.new_zeros(rows_R.shape[0], w_in_EDF.shape[2])
     for e, start, end in _experts(offs_E):
-        x_ND = x_XD[rows_R[start:end]]
-        h_NF = _linear(x_ND, w_in_EDF[e], b_in_EF, e)
+        x_MD = x_XD[rows_R[start:end]]
+        h_MF = _linear(x_MD, w_in_EDF[e], b_in_EF, e)
         if w_gate_EDF is None:
-            h_RF[start:end] = act(h_NF)
+            h_RF[start:end] = act(h_MF)
         else:
-            h_RF[start:end] = act(_linear(x_ND, w_gate_EDF[e], b_gate_EF, e)) * h_NF
+            h_RF[start:end] = act(_linear(x_MD, w_gate_EDF[e], b_gate_EF, e)) * h_MF
     return h_RF
 
 
@@ -141,13 +141,13 @@ def grouped_ffn_out_scatter_reference(
     groups = list(_experts(offs_E))
     if not groups:
         return y_RD
-    y_ND = torch.cat([_linear(h_RF[start:end], w_out_EFD[e], b_out_ED, e) for e, start, end in groups])
-    rows_N = torch.cat([torch.arange(start, end, device=h_RF.device) for _, start, end in groups])
+    y_MD = torch.cat([_linear(h_RF[start:end], w_out_EFD[e], b_out_ED, e) for e, start, end in groups])
+    rows_M = torch.cat([torch.arange(start, end, device=h_RF.device) for _, start, end in groups])
     if scale_R is not None:  # a zero routing weight gives exactly 0, even where y is inf or nan
-        acc_dtype = torch.promote_types(y_ND.dtype, torch.float32)
-        scale_N1 = scale_R[rows_N].to(acc_dtype).unsqueeze(1)
-        y_ND = torch.where(scale_N1 != 0, y_ND.to(acc_dtype) * scale_N1, 0.0).to(h_RF.dtype)
-    return y_RD.index_copy(0, dest_R[rows_N], y_ND)
+        acc_dtype = torch.promote_types(y_MD.dtype, torch.float32)
+        scale_M1 = scale_R[rows_M].to(acc_dtype).unsqueeze(1)
+        y_MD = torch.where(scale_M1 != 0, y_MD.to(acc_dtype) * scale_M1, 0.0).to(h_RF.dtype)
+    return y_RD.index_copy(0, dest_R[rows_M], y_MD)
 
 
 @grouped_ffn_out_scatter_reference.register_fake
