@@ -1,4 +1,5 @@
-"""The demo: a Switch encoder (or a Mixtral decoder) sharded over ranks with moeshard, checked against eager, timed.
+"""The demo: a Switch encoder (or a Mixtral decoder) sharded over ranks with moeshard, checked
+against eager and timed, then the same model on one rank beside eager and torch.compile.
 
     python -m moeshard_compile                          # 2 ranks on CPU, about a minute on 2 cores
     python -m moeshard_compile --world-size 1           # one process, no torch.distributed
@@ -9,15 +10,18 @@
 
 Every rank builds the same model (--seed), holds 1/N of every expert (MoEShard) and calls the
 compiled model on a batch of --batch x --seq tokens: its own (seed + rank) with --input-mode
-data_parallel, the same on every rank with replicated. Each rank checks against eager on its
-own batch; rank 0 prints the report, every rank's error and every rank's timings.
+data_parallel, the same on every rank with replicated. Rank 0 prints the MoE regions rewritten
+(--dump-dir writes the full report), each rank's shard, error against eager and times. Then one
+process times rank 0's batch eager, under torch.compile (Inductor) and under moeshard on one
+rank, and the demo ends with the figures bench/ measures on GPUs (docs/results.md).
 
 Launch: without torchrun the demo spawns --world-size processes itself, joined by gloo on
 127.0.0.1 with a free port (nccl with one GPU per rank on CUDA); on CPU the ranks share the
 cores (torch threads = cores // N). Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins
-torchrun's ranks: nccl on cuda:LOCAL_RANK, gloo on CPU. Only rank 0 prints; if a rank fails
-the demo exits non-zero with that rank's error (collectives give up after 120 s). --dump-dir
-receives rank 0's dumps (the other ranks' differ in their FFN block).
+torchrun's ranks: nccl on cuda:LOCAL_RANK, gloo on CPU; rank 0 runs the one-rank comparison
+after the group is gone. Only rank 0 prints; if a rank fails the demo exits non-zero with that
+rank's error (collectives give up after 120 s). --dump-dir receives rank 0's dumps (the other
+ranks' differ in their FFN block).
 """
 
 from __future__ import annotations
@@ -30,14 +34,17 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
-from transformers import MixtralConfig, MixtralModel, PretrainedConfig, SwitchTransformersConfig, SwitchTransformersEncoderModel
+from transformers import (MixtralConfig, MixtralModel, PretrainedConfig, SwitchTransformersConfig,
+                          SwitchTransformersEncoderModel)
 
 import moeshard_compile
+from moeshard_compile import demo_output
 from moeshard_compile.options import INPUT_MODES
 
 PAPER_EXPERTS = (8, 16, 32, 64, 128, 256)
@@ -100,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda; with several ranks rank r uses cuda:r (cuda:LOCAL_RANK under torchrun)")
-    parser.add_argument("--no-inductor", action="store_true", help="run the rewritten graph without Inductor")
+    parser.add_argument("--no-inductor", action="store_true",
+                        help="run the rewritten graph without Inductor; plain torch.compile is left out")
     parser.add_argument("--dropless", action="store_true", help="remove Switch's capacity limit (changes results)")
     parser.add_argument("--dump-dir", default=os.environ.get("MOESHARD_DUMP_DIR") or None,
                         help="write rank 0's graph dumps and report.txt/json here (default: $MOESHARD_DUMP_DIR)")
@@ -137,8 +145,18 @@ def main(argv=None) -> None:
         _torchrun_rank(args)
     elif args.world_size == 1:
         run(args, Rank(0, 1, torch.device(args.device)))
+        print(demo_output.gpu_figures_section(), flush=True)
     else:
         _spawn(args)
+        if torch.device(args.device).type == "cpu":
+            torch.set_num_threads(_threads_per_rank(args.world_size))  # as the ranks had: a like-for-like rank
+        closing(args)
+
+
+def closing(args: argparse.Namespace) -> None:
+    """After the sharded ranks: the same model on one rank, then what GPUs measure."""
+    one_rank_comparison(args)
+    print(demo_output.gpu_figures_section(), flush=True)
 
 
 def _spawn(args: argparse.Namespace) -> None:
@@ -178,14 +196,16 @@ def _torchrun_rank(args: argparse.Namespace) -> None:
     where = _rank(int(os.environ["RANK"]), args.world_size, int(os.environ["LOCAL_RANK"]), args.device)
     _join(where, int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size)))
     run(args, where)
-    _leave()
+    _leave(lambda: closing(args) if where.rank == 0 else None)
 
 
-def _leave() -> None:
-    """Leave together and skip the interpreter's teardown: gloo's threads sometimes abort the
-    process there ("terminate called without an active exception", seen about once in six runs)."""
+def _leave(finish: Callable[[], None] = lambda: None) -> None:
+    """Leave together, run `finish` outside the group, and skip the interpreter's teardown: gloo's
+    threads sometimes abort the process there ("terminate called without an active exception",
+    seen about once in six runs)."""
     dist.barrier()
     dist.destroy_process_group()
+    finish()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -195,6 +215,15 @@ def _rank(rank: int, world: int, local_rank: int, device: str) -> Rank:
     """One GPU per rank on CUDA."""
     kind = torch.device(device).type
     return Rank(rank, world, torch.device(kind, local_rank) if kind == "cuda" else torch.device(kind))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _threads_per_rank(local_world: int) -> int:
+    """This host's cores split between its ranks."""
+    return max(1, _cores() // local_world)
 
 
 def _backend(device: torch.device) -> str:
@@ -207,53 +236,100 @@ def _join(where: Rank, local_world: int, store: dist.Store | None = None) -> Non
     if where.device.type == "cuda":
         torch.cuda.set_device(where.device)
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // local_world))
+        torch.set_num_threads(_threads_per_rank(local_world))
     dist.init_process_group(_backend(where.device), store=store, rank=where.rank, world_size=where.world,
                             timeout=TIMEOUT, device_id=where.device if where.device.type == "cuda" else None)
 
 
 def run(args: argparse.Namespace, where: Rank) -> None:
-    """The demo's steps on one rank: build, eager, compile, check, time."""
+    """The demo on one rank: build, eager, compile, say what the backend did, check, time."""
+    report = moeshard_compile.Report()
+    dump_dir = args.dump_dir if where.rank == 0 else None
+    with torch.no_grad():
+        model, inputs, reference, moeshard = prepare(args, where, report, dump_dir)
+        regions_per_rank = gather(report.regions)
+        agreements = gather(demo_output.Agreement.of(moeshard.output, reference))
+        where.say(demo_output.regions_section(report, dump_dir))
+        where.say(demo_output.shards_section(regions_per_rank))
+        where.say(demo_output.equality_section(agreements, args.dtype, args.input_mode))
+        if where.world == 1:
+            compare_on_one_rank(args, where, model, inputs, reference, moeshard)
+        else:
+            time_sharded(args, where, model, inputs, moeshard)
+
+
+def prepare(args: argparse.Namespace, where: Rank, report: moeshard_compile.Report,
+            dump_dir: str | None) -> tuple[torch.nn.Module, dict, torch.Tensor, Compiled]:
+    """The model, its batch, its eager output, and the model compiled with moeshard after its first call."""
     model = build_model(args, where)
     inputs = make_batch(args, model.config, where)
-    options = {"inductor": not args.no_inductor, "dropless": args.dropless, "input_mode": args.input_mode,
-               "dump_dir": args.dump_dir if where.rank == 0 else None}
-    report = moeshard_compile.Report()
-    compiled = torch.compile(model, backend=moeshard_compile.backend.make_backend(
-        moeshard_compile.Options.from_user(options), report))
+    t0 = where.step("eager forward")
+    reference = model(**inputs).last_hidden_state
+    where.say(f"  {time.perf_counter() - t0:.1f}s")
+    compiled = compile_moeshard(model, args, report, dump_dir)
+    return model, inputs, reference, first_call(f"moeshard on {demo_output.count(where.world, 'rank')}", compiled,
+                                                inputs, where)
+
+
+def time_sharded(args: argparse.Namespace, where: Rank, model: torch.nn.Module, inputs: dict,
+                 moeshard: Compiled) -> None:
+    """Eager and moeshard on every rank, each rank on its own batch."""
+    times = median_ms({"eager": lambda: model(**inputs), "moeshard": moeshard.call}, args.repeats, where.device)
+    where.say(demo_output.sharded_timing_section(gather((times["eager"], times["moeshard"])), setup(args, where)))
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled model after its first call (which compiles it)."""
+
+    name: str
+    call: Callable[[], object]  # the compiled model on the demo's batch
+    first_call_s: float
+    output: torch.Tensor
+
+
+def compile_moeshard(model: torch.nn.Module, args: argparse.Namespace, report: moeshard_compile.Report,
+                     dump_dir: str | None) -> Callable:
+    """torch.compile with the moeshard backend, recording into `report` (the demo prints it)."""
+    options = moeshard_compile.Options.from_user({"inductor": not args.no_inductor, "dropless": args.dropless,
+                                                  "input_mode": args.input_mode, "dump_dir": dump_dir})
+    return torch.compile(model, backend=moeshard_compile.make_backend(options, report))
+
+
+def first_call(name: str, compiled: Callable, inputs: dict, where: Rank) -> Compiled:
+    t0 = where.step(f"compiling with {name} and first call")
+    output = compiled(**inputs).last_hidden_state
+    seconds = time.perf_counter() - t0
+    where.say(f"  {seconds:.1f}s")
+    return Compiled(name, lambda: compiled(**inputs), seconds, output)
+
+
+def one_rank_comparison(args: argparse.Namespace) -> None:
+    """After the sharded ranks: rank 0's batch in one process with a rank's threads, compiled for one rank."""
+    where = Rank(0, 1, torch.device(args.device))
+    where.step("one rank in this process, with one rank's threads, no torch.distributed")
     with torch.no_grad():
-        t0 = where.step("eager forward")
-        reference = model(**inputs).last_hidden_state
-        where.say(f"  {time.perf_counter() - t0:.1f}s")
-        t0 = where.step(f"compiling with moeshard ({'Inductor' if options['inductor'] else 'no Inductor'}) "
-                        "and first call")
-        out = compiled(**inputs).last_hidden_state
-        where.say(f"  {time.perf_counter() - t0:.1f}s")
-        if options["dump_dir"]:
-            report.write(options["dump_dir"])
-        where.say(str(report))
-        error = (out.double() - reference.double()).abs().max().item()
-        scale = reference.double().abs().max().item()
-        token = _median_token_error(out, reference)
-        for rank, (e, s, t) in enumerate(gather((error, scale, token))):
-            where.say(f"rank {rank}: max |compiled - eager| = {e:.3g} (max |eager| = {s:.3g}, {args.dtype}); "
-                      f"median token error {t:.2g}")
-        where.step(f"timing, median of {args.repeats} calls, {args.batch}x{args.seq} tokens per rank on "
-                   f"{where.device.type}, {where.world} rank(s)")
-        eager_ms = median_ms(lambda: model(**inputs), args.repeats, where.device)
-        compiled_ms = median_ms(lambda: compiled(**inputs), args.repeats, where.device)
-    for rank, (e, c) in enumerate(gather((eager_ms, compiled_ms))):
-        where.say(f"rank {rank}: eager {e:.1f} ms | moeshard {c:.1f} ms | speedup {e / c:.2f}x")
+        compare_on_one_rank(args, where, *prepare(args, where, moeshard_compile.Report(), None))
 
 
-def _median_token_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """The median over tokens of |out - reference| / |reference| (each token's hidden vector).
+def compare_on_one_rank(args: argparse.Namespace, where: Rank, model: torch.nn.Module, inputs: dict,
+                        reference: torch.Tensor, moeshard: Compiled) -> None:
+    """Eager, plain torch.compile (Inductor) and moeshard, timed in turn in this process."""
+    compiled = [moeshard]
+    if not args.no_inductor:
+        compiled.insert(0, first_call("torch.compile (Inductor)", torch.compile(model), inputs, where))
+    times = median_ms({"eager": lambda: model(**inputs), **{c.name: c.call for c in compiled}},
+                      args.repeats, where.device)
+    rows = [demo_output.Timed("eager", times["eager"])]
+    rows += [demo_output.Timed(c.name, times[c.name], c.first_call_s,
+                               demo_output.Agreement.of(c.output, reference).max_error) for c in compiled]
+    left_out = "torch.compile (Inductor) is left out: --no-inductor." if args.no_inductor else None
+    where.say(demo_output.comparison_section(rows, setup(args, where), left_out))
 
-    In bf16 the max error is dominated by the few tokens whose near-tied router choice flips
-    under rounding (any compiler flips some); the median says whether the rest agree."""
-    diff = (out.double() - reference.double()).flatten(0, -2).norm(dim=-1)
-    return (diff / reference.double().flatten(0, -2).norm(dim=-1).clamp_min(1e-30)).median().item()
+
+def setup(args: argparse.Namespace, where: Rank) -> demo_output.Setup:
+    return demo_output.Setup(where.device.type, where.world, _cores(), torch.get_num_threads(),
+                             f"{args.batch}x{args.seq}", args.repeats, args.input_mode)
 
 
 def build_model(args: argparse.Namespace, where: Rank) -> torch.nn.Module:
@@ -269,16 +345,8 @@ def build_model(args: argparse.Namespace, where: Rank) -> torch.nn.Module:
         model_class = MixtralModel if isinstance(config, MixtralConfig) else SwitchTransformersEncoderModel
         model = model_class(config).to(dtype)
     model = model.eval().to(where.device)
-    where.say(f"  {describe(model.config)}; {time.perf_counter() - t0:.1f}s")
+    where.say(f"  {demo_output.describe(model.config)}; {time.perf_counter() - t0:.1f}s")
     return model
-
-
-def describe(cfg: PretrainedConfig) -> str:
-    if isinstance(cfg, MixtralConfig):
-        return (f"Mixtral decoder: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
-                f"{cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}")
-    return (f"Switch encoder: d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_layers} layers, "
-            f"{cfg.num_experts} experts, capacity {cfg.expert_capacity}")
 
 
 def make_batch(args: argparse.Namespace, cfg: PretrainedConfig, where: Rank) -> dict:
@@ -298,18 +366,20 @@ def gather(value) -> list:
     return values
 
 
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    """Ranks start each call together (a barrier), so one rank's timings are not another's idle time."""
-    times = []
+def median_ms(calls: dict[str, Callable], repeats: int, device: torch.device) -> dict[str, float]:
+    """The median of `repeats` calls of each, called in turn, so load that comes and goes hits every
+    variant alike. Ranks start each call together (a barrier): one rank's time is not another's idle time."""
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        _sync(device)
-        if dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in calls.items():
+            _sync(device)
+            if dist.is_initialized():
+                dist.barrier()
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _sync(device: torch.device) -> None:
