@@ -1,7 +1,7 @@
 """The demo: a Switch encoder (or a Mixtral decoder) sharded over ranks with moeshard, checked
 against eager and timed, then the same model on one rank beside eager and torch.compile.
 
-    python -m moeshard_compile                          # 2 ranks on CPU, about a minute on 2 cores
+    python -m moeshard_compile                          # 2 ranks on CPU, then one: 35-75 s on 2 cores
     python -m moeshard_compile --world-size 1           # one process, no torch.distributed
     python -m moeshard_compile --config switch-base-64  # the paper's shapes (random weights)
     python -m moeshard_compile --config mixtral-small   # a stacked-expert decoder, prefill
@@ -17,7 +17,7 @@ rank, and the demo ends with the figures bench/ measures on GPUs (docs/results.m
 
 Launch: without torchrun the demo spawns --world-size processes itself, joined by gloo on
 127.0.0.1 with a free port (nccl with one GPU per rank on CUDA); on CPU the ranks share the
-cores (torch threads = cores // N). Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins
+cores (torch threads = cores // N, and as many for the one-rank comparison). Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) it joins
 torchrun's ranks: nccl on cuda:LOCAL_RANK, gloo on CPU; rank 0 runs the one-rank comparison
 after the group is gone. Only rank 0 prints; if a rank fails the demo exits non-zero with that
 rank's error (collectives give up after 120 s). --dump-dir receives rank 0's dumps (the other
@@ -297,6 +297,7 @@ def compile_moeshard(model: torch.nn.Module, args: argparse.Namespace, report: m
 
 
 def first_call(name: str, compiled: Callable, inputs: dict, where: Rank) -> Compiled:
+    """The first call compiles: its time is what a user waits for before the first output."""
     t0 = where.step(f"compiling with {name} and first call")
     output = compiled(**inputs).last_hidden_state
     seconds = time.perf_counter() - t0
@@ -328,6 +329,7 @@ def compare_on_one_rank(args: argparse.Namespace, where: Rank, model: torch.nn.M
 
 
 def setup(args: argparse.Namespace, where: Rank) -> demo_output.Setup:
+    """Where the timings ran, for the text that explains them."""
     return demo_output.Setup(where.device.type, where.world, _cores(), torch.get_num_threads(),
                              f"{args.batch}x{args.seq}", args.repeats, args.input_mode)
 

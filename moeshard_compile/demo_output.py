@@ -171,7 +171,7 @@ def _why_cpu(setup: Setup) -> str:
     pays = "Sharding pays with one GPU per rank and fast links (the GPU figures at the end)."
     if setup.input_mode == "data_parallel":
         return (f"Why sharding cannot gain here: {shared}. Each rank computes 1/{n} of every expert for the tokens "
-                f"of all {n} ranks, the same expert work as eager on its own tokens, and adds an all-gather and "
+                f"of {'both' if n == 2 else f'all {n}'} ranks, the same expert work as eager on its own tokens, and adds an all-gather and "
                 "a reduce-scatter per MoE layer, which go through gloo over the loopback interface. What differs "
                 "from eager is the grouped computation (one rank, below) less the cost of those collectives. "
                 + pays)
