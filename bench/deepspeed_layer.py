@@ -22,7 +22,6 @@ are used; docs/results.md says how to carry it to a machine without network acce
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 from bench.baselines.expert_parallel import CapacityExpertParallelMoE, deepspeed_capacity  # noqa: E402
-from bench.moe_layer import DTYPES, environment, median_ms  # noqa: E402
+from bench.common.cli import DTYPES, comma_list, parse_with_smoke  # noqa: E402
+from bench.common.environment import environment, recorded_config, write_json  # noqa: E402
+from bench.common.timing import median_ms  # noqa: E402
 from bench.paper import MIN_CAPACITY, PAPER_CF_CAP  # noqa: E402
 
 SMOKE = dict(device="cpu", experts=8, tokens="64", d_model=32, d_ff=64, dtypes="float32", warmup_ms=2.0, rep_ms=10.0)
@@ -57,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--tokens", default="3000,30000", help="comma list of tokens per call (30000: batch 250 x 120)")
     parser.add_argument("--max-mask-gb", type=float, default=16.0,
-                        help="skip DeepSpeed where its dense [T, E, C] dispatch mask would be larger")
+                        help="skip DeepSpeed where its dense dispatch mask (tokens x experts x capacity) would be larger")
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--d-ff", type=int, default=3072)
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -65,14 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, default=50.0)
     parser.add_argument("--rep-ms", type=float, default=300.0, help="time spent in timed calls (median reported)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    args = parser.parse_args(argv)
-    args.dtypes, args.tokens = args.dtypes.split(","), [int(t) for t in args.tokens.split(",")]
-    unknown = sorted(set(args.dtypes) - set(DTYPES))
-    if unknown:
-        parser.error(f"--dtypes: unknown {unknown}; choose from {sorted(DTYPES)}")
+    args = parse_with_smoke(parser, argv, SMOKE)
+    args.dtypes = comma_list(parser, "--dtypes", args.dtypes, DTYPES)
+    args.tokens = [int(t) for t in args.tokens.split(",")]
     return args
 
 
@@ -141,7 +137,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             for capacity_factor in (min(E, PAPER_CF_CAP), 1.25):
                 row = {"dtype": dtype_name, "E": E, "T": T, "capacity_factor": capacity_factor}
                 rows.append(row)
-                # DeepSpeed's dispatch and combine are einsums with a dense fp32 [T, E, C] mask
+                # DeepSpeed's dispatch and combine are einsums with a dense fp32 mask of T x E x capacity
+                # (DeepSpeed's [T, E, C], as the row says)
                 mask_gb = T * E * deepspeed_capacity(T, E, capacity_factor, MIN_CAPACITY) * 4 / 1e9
                 if mask_gb > args.max_mask_gb:
                     row["error"] = f"not run: DeepSpeed's [T, E, C] dispatch mask would take {mask_gb:.3g} GB"
@@ -169,9 +166,8 @@ def main(argv: list[str]) -> None:
     dist.destroy_process_group()
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"environment": environment(torch.device(args.device)),
-                                         "config": {k: v for k, v in vars(args).items() if k != "json"},
-                                         "rows": rows}, indent=2, default=str) + "\n")
+        write_json(args.json, {"environment": environment(torch.device(args.device)), "config": recorded_config(args),
+                               "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,27 +13,27 @@ Variants, each checked against its model's eager output (max_rel_err):
     dense_eager    dense_inductor                           (the dense reference: the target is
                                                              moe_moeshard <= 1.15x dense_inductor)
 Floor: the encoder's matmul FLOPs (projections, attention, FFNs; routers too) / the matmul peak.
-Tokens per second = batch * seq / latency. Names: B batch, S sequence, T = B*S tokens, D d_model.
+Tokens per second = batch * seq / latency. Names: B sequences, L tokens per sequence, T = B*L tokens,
+D model dim.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tabulate import tabulate
 from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
-from bench.moe_layer import (  # noqa: E402
-    DEFAULT_PEAK_TFLOPS, DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops, median_ms,
-    parse_with_smoke,
-)
+from bench.common.accuracy import max_rel_error  # noqa: E402
+from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse_with_smoke  # noqa: E402
+from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
+from bench.common.floor import add_peak_args, floor_ms, peak_from_args  # noqa: E402
+from bench.common.timing import median_ms  # noqa: E402
 
 VARIANTS = ("moe_hf_eager", "moe_inductor", "moe_moeshard", "dense_eager", "dense_inductor")
 SMOKE = dict(d_model=32, d_ff=64, heads=4, layers=2, experts=4, batch=2, seq=8, dtype="float32", device="cpu",
@@ -62,7 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=300.0)
     add_peak_args(parser)
     parser.add_argument("--json", type=Path, default=None)
-    return parse_with_smoke(parser, argv, SMOKE, VARIANTS)
+    args = parse_with_smoke(parser, argv, SMOKE)
+    args.variants = comma_list(parser, "--variants", args.variants, VARIANTS)
+    return args
 
 
 def build_encoder(args: argparse.Namespace, moe: bool) -> SwitchTransformersEncoderModel:
@@ -84,8 +86,8 @@ def build_encoder(args: argparse.Namespace, moe: bool) -> SwitchTransformersEnco
 def encoder_flops(args: argparse.Namespace) -> int:
     """Matmul FLOPs of one forward: per layer 4 projections, scores and values, the FFN (top-1: one
     expert per token, the same as dense), plus each MoE layer's router."""
-    T, S, D, F = args.batch * args.seq, args.seq, args.d_model, args.d_ff
-    per_layer = 2 * T * 4 * D * D + 2 * 2 * T * S * D + 2 * 2 * T * D * F
+    T, L, D, F = args.batch * args.seq, args.seq, args.d_model, args.d_ff
+    per_layer = 2 * T * 4 * D * D + 2 * 2 * T * L * D + 2 * 2 * T * D * F
     return args.layers * per_layer + (args.layers // 2) * 2 * T * D * args.experts
 
 
@@ -102,20 +104,16 @@ def main(argv: list[str]) -> None:
     sys.stdout.reconfigure(line_buffering=True)
     device = torch.device(args.device)
     env = environment(device)
-    print(" | ".join(f"{k} {v}" for k, v in env.items()))
-    if args.measure_peak:
-        peak, peak_source = measure_peak_tflops(args, device), f"measured, {args.dtype} matmul on {device}"
-    else:
-        peak, peak_source = args.peak_tflops, "--peak-tflops" if args.peak_tflops != DEFAULT_PEAK_TFLOPS else \
-            "default: H100 bf16, measured"
+    print(environment_line(env))
+    peak, peak_source = peak_from_args(args, device)
     flops = encoder_flops(args)
-    floor_ms = flops / (peak * 1e12) * 1e3
+    encoder_floor_ms = floor_ms(flops, peak)
     tokens = args.batch * args.seq
     print(f"Switch encoder: {args.layers} layers (MoE every other: E={args.experts}, top-1), D={args.d_model} "
           f"F={args.d_ff}, {args.batch} x {args.seq} = {tokens} tokens, {args.dtype} | floor {flops / 1e12:.4g} TFLOP "
-          f"/ {peak:.4g} TFLOP/s ({peak_source}) = {floor_ms:.4g} ms")
+          f"/ {peak:.4g} TFLOP/s ({peak_source}) = {encoder_floor_ms:.4g} ms")
     generator = torch.Generator().manual_seed(args.seed)
-    input_ids_BS = torch.randint(1, 32000, (args.batch, args.seq), generator=generator).to(device)
+    input_ids_BL = torch.randint(1, 32000, (args.batch, args.seq), generator=generator).to(device)
 
     rows, models, references = [], {}, {}
     with torch.no_grad():
@@ -126,21 +124,21 @@ def main(argv: list[str]) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 models[kind] = build_encoder(args, moe=kind == "moe")
-                references[kind] = models[kind](input_ids=input_ids_BS).last_hidden_state
+                references[kind] = models[kind](input_ids=input_ids_BL).last_hidden_state
             print(f"[{index}/{len(args.variants)}] {name} ...", file=sys.stderr, flush=True)
             torch._dynamo.reset()
             fn = compile_variant(name, models[kind])
             row = {"variant": name, "median_ms": None, "max_rel_err": None, "error": None}
             try:
                 started = time.perf_counter()
-                out_BSD = fn(input_ids=input_ids_BS).last_hidden_state
+                out_BLD = fn(input_ids=input_ids_BL).last_hidden_state
                 row["first_call_s"] = time.perf_counter() - started
-                row["max_rel_err"] = max_rel_error(out_BSD, references[kind])
-                row["median_ms"] = median_ms(lambda: fn(input_ids=input_ids_BS), device, args.warmup_ms, args.rep_ms)
-                row["x_floor"] = row["median_ms"] / floor_ms
+                row["max_rel_err"] = max_rel_error(out_BLD, references[kind])
+                row["median_ms"] = median_ms(lambda: fn(input_ids=input_ids_BL), device, args.warmup_ms, args.rep_ms)
+                row["x_floor"] = row["median_ms"] / encoder_floor_ms
                 row["tokens_per_s"] = tokens / (row["median_ms"] * 1e-3)
             except Exception as error:  # one broken variant must not cost the others' numbers
-                row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+                row["error"] = error_cell(error)
             rows.append(row)
 
     by_name = {row["variant"]: row["median_ms"] for row in rows}
@@ -149,13 +147,11 @@ def main(argv: list[str]) -> None:
         row["vs_dense_inductor"] = row["median_ms"] / dense if row["median_ms"] and dense else None
     columns = ("variant", "median_ms", "x_floor", "tokens_per_s", "vs_dense_inductor", "max_rel_err", "first_call_s",
                "error")
-    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github",
-                   floatfmt=("", ".4g", ".3g", ".4g", ".3g", ".2e", ".3g", ""), missingval="-"))
+    print(github_table(rows, columns, floatfmt=("", ".4g", ".3g", ".4g", ".3g", ".2e", ".3g", "")))
     if args.json:
-        config = {k: v for k, v in vars(args).items() if k != "json"}
-        args.json.write_text(json.dumps({"environment": env, "config": config, "peak_tflops": peak,
-                                         "peak_source": peak_source, "flops": flops, "floor_ms": floor_ms,
-                                         "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"environment": env, "config": recorded_config(args), "peak_tflops": peak,
+                               "peak_source": peak_source, "flops": flops, "floor_ms": encoder_floor_ms,
+                               "rows": rows})
         print(f"wrote {args.json}")
 
 

@@ -8,7 +8,7 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
 (w_gate_EDF when gated), w_out_EFD, every variant computes
     out_TD[t] = sum_k weights_TK[t, k] * ffn_{ids_TK[t, k]}(x_TD[t]),
     ffn_e(x) = act(x @ w_in[e]) @ w_out[e]   or, gated,   (act(x @ w_gate[e]) * (x @ w_in[e])) @ w_out[e]
-(no router, no biases). Variants:
+(no router, no biases). Variants (the functions in bench/baselines/expert_computations.py):
     hf_eager                  transformers' eager experts loop (MixtralExperts.forward): one_hot mask,
                               nonzero() over the experts hit, per expert where/index/matmuls/index_add_
     sort_grouped_mm           sort the T*K rows by expert, gather, torch._grouped_mm (bf16 on sm90+ CUDA;
@@ -23,10 +23,10 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
                               as a CUDA graph, like the max-autotune variant; nothing to autotune), default on CPU
 Each variant is checked against a float64 per-expert loop of the same computation (max_rel_err =
 max |out - ref| / max |ref|; `check` says WRONG above the dtype's tolerance) before it is timed
-(bench/moe_layer.py's median_ms: triton's do_bench median on CUDA). A failing variant prints its
+(bench/common/timing.py's median_ms: triton's do_bench median on CUDA). A failing variant prints its
 error in the table and the run goes on.
 
-Floors (DESIGN.md section 3): FLOPs = M matmuls x 2*T*K*D*F (M = 2, 3 when gated);
+Floors (bench/common/floor.py): FLOPs = M matmuls x 2*T*K*D*F (M = 2, 3 when gated);
 floor_ms = FLOPs / peak, the peak from --measure-peak (a large matmul on the device) or
 --peak-tflops (default 750: H100 bf16, measured). Every time is also shown as a multiple of its floor,
 and per shape the ratio moeshard_fused / sort_grouped_mm (below 1: the fused kernels are faster).
@@ -50,14 +50,14 @@ Sweeps (--sweep), run in order; shapes that share everything but the routing sha
 --budget-s (default 400) stops starting new shapes once that many seconds have passed; skipped shapes are
 listed, and --json is rewritten after every shape, so a run cut short keeps what it measured.
 
-Names carry their shape: T tokens, K experts per token, S = T*K rows, D d_model, F d_ff, E experts.
+Names carry their shape: T tokens, K routing slots per token, S = T*K routed rows, D model dim,
+F expert FFN dim, E experts.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import sys
 import time
@@ -66,18 +66,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+from bench.baselines.expert_computations import hf_eager, moeshard_fused, reference_TD, sort_grouped_mm  # noqa: E402
+from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402
 from bench.baselines.routers import synthetic_routing  # noqa: E402
-from bench.moe_layer import (  # noqa: E402
-    DEFAULT_PEAK_TFLOPS, DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops, median_ms,
-    parse_with_smoke,
-)
-from moeshard_compile.kernels.ops import sort_by_expert, use_triton  # noqa: E402  (registers the fused ops)
-from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402  (registers the op)
-from moeshard_compile.passes.op_contract import ACTIVATIONS  # noqa: E402
+from bench.common.accuracy import max_rel_error  # noqa: E402
+from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse_with_smoke  # noqa: E402
+from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
+from bench.common.floor import add_peak_args, expert_flops, floor_ms, peak_from_args  # noqa: E402
+from bench.common.timing import median_ms  # noqa: E402
+from moeshard_compile.kernels.ops import use_triton  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG
@@ -161,81 +161,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_peak_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write every row here (after each shape)")
-    return parse_with_smoke(parser, argv, SMOKE, VARIANTS)
-
-
-# ---- the variants: fn(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation) -> out_TD
-
-
-def hf_eager(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
-    """transformers' MixtralExperts.forward (5.x) on x @ w[e] weights; gate and up as two matmuls.
-
-    Host syncs as in transformers: nonzero() for the experts hit, the `== E` test and where() per expert.
-    """
-    act, E = ACTIVATIONS[activation], w_in_EDF.shape[0]
-    out_TD = torch.zeros_like(x_TD)
-    with torch.no_grad():
-        expert_mask_EKT = F.one_hot(ids_TK, num_classes=E + 1).permute(2, 1, 0)  # E + 1: transformers' dropped slot
-        expert_hit = torch.greater(expert_mask_EKT.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        expert_idx = expert_idx[0]
-        if expert_idx == E:
-            continue
-        slot_N, token_N = torch.where(expert_mask_EKT[expert_idx])
-        x_ND = x_TD[token_N]
-        h_NF = x_ND @ w_in_EDF[expert_idx]
-        h_NF = act(h_NF) if w_gate_EDF is None else act(x_ND @ w_gate_EDF[expert_idx]) * h_NF
-        y_ND = (h_NF @ w_out_EFD[expert_idx]) * weights_TK[token_N, slot_N, None]
-        out_TD.index_add_(0, token_N, y_ND.to(out_TD.dtype))
-    return out_TD
-
-
-def sort_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str, *,
-                    native: bool) -> torch.Tensor:
-    """Sort, gather, grouped matmul, activation, grouped matmul, scale, index_add (passes/lower.py's graph).
-
-    native: torch._grouped_mm, else moeshard_bench::grouped_mm (its per-expert loop where _grouped_mm can't run).
-    """
-    act = ACTIVATIONS[activation]
-    _, token_S, weight_sorted_S, _, offs_E = sort_by_expert(
-        ids_TK.reshape(-1), weights_TK.reshape(-1), w_in_EDF.shape[0], ids_TK.shape[1])
-    offs_E = offs_E.to(torch.int32)
-    grouped_mm = torch._grouped_mm if native else torch.ops.moeshard_bench.grouped_mm
-    x_SD = x_TD.index_select(0, token_S)
-    h_SF = grouped_mm(x_SD, w_in_EDF, offs_E)
-    h_SF = act(h_SF) if w_gate_EDF is None else act(grouped_mm(x_SD, w_gate_EDF, offs_E)) * h_SF
-    y_SD = grouped_mm(h_SF, w_out_EFD, offs_E) * weight_sorted_S[:, None]
-    return torch.zeros_like(x_TD).index_add(0, token_S, y_SD)
-
-
-def moeshard_fused(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
-    """What the backend emits: group_by_expert (a counting sort on CUDA), then the two fused ops
-    (gather + matmul + activation, matmul + scale + scatter)."""
-    T, K = ids_TK.shape
-    order_S, token_S, scale_S, _, offs_E = torch.ops.moeshard.group_by_expert(
-        ids_TK.reshape(-1), weights_TK.reshape(-1), w_in_EDF.shape[0], K)
-    h_SF = torch.ops.moeshard.gather_grouped_ffn_in(x_TD, token_S, offs_E, w_in_EDF, w_gate_EDF, None, None, activation)
-    y_SD = torch.ops.moeshard.grouped_ffn_out_scatter(h_SF, offs_E, w_out_EFD, None, order_S, scale_S)  # slot order
-    return y_SD.view(T, K, -1).sum(1) if K > 1 else y_SD
-
-
-def reference_TD(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
-    """The same computation in float64, one expert at a time (weights converted per expert to bound memory)."""
-    act = ACTIVATIONS[activation]
-    out_TD = torch.zeros(x_TD.shape, dtype=torch.float64, device=x_TD.device)
-    for e in range(w_in_EDF.shape[0]):
-        token_N, slot_N = (ids_TK == e).nonzero(as_tuple=True)
-        x_ND = x_TD[token_N].double()
-        h_NF = x_ND @ w_in_EDF[e].double()
-        if w_gate_EDF is not None:
-            h_NF = act(x_ND @ w_gate_EDF[e].double()) * h_NF
-        else:
-            h_NF = act(h_NF)
-        out_TD.index_add_(0, token_N, (h_NF @ w_out_EFD[e].double()) * weights_TK[token_N, slot_N, None].double())
-    return out_TD
-
-
-# ---- running
+    args = parse_with_smoke(parser, argv, SMOKE)
+    args.variants = comma_list(parser, "--variants", args.variants, VARIANTS)
+    return args
 
 
 @dataclass
@@ -292,7 +220,7 @@ def build_variants(problem: Problem, device: torch.device) -> dict[str, tuple[Ca
     }
 
 
-def run_variant(name: str, fn: Callable, path: str, inputs: tuple, ref_TD: torch.Tensor, floor_ms: float,
+def run_variant(name: str, fn: Callable, path: str, inputs: tuple, ref_TD: torch.Tensor, shape_floor_ms: float,
                 args: argparse.Namespace) -> dict:
     """Call (compiles on the first call), check against the reference, then time; errors become the row."""
     row = {"variant": name, "path": path, "median_ms": None, "x_floor": None, "max_rel_err": None, "check": None}
@@ -306,19 +234,18 @@ def run_variant(name: str, fn: Callable, path: str, inputs: tuple, ref_TD: torch
         for _ in range(3):  # cudagraph trees record on a later call: keep that out of do_bench's estimate
             fn(*inputs)
         row["median_ms"] = median_ms(lambda: fn(*inputs), ref_TD.device, args.warmup_ms, args.rep_ms)
-        row["x_floor"] = row["median_ms"] / floor_ms
+        row["x_floor"] = row["median_ms"] / shape_floor_ms
     except Exception as error:  # one broken variant must not cost the others' numbers
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        row["check"] = f"{type(error).__name__}: {first_line[:200]}"
+        row["check"] = error_cell(error)
         if ref_TD.is_cuda:
             torch.cuda.empty_cache()
     return row
 
 
-def expert_flops(shape: Shape) -> int:
-    """M matmuls (3 when gated) of 2*T*K*D*F each."""
+def shape_flops(shape: Shape) -> int:
+    """The shape's expert matmuls: 2 of 2*T*K*D*F each, 3 when gated."""
     D, F_, gated, _ = MODELS[shape.model]
-    return (3 if gated else 2) * 2 * shape.T * shape.K * D * F_
+    return expert_flops(shape.T, shape.K, D, F_, matmuls=3 if gated else 2)
 
 
 def run_shape(shape: Shape, problem: Problem, variants: dict, args: argparse.Namespace, peak_tflops: float,
@@ -331,19 +258,18 @@ def run_shape(shape: Shape, problem: Problem, variants: dict, args: argparse.Nam
     ref_TD = reference_TD(*inputs)
     counts_E = torch.bincount(ids_TK.reshape(-1), minlength=shape.E)
     busiest = (counts_E.max() / counts_E.double().mean()).item()
-    floor_ms = expert_flops(shape) / (peak_tflops * 1e12) * 1e3
+    shape_floor_ms = floor_ms(shape_flops(shape), peak_tflops)
     D, F_, gated, activation = MODELS[shape.model]
     print(f"\n## {shape.name}: D={D} F={F_} {'gated ' if gated else ''}{activation} | busiest expert "
-          f"{busiest:.2f}x the mean load | floor {expert_flops(shape) / 1e9:.4g} GFLOP = {floor_ms:.4g} ms")
+          f"{busiest:.2f}x the mean load | floor {shape_flops(shape) / 1e9:.4g} GFLOP = {shape_floor_ms:.4g} ms")
     rows = []
     for name in args.variants:
         fn, path = variants[name]
-        row = run_variant(name, fn, path, inputs, ref_TD, floor_ms, args)
+        row = run_variant(name, fn, path, inputs, ref_TD, shape_floor_ms, args)
         rows.append({"shape": shape.name, **asdict(shape), "D": D, "F": F_, "gated": gated, "activation": activation,
-                     "busiest_load": busiest, "floor_ms": floor_ms, **row})
+                     "busiest_load": busiest, "floor_ms": shape_floor_ms, **row})
     columns = ("variant", "median_ms", "x_floor", "max_rel_err", "check", "first_call_s", "path")
-    print(tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github",
-                   floatfmt=("", ".4g", ".3g", ".2e", "", ".3g", ""), missingval="-"))
+    print(github_table(rows, columns, floatfmt=("", ".4g", ".3g", ".2e", "", ".3g", "")))
     return rows
 
 
@@ -365,8 +291,8 @@ def summary(rows: list[dict], variants: list[str]) -> str:
         return f"{a['median_ms'] / b['median_ms']:.3g}"
 
     def floor(shape_rows: dict) -> str:
-        floor_ms = next(iter(shape_rows.values())).get("floor_ms")
-        return "-" if floor_ms is None else f"{floor_ms:.4g}"
+        shape_floor_ms = next(iter(shape_rows.values())).get("floor_ms")
+        return "-" if shape_floor_ms is None else f"{shape_floor_ms:.4g}"
 
     headers = ["shape", "floor ms", *[f"{v} ms (x floor)" for v in variants],
                "fused / sort_grouped_mm", "fused_inductor / sort_inductor"]
@@ -383,12 +309,8 @@ def main(argv: list[str]) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     shapes = [s for s in sweeps()[args.sweep] if args.only is None or re.search(args.only, s.name)]
     env = {**environment(device), "dtype": args.dtype}
-    print(" | ".join(f"{key} {value}" for key, value in env.items()))
-    if args.measure_peak:
-        peak_tflops, peak_source = measure_peak_tflops(args, device), f"measured, {args.dtype} matmul on {device}"
-    else:
-        peak_tflops = args.peak_tflops
-        peak_source = "--peak-tflops" if peak_tflops != DEFAULT_PEAK_TFLOPS else "default: H100 bf16, measured"
+    print(environment_line(env))
+    peak_tflops, peak_source = peak_from_args(args, device)
     print(f"peak {peak_tflops:.4g} TFLOP/s ({peak_source}) | sweep {args.sweep}: {len(shapes)} shapes | "
           f"do_bench warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms | budget {args.budget_s:g} s")
 
@@ -397,10 +319,9 @@ def main(argv: list[str]) -> None:
     def save() -> None:
         """The JSON so far: every row, and the shapes not (yet) run."""
         done = {row["shape"] for row in rows}
-        result = {"environment": env, "config": {k: v for k, v in vars(args).items() if k != "json"},
-                  "peak_tflops": peak_tflops, "peak_source": peak_source, "rows": rows,
-                  "not_run": [s.name for s in shapes if s.name not in done]}
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_json(args.json, {"environment": env, "config": recorded_config(args), "peak_tflops": peak_tflops,
+                               "peak_source": peak_source, "rows": rows,
+                               "not_run": [s.name for s in shapes if s.name not in done]})
 
     skipped: list[str] = []
     key, problem, variants = None, None, None

@@ -12,19 +12,19 @@ router with alpha 0.6 on the first 10% of experts; zipf). The router's own matmu
 
 Systems (all N ranks' N*T tokens and their routing are drawn on the one device; each rank's work
 is derived from them and run for real; "simulated" marks every figure that models N ranks):
-    moeshard_1rank      measured: one rank does every expert on its own T tokens (sort + the fused
-                        expert ops, bench/expert_kernels.py's moeshard_fused: what passes/lower.py emits;
+    moeshard_1rank      measured: one rank does every expert on its own T tokens (sort + the fused expert
+                        ops, bench/baselines/expert_computations.py's moeshard_fused: what passes/lower.py emits;
                         --kernel grouped_mm: sort + library grouped matmuls instead, for all systems)
     moeshard_N          simulated: every rank runs the grouped computation over all N*T gathered rows
                         on its ceil(F/N) block of every expert (every rank has that shape: run once);
                         traffic: all-gather of the counts and of the rows, reduce-scatter of the partial
                         outputs, (N-1)*E*8 + 2*(N-1)*T*K*D*bytes per rank (docs/distributed.md)
     ep_capacity_cf50    simulated DeepSpeed top-1 (bench/baselines CapacityExpertParallelMoE): capacity
-    ep_capacity_cf1.25  C = deepspeed_capacity(T, E, CF, 4) per expert per source rank, CF = min(E, 50)
-                        as in the paper, or 1.25; each rank fills its [E, C, D] dispatch buffer, runs its
-                        E/N experts over their N*C padded rows (torch.bmm) and gathers its combine;
+    ep_capacity_cf1.25  P = deepspeed_capacity(T, E, CF, 4) per expert per source rank, CF = min(E, 50)
+                        as in the paper, or 1.25; each rank fills its [E, P, D] dispatch buffer, runs its
+                        E/N experts over their N*P padded rows (torch.bmm) and gathers its combine;
                         run for every rank, the max taken; two equal-split all-to-alls of
-                        (N-1)/N of the [E, C, D] buffer each; tokens past capacity are dropped
+                        (N-1)/N of the [E, P, D] buffer each; tokens past capacity are dropped
     ep_dropless         simulated dropless EP (DroplessExpertParallelMoE): each rank runs the grouped
                         computation over exactly the rows routed to its E/N experts from all ranks
                         (max over ranks); variable all-to-alls of the counts, the rows and back
@@ -35,7 +35,7 @@ NVLink 4 nominal on H100 SXM, 900 GB/s bidirectional; NCCL reaches less, so this
 every system alike); no per-collective latency term.
 
 Metrics per row: latency_ms (median: triton's do_bench on CUDA, wall clock on CPU, via
-bench/moe_layer.py's median_ms), x_floor = latency / floor, floor = 2 matmuls * 2*T*K*D*F FLOPs (one
+bench/common/timing.py's median_ms), x_floor = latency / floor, floor = 2 matmuls * 2*T*K*D*F FLOPs (one
 rank's useful work, the same for every system) / peak (--peak-tflops for bf16, --peak-tflops-fp32 for
 fp32, or --measure-peak: a large matmul per dtype); max_rows and max/mean rows computed over ranks
 (padding included); bytes each rank sends per layer (max over ranks); tokens dropped (all ranks);
@@ -50,15 +50,15 @@ Sweeps (--sweep, a comma list run in order; a configuration already run is not r
 A failing system prints its error in its row and the sweep goes on; --json and --csv are rewritten
 after every row; --budget-s stops starting new rows (the rest are listed as not run).
 
-Names carry their shape: N ranks, T tokens per rank, R = N*T tokens of all ranks, K experts per token,
-D d_model, F d_ff, H = ceil(F/N) one rank's FFN block, E experts, El = E/N experts per rank, C capacity.
+Names carry their shape: N ranks, T tokens per rank, K routing slots per token, S = N*T*K routed rows
+of all ranks, R rows a rank computes, D model dim, F expert FFN dim, H = ceil(F/N) one rank's FFN
+block, E experts, El = E/N experts per rank, P capacity (rows per expert and source rank).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -66,15 +66,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+from bench.baselines.expert_computations import moeshard_fused, sort_grouped_mm  # noqa: E402
 from bench.baselines.expert_parallel import COUNT_BYTES, deepspeed_capacity, rank_within_expert  # noqa: E402
-from bench.baselines.routers import synthetic_routing  # noqa: E402
-from bench.expert_kernels import moeshard_fused, sort_grouped_mm  # noqa: E402
-from bench.moe_layer import DEFAULT_PEAK_TFLOPS, DTYPES, environment, measure_peak_tflops, median_ms  # noqa: E402
-from moeshard_compile.kernels.ops import use_triton  # noqa: E402
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402
+from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse_with_smoke  # noqa: E402
+from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
+from bench.common.floor import (  # noqa: E402
+    DEFAULT_PEAK_TFLOPS, DEFAULT_PEAK_TFLOPS_FP32, NVLINK4_GBS, expert_flops, floor_ms, measure_peak_tflops,
+    transfer_ms,
+)
+from bench.common.timing import median_ms  # noqa: E402
+from moeshard_compile.kernels.ops import use_triton  # noqa: E402
 
 SYSTEMS = ("moeshard_1rank", "moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
 SIMULATED = {"moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
@@ -82,8 +87,6 @@ BASELINES = {"vs_cf50": "ep_capacity_cf50", "vs_cf1.25": "ep_capacity_cf1.25", "
 TOP_K = 1  # Switch is top-1 (DeepSpeed's capacity layer is top-1 only)
 MIN_CAPACITY = 4  # DeepSpeed's default min_capacity
 PAPER_CF_CAP = 50  # the paper's DeepSpeed baseline: capacity factor min(E, 50)
-DEFAULT_PEAK_TFLOPS_FP32 = 67.0  # H100 SXM fp32 without TF32, datasheet (not measured)
-NVLINK4_GBS = 450.0  # H100 SXM NVLink 4 per direction, nominal
 SWEEPS = {  # name: (experts, batches, default dtypes, default routings)
     "headline": ([64], [250], ["float32", "bfloat16"], ["skew", "uniform"]),
     "experts": ([8, 16, 32, 64, 128, 256], [250], ["float32"], ["skew"]),
@@ -114,15 +117,25 @@ class Config:
 
 @dataclass
 class Problem:
-    """All N ranks' tokens and routing (rank n owns rows n*T:(n+1)*T) and the full expert weights."""
+    """All N ranks' tokens and routing (rank n's are [n]) and the full expert weights."""
 
-    x_RD: torch.Tensor
-    ids_RK: torch.Tensor
-    weight_RK: torch.Tensor
+    x_NTD: torch.Tensor
+    ids_NTK: torch.Tensor
+    weight_NTK: torch.Tensor
     w_in_EDF: torch.Tensor
     w_out_EFD: torch.Tensor
-    N: int
-    T: int
+
+    @property
+    def N(self) -> int:
+        return self.x_NTD.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.x_NTD.shape[1]
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_RD, ids_RK, weight_RK of every rank's tokens: R = N*T rows, what a MoEShard rank computes."""
+        return self.x_NTD.flatten(0, 1), self.ids_NTK.flatten(0, 1), self.weight_NTK.flatten(0, 1)
 
 
 @dataclass
@@ -164,10 +177,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="every row, rewritten after each")
     parser.add_argument("--csv", type=Path, default=None, help="every row, rewritten after each")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every system; other flags apply")
-    if parser.parse_known_args(argv)[0].smoke:  # --smoke changes the defaults: parse again with them
-        parser.set_defaults(**SMOKE)
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE, description="every system")
     split_config_lists(parser, args, SYSTEMS)
     return args
 
@@ -185,10 +195,7 @@ def split_config_lists(parser: argparse.ArgumentParser, args: argparse.Namespace
     known = {"sweep": SWEEPS, "systems": systems, "dtypes": DTYPES, "routings": ROUTINGS}
     for key, values in known.items():
         if getattr(args, key) is not None:
-            setattr(args, key, getattr(args, key).split(","))
-            unknown = sorted(set(getattr(args, key)) - set(values))
-            if unknown:
-                parser.error(f"--{key}: unknown {unknown}; choose from {', '.join(values)}")
+            setattr(args, key, comma_list(parser, f"--{key}", getattr(args, key), values))
 
 
 def configs(args: argparse.Namespace) -> list[tuple[Config, list[str]]]:
@@ -213,11 +220,10 @@ def make_problem(config: Config, args: argparse.Namespace, device: torch.device)
     def randn(*size: int, std: float = 1.0) -> torch.Tensor:
         return (torch.randn(*size, generator=generator, device=device) * std).to(dtype)
 
-    ids_RK, weight_RK = synthetic_routing(config.routing, N * T, config.E, TOP_K, seed=args.seed, device=device,
-                                          dtype=dtype)
-    return Problem(x_RD=randn(N * T, D), ids_RK=ids_RK, weight_RK=weight_RK,
-                   w_in_EDF=randn(config.E, D, F, std=D**-0.5), w_out_EFD=randn(config.E, F, D, std=F**-0.5),
-                   N=N, T=T)
+    ids_NTK, weight_NTK = (t.view(N, T, TOP_K) for t in synthetic_routing(
+        config.routing, N * T, config.E, TOP_K, seed=args.seed, device=device, dtype=dtype))
+    return Problem(x_NTD=randn(N * T, D).view(N, T, D), ids_NTK=ids_NTK, weight_NTK=weight_NTK,
+                   w_in_EDF=randn(config.E, D, F, std=D**-0.5), w_out_EFD=randn(config.E, F, D, std=F**-0.5))
 
 
 def grouped_ffn(kernel: str) -> tuple[Callable, Callable[[torch.Tensor, torch.Tensor], str]]:
@@ -237,20 +243,20 @@ def grouped_ffn(kernel: str) -> tuple[Callable, Callable[[torch.Tensor, torch.Te
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> float:
-    """One call first (lazy init, allocator warm-up), then the median of bench/moe_layer.py's median_ms."""
+    """One call first (lazy init, allocator warm-up), then bench/common/timing.py's median_ms."""
     fn()
     return median_ms(fn, device, args.warmup_ms, args.rep_ms)
 
 
-def transfer_ms(phase_bytes: list[int], args: argparse.Namespace) -> float:
+def phases_ms(phase_bytes: list[int], args: argparse.Namespace) -> float:
     """Collective phases one after another, each the busiest rank's bytes over the link bandwidth."""
-    return sum(phase_bytes) / (args.bandwidth_gbs * 1e9) * 1e3
+    return transfer_ms(sum(phase_bytes), args.bandwidth_gbs)
 
 
 def moeshard_1rank(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
     """Rank 0 alone: every whole expert on its own T tokens; no communication."""
     fn, path = grouped_ffn(args.kernel)
-    x_TD, ids_TK, weight_TK = p.x_RD[: p.T], p.ids_RK[: p.T], p.weight_RK[: p.T]
+    x_TD, ids_TK, weight_TK = p.x_NTD[0], p.ids_NTK[0], p.weight_NTK[0]
     ms = timed_ms(lambda: fn(x_TD, ids_TK, weight_TK, p.w_in_EDF, p.w_out_EFD), device, args)
     return Outcome(ms, [p.T * TOP_K], 0, 0.0, path(x_TD, p.w_in_EDF))
 
@@ -261,51 +267,57 @@ def moeshard_n(p: Problem, args: argparse.Namespace, device: torch.device) -> Ou
     N, E, F = p.N, p.w_in_EDF.shape[0], p.w_in_EDF.shape[2]
     H = -(-F // N)
     w_in_EDH, w_out_EHD = p.w_in_EDF[:, :, :H].contiguous(), p.w_out_EFD[:, :H].contiguous()
-    ms = timed_ms(lambda: fn(p.x_RD, p.ids_RK, p.weight_RK, w_in_EDH, w_out_EHD), device, args)
-    row_bytes = p.x_RD.shape[1] * p.x_RD.element_size()
+    x_RD, ids_RK, weight_RK = p.gathered()
+    ms = timed_ms(lambda: fn(x_RD, ids_RK, weight_RK, w_in_EDH, w_out_EHD), device, args)
+    row_bytes = x_RD.shape[1] * x_RD.element_size()
     phases = [(N - 1) * E * COUNT_BYTES, (N - 1) * p.T * TOP_K * row_bytes, (N - 1) * p.T * TOP_K * row_bytes]
-    return Outcome(ms, [N * p.T * TOP_K] * N, sum(phases), transfer_ms(phases, args), path(p.x_RD, w_in_EDH))
+    return Outcome(ms, [N * p.T * TOP_K] * N, sum(phases), phases_ms(phases, args), path(x_RD, w_in_EDH))
+
+
+def experts_per_rank(p: Problem) -> int:
+    """El, the whole experts each rank holds under expert parallelism."""
+    E, N = p.w_in_EDF.shape[0], p.N
+    if E % N:
+        raise ValueError(f"{E} experts cannot be split evenly over {N} ranks")
+    return E // N
 
 
 def ep_capacity(capacity_factor: Callable[[int], float]) -> Runner:
     """DeepSpeed's top-1 capacity layer; capacity_factor(E) gives its CF (the paper's: min(E, 50))."""
 
     def run(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
-        N, T, (E, D, _) = p.N, p.T, p.w_in_EDF.shape
-        if E % N:
-            raise ValueError(f"{E} experts cannot be split evenly over {N} ranks")
-        El = E // N
-        C = deepspeed_capacity(T, E, capacity_factor(E), MIN_CAPACITY)
-        ids_NT = p.ids_RK[:, 0].view(N, T)
+        N, T, (E, D, _), El = p.N, p.T, p.w_in_EDF.shape, experts_per_rank(p)
+        P = deepspeed_capacity(T, E, capacity_factor(E), MIN_CAPACITY)
+        ids_NT = p.ids_NTK[..., 0]
         slot_NT = torch.stack([rank_within_expert(ids_T, E) for ids_T in ids_NT])  # DeepSpeed's "position" policy
-        kept_NT = slot_NT < C
-        times_ms = [timed_ms(_capacity_rank(p, r, El, C, ids_NT, slot_NT, kept_NT), device, args) for r in range(N)]
-        phase_bytes = (N - 1) * El * C * D * p.x_RD.element_size()
-        return Outcome(max(times_ms), [E * C] * N, 2 * phase_bytes, transfer_ms([phase_bytes] * 2, args), "torch.bmm",
-                       dropped=int((~kept_NT).sum()), capacity=C)
+        kept_NT = slot_NT < P
+        times_ms = [timed_ms(_capacity_rank(p, r, El, P, ids_NT, slot_NT, kept_NT), device, args) for r in range(N)]
+        phase_bytes = (N - 1) * El * P * D * p.x_NTD.element_size()
+        return Outcome(max(times_ms), [E * P] * N, 2 * phase_bytes, phases_ms([phase_bytes] * 2, args), "torch.bmm",
+                       dropped=int((~kept_NT).sum()), capacity=P)
 
     return run
 
 
-def _capacity_rank(p: Problem, r: int, El: int, C: int, ids_NT, slot_NT, kept_NT) -> Callable[[], torch.Tensor]:
-    """Rank r's work (CapacityExpertParallelMoE.forward less the all-to-alls): fill its own [E, C, D]
-    dispatch buffer, run its El experts on the [El, N*C, D] rows it received, gather its combine."""
-    N, T, D, E = p.N, p.T, p.x_RD.shape[1], p.w_in_EDF.shape[0]
-    x_NTD = p.x_RD.view(N, T, D)
-    recv_EMD = p.x_RD.new_zeros(El, N * C, D)  # M = N*C rows per local expert: slot n*C + c from rank n
+def _capacity_rank(p: Problem, r: int, El: int, P: int, ids_NT, slot_NT, kept_NT) -> Callable[[], torch.Tensor]:
+    """Rank r's work (CapacityExpertParallelMoE.forward less the all-to-alls): fill its own [E, P, D]
+    dispatch buffer, run its El experts on the [El, N*P, D] rows it received, gather its combine."""
+    N, D, E = p.N, p.x_NTD.shape[2], p.w_in_EDF.shape[0]
+    x_NTD = p.x_NTD
+    recv_ERD = x_NTD.new_zeros(El, N * P, D)  # R = N*P rows per local expert: slot n*P + c from rank n
     for n in range(N):
         local_T = ids_NT[n] - r * El
         mine_T = kept_NT[n] & (local_T >= 0) & (local_T < El)
-        recv_EMD.view(-1, D)[(local_T * N * C + n * C + slot_NT[n])[mine_T]] = x_NTD[n][mine_T]
+        recv_ERD.view(-1, D)[(local_T * N * P + n * P + slot_NT[n])[mine_T]] = x_NTD[n][mine_T]
     w_in_EDF, w_out_EFD = p.w_in_EDF[r * El:(r + 1) * El], p.w_out_EFD[r * El:(r + 1) * El]
-    row_T = torch.where(kept_NT[r], ids_NT[r] * C + slot_NT[r], E * C)  # dropped: a spare row past the buffer
-    gate_T = torch.where(kept_NT[r], p.weight_RK.view(N, T)[r], 0)
+    row_T = torch.where(kept_NT[r], ids_NT[r] * P + slot_NT[r], E * P)  # dropped: a spare row past the buffer
+    gate_T = torch.where(kept_NT[r], p.weight_NTK[r, :, 0], 0)
 
     def work() -> torch.Tensor:
-        buffer_XD = x_NTD.new_zeros(E * C + 1, D)
+        buffer_XD = x_NTD.new_zeros(E * P + 1, D)
         buffer_XD[row_T] = x_NTD[r]
-        y_EMD = torch.bmm(torch.relu(torch.bmm(recv_EMD, w_in_EDF)), w_out_EFD)  # E*C rows, as the buffer
-        return y_EMD.view(E * C, D)[row_T.clamp(max=E * C - 1)] * gate_T[:, None]
+        y_ERD = torch.bmm(torch.relu(torch.bmm(recv_ERD, w_in_EDF)), w_out_EFD)  # E*P rows, as the buffer
+        return y_ERD.view(E * P, D)[row_T.clamp(max=E * P - 1)] * gate_T[:, None]
 
     return work
 
@@ -313,28 +325,25 @@ def _capacity_rank(p: Problem, r: int, El: int, C: int, ids_NT, slot_NT, kept_NT
 def ep_dropless(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
     """Each rank's grouped computation over the rows routed to its El experts from all ranks; max over ranks."""
     fn, path = grouped_ffn(args.kernel)
-    N, T, (E, D, _) = p.N, p.T, p.w_in_EDF.shape
-    if E % N:
-        raise ValueError(f"{E} experts cannot be split evenly over {N} ranks")
-    El = E // N
-    ids_S = p.ids_RK.reshape(-1)
+    N, T, D, El = p.N, p.T, p.w_in_EDF.shape[1], experts_per_rank(p)
+    ids_S, weight_S = p.ids_NTK.reshape(-1), p.weight_NTK.reshape(-1)  # S = N*T*K routed rows of all ranks
     owner_S = ids_S // El  # the rank holding each slot's expert
     source_S = torch.arange(ids_S.numel(), device=ids_S.device) // (T * TOP_K)
     times_ms, rows_N = [], []
     for r in range(N):
         mine_S = owner_S == r
-        x_MD = p.x_RD[mine_S.nonzero()[:, 0] // TOP_K]  # M rows received, in source-rank order
-        ids_M1, weight_M1 = (ids_S[mine_S] - r * El)[:, None], p.weight_RK.reshape(-1)[mine_S][:, None]
+        x_RD = p.x_NTD.flatten(0, 1)[mine_S.nonzero()[:, 0] // TOP_K]  # R rows received, in source-rank order
+        ids_R1, weight_R1 = (ids_S[mine_S] - r * El)[:, None], weight_S[mine_S][:, None]
         w_in_EDF, w_out_EFD = p.w_in_EDF[r * El:(r + 1) * El], p.w_out_EFD[r * El:(r + 1) * El]
-        times_ms.append(timed_ms(lambda: fn(x_MD, ids_M1, weight_M1, w_in_EDF, w_out_EFD), device, args))
-        rows_N.append(x_MD.shape[0])
+        times_ms.append(timed_ms(lambda: fn(x_RD, ids_R1, weight_R1, w_in_EDF, w_out_EFD), device, args))
+        rows_N.append(x_RD.shape[0])
     offrank_S = owner_S != source_S
     sent_N = torch.bincount(source_S[offrank_S], minlength=N)  # dispatch; the combine sends back what came in
     received_N = torch.bincount(owner_S[offrank_S], minlength=N)
-    row_bytes = D * p.x_RD.element_size()
+    row_bytes = D * p.x_NTD.element_size()
     phases = [(N - 1) * El * COUNT_BYTES] + [int(torch.maximum(sent_N, received_N).max()) * row_bytes] * 2
     bytes_per_rank = (N - 1) * El * COUNT_BYTES + int((sent_N + received_N).max()) * row_bytes
-    return Outcome(max(times_ms), rows_N, bytes_per_rank, transfer_ms(phases, args), path(p.x_RD, p.w_in_EDF))
+    return Outcome(max(times_ms), rows_N, bytes_per_rank, phases_ms(phases, args), path(p.x_NTD[0], p.w_in_EDF))
 
 
 RUNNERS: dict[str, Runner] = {
@@ -351,7 +360,7 @@ def run_system(system: str, p: Problem, args: argparse.Namespace, device: torch.
     try:
         out = RUNNERS[system](p, args, device)
     except Exception as error:  # out of memory, a shape a system refuses: report it, keep going
-        row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        row["error"] = error_cell(error)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return row
@@ -383,15 +392,14 @@ SUMMARY = ("config", "system", "figure", "latency_ms", "x_floor", "dropped", "vs
 def table(rows: list[dict], columns: tuple[str, ...] = tuple(name for name, _ in TABLE)) -> str:
     """A github table of rows in the given columns."""
     formats = dict(TABLE)
-    return tabulate([[row.get(c) for c in columns] for row in rows], headers=columns, tablefmt="github",
-                    floatfmt=[formats.get(c, "") for c in columns], missingval="-")
+    return github_table(rows, columns, floatfmt=[formats.get(c, "") for c in columns])
 
 
 def peaks(args: argparse.Namespace, dtypes: list[str], device: torch.device) -> dict[str, tuple[float, str]]:
     """dtype -> (TFLOP/s, where it comes from) for the compute floor."""
     if args.measure_peak:
-        return {d: (measure_peak_tflops(argparse.Namespace(dtype=d, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms),
-                                        device), f"measured, {d} matmul on {device}") for d in dtypes}
+        return {d: (measure_peak_tflops(d, device, args.warmup_ms, args.rep_ms), f"measured, {d} matmul on {device}")
+                for d in dtypes}
     given = {"bfloat16": (args.peak_tflops, "--peak-tflops (default: H100 bf16, measured)"),
              "float32": (args.peak_tflops_fp32, "--peak-tflops-fp32 (default: H100 SXM datasheet, no TF32)")}
     return {d: given.get(d, (args.peak_tflops, "--peak-tflops")) for d in dtypes}
@@ -418,7 +426,7 @@ def main(argv: list[str]) -> None:
     device = torch.device(args.device)
     plan = configs(args)
     env = environment(device)
-    print(" | ".join(f"{key} {value}" for key, value in env.items()))
+    print(environment_line(env))
     peak = peaks(args, sorted({config.dtype for config, _ in plan}), device)
     for dtype, (tflops, source) in peak.items():
         print(f"peak {dtype}: {tflops:.4g} TFLOP/s ({source})")
@@ -435,12 +443,12 @@ def main(argv: list[str]) -> None:
     def save() -> None:
         """JSON and CSV of every row so far, and what was not run."""
         if args.json:
-            result = {"environment": env, "config": {k: v for k, v in vars(args).items() if k not in ("json", "csv")},
-                      "peaks": {d: {"tflops": t, "source": s} for d, (t, s) in peak.items()},
-                      "bandwidth_gbs": args.bandwidth_gbs, "bandwidth_source": "--bandwidth-gbs" if
-                      args.bandwidth_gbs != NVLINK4_GBS else "default: NVLink 4 nominal per direction (not measured)",
-                      "rows": rows, "not_run": not_run}
-            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            write_json(args.json, {
+                "environment": env, "config": recorded_config(args),
+                "peaks": {d: {"tflops": t, "source": s} for d, (t, s) in peak.items()},
+                "bandwidth_gbs": args.bandwidth_gbs, "bandwidth_source": "--bandwidth-gbs" if
+                args.bandwidth_gbs != NVLINK4_GBS else "default: NVLink 4 nominal per direction (not measured)",
+                "rows": rows, "not_run": not_run})
         if args.csv:
             with args.csv.open("w", newline="") as file:
                 writer = csv.DictWriter(file, CSV_FIELDS, extrasaction="ignore")
@@ -450,25 +458,25 @@ def main(argv: list[str]) -> None:
     with torch.no_grad():
         for config, sweeps_of in plan:
             T = config.batch * args.seq
-            floor_ms = 2 * 2 * T * TOP_K * args.d_model * args.d_ff / (peak[config.dtype][0] * 1e12) * 1e3
-            base = {"config": config.name, **asdict(config), "T": T, "sweeps": sweeps_of, "floor_ms": floor_ms}
+            layer_floor_ms = floor_ms(expert_flops(T, TOP_K, args.d_model, args.d_ff), peak[config.dtype][0])
+            base = {"config": config.name, **asdict(config), "T": T, "sweeps": sweeps_of, "floor_ms": layer_floor_ms}
             config_rows: list[dict] = []
             try:
                 problem = make_problem(config, args, device)
-                counts_E = torch.bincount(problem.ids_RK.reshape(-1), minlength=config.E)
+                counts_E = torch.bincount(problem.ids_NTK.reshape(-1), minlength=config.E)
                 busiest = (counts_E.max() / counts_E.double().mean()).item()
             except Exception as error:  # the inputs themselves failed (e.g. out of memory): next configuration
                 problem, busiest = None, None
                 base["error"] = f"{type(error).__name__}: {str(error)[:200]}"
             print(f"\n## {config.name} ({', '.join(sweeps_of)}): T={T} tokens per rank, N*T={args.ranks * T} | "
-                  f"busiest expert {busiest or float('nan'):.2f}x the mean load | floor {floor_ms:.4g} ms")
+                  f"busiest expert {busiest or float('nan'):.2f}x the mean load | floor {layer_floor_ms:.4g} ms")
             for system in args.systems:
                 progress.step(f"{config.name} {system}")
                 if args.budget_s and time.perf_counter() - started > args.budget_s:
                     not_run.append(f"{config.name}/{system}")
                     continue
                 row = {**base, "busiest_expert_load": busiest}
-                row.update(run_system(system, problem, args, device, floor_ms) if problem else
+                row.update(run_system(system, problem, args, device, layer_floor_ms) if problem else
                            {"system": system, "figure": "simulated" if system in SIMULATED else "measured"})
                 config_rows.append(row)
                 add_speedups(config_rows)

@@ -21,18 +21,17 @@ slowest rank's, and the row reports the median over --repeats calls. Rows are "m
 Metrics also gathered over ranks: rows computed (max / mean), bytes sent off-rank (max), tokens
 dropped (all ranks); speedups vs the three baselines as in bench/paper.py. moeshard's row also
 checks that the loop was rewritten and gives its max relative error against the eager loop.
---profile adds, per system, the GPU kernel timeline of --profile-calls calls (bench/kernel_timeline.py,
+--profile adds, per system, the GPU kernel timeline of --profile-calls calls (bench/common/kernel_timeline.py,
 mean over ranks): comm_ms (NCCL kernels), compute_ms (the others) and overlapped_ms (both at once).
 
-Names carry their shape: T tokens per rank, D d_model, F d_ff, E experts, K experts per token.
+Names carry their shape: N ranks, T tokens per rank, K routing slots per token, R the rows of one expert,
+D model dim, F expert FFN dim, E experts.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -40,16 +39,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from tabulate import tabulate
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
 from bench.baselines.expert_parallel import CapacityExpertParallelMoE, DroplessExpertParallelMoE, load_summary  # noqa: E402
 from bench.baselines.routers import synthetic_routing  # noqa: E402
-from bench.kernel_timeline import overlap_summary, profiled_kernels  # noqa: E402
-from bench.moe_layer import DTYPES, environment  # noqa: E402
+from bench.common.cli import DTYPES, error_cell, github_table, parse_with_smoke  # noqa: E402
+from bench.common.environment import environment, recorded_config, write_json  # noqa: E402
+from bench.common.kernel_timeline import overlap_summary, profiled_kernels  # noqa: E402
+from bench.common.ranks import spawn_local_ranks  # noqa: E402
 from bench.paper import (  # noqa: E402
     BASELINES, MIN_CAPACITY, PAPER_CF_CAP, TOP_K, Config, add_config_args, add_speedups, configs, split_config_lists,
 )
@@ -70,9 +69,9 @@ class ExpertLoop(nn.Module):
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
         out_TD = torch.zeros_like(x_TD)
         for e in range(self.w_in_EDF.shape[0]):
-            token_N, slot_N = torch.where(ids_TK == e)
-            y_ND = torch.relu(x_TD[token_N] @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
-            out_TD.index_add_(0, token_N, y_ND * weight_TK[token_N, slot_N, None])
+            token_R, slot_R = torch.where(ids_TK == e)
+            y_RD = torch.relu(x_TD[token_R] @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
+            out_TD.index_add_(0, token_R, y_RD * weight_TK[token_R, slot_R, None])
         return out_TD
 
 
@@ -90,10 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="add comm/compute/overlap per call (CUDA)")
     parser.add_argument("--profile-calls", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 gloo ranks on CPU")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE, description="2 gloo ranks")
     split_config_lists(parser, args, SYSTEMS)
     if args.profile and args.device != "cuda":
         parser.error("--profile reads the GPU's kernel timeline: it needs --device cuda")
@@ -149,11 +145,10 @@ def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     w_in_EDF = (torch.randn(config.E, D, F, generator=generator, device=device) * D**-0.5).to(dtype)
     w_out_EFD = (torch.randn(config.E, F, D, generator=generator, device=device) * F**-0.5).to(dtype)
-    ids_RK, weight_RK = synthetic_routing(config.routing, world * T, config.E, TOP_K, seed=args.seed, device=device,
-                                          dtype=dtype)
-    mine = slice(rank * T, (rank + 1) * T)
-    x_TD = torch.randn(world * T, D, generator=generator, device=device).to(dtype)[mine]
-    inputs = (x_TD, ids_RK[mine], weight_RK[mine])
+    ids_NTK, weight_NTK = (t.view(world, T, TOP_K) for t in synthetic_routing(
+        config.routing, world * T, config.E, TOP_K, seed=args.seed, device=device, dtype=dtype))
+    x_TD = torch.randn(world * T, D, generator=generator, device=device).to(dtype).view(world, T, D)[rank]
+    inputs = (x_TD, ids_NTK[rank], weight_NTK[rank])
     rows = []
     for system in args.systems:
         row = {"config": config.name, "E": config.E, "batch": config.batch, "T": T, "dtype": config.dtype,
@@ -179,7 +174,7 @@ def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, 
                 row.update(max_rows=world * T * TOP_K, mean_rows=world * T * TOP_K, dropped=0,
                            max_offrank_bytes=2 * (world - 1) * T * TOP_K * D * x_TD.element_size())
         except Exception as error:  # every rank fails alike (same shapes); report it and go on
-            row["error"] = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+            row["error"] = error_cell(error)
         rows.append(row)
     add_speedups(rows)
     return rows
@@ -212,9 +207,8 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str 
         if rank == 0:
             print(table([r for r in rows if r["config"] == config.name]), flush=True)
     if rank == 0 and args.json:
-        args.json.write_text(json.dumps({"environment": environment(device), "world_size": world,
-                                         "config": {k: v for k, v in vars(args).items() if k != "json"},
-                                         "rows": rows}, indent=2, default=str) + "\n")
+        write_json(args.json, {"environment": environment(device), "world_size": world, "config": recorded_config(args),
+                               "rows": rows})
         print(f"wrote {args.json}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -227,14 +221,7 @@ COLUMNS = ("config", "system", "figure", "latency_ms", "comm_ms", "compute_ms", 
 
 
 def table(rows: list[dict]) -> str:
-    return tabulate([[row.get(c) for c in COLUMNS] for row in rows], headers=COLUMNS, tablefmt="github",
-                    floatfmt=".4g", missingval="-")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return github_table(rows, COLUMNS)
 
 
 def main(argv: list[str]) -> None:
@@ -243,8 +230,7 @@ def main(argv: list[str]) -> None:
         rank_main(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)
         return
     world = args.world_size or 2
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(rank_main, args=(world, args, f"tcp://127.0.0.1:{free_port()}"), nprocs=world)
+    spawn_local_ranks(rank_main, world, world, args)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
 from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
-import moeshard_compile
-from moeshard_compile import weights
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+import moeshard_compile  # noqa: E402
+from bench.common.cli import parse_with_smoke  # noqa: E402
+from bench.common.timing import wall_times_ms  # noqa: E402
+from moeshard_compile import weights  # noqa: E402
+
+SMOKE = dict(experts=[4], d_model=16, d_ff=32, tokens=16, repeat=3)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,25 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--d-ff", type=int, default=3072)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--smoke", action="store_true", help="E 4, d 16, f 32, 16 tokens, 3 repeats")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.experts, args.d_model, args.d_ff, args.tokens, args.repeat = [4], 16, 32, 16, 3
-    return args
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls of each (median reported)")
+    return parse_with_smoke(parser, argv, SMOKE)
 
 
-def _median_s(fn, repeat: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _median_ms(fn, repeat: int, device: torch.device) -> float:
+    return statistics.median(wall_times_ms(fn, repeat, device))
 
 
 def measure(experts: int, args: argparse.Namespace) -> dict:
@@ -60,7 +53,7 @@ def measure(experts: int, args: argparse.Namespace) -> dict:
     config = SwitchTransformersConfig(d_model=args.d_model, d_ff=args.d_ff, num_experts=experts,
                                       expert_capacity=args.tokens)
     layer = SwitchTransformersSparseMLP(config).eval().to(device)
-    x_BSD = torch.randn(1, args.tokens, args.d_model, device=device)
+    x_BLD = torch.randn(1, args.tokens, args.d_model, device=device)
     feeds = []
     real_feed = weights.WeightFeed
 
@@ -70,22 +63,24 @@ def measure(experts: int, args: argparse.Namespace) -> dict:
 
     moeshard_compile.backend.WeightFeed = recording_feed
     try:
-        compiled = torch.compile(layer, backend="moeshard", options={"inductor": device.type == "cuda"})
+        # the backend object rather than "moeshard": works from a source checkout without the entry point
+        compiled = torch.compile(layer, backend=moeshard_compile.moeshard_backend,
+                                 options={"inductor": device.type == "cuda"})
         with torch.no_grad():
-            out_BSD, ref_BSD = compiled(x_BSD), layer(x_BSD)
+            out_BLD, ref_BLD = compiled(x_BLD), layer(x_BLD)
     finally:
         moeshard_compile.backend.WeightFeed = real_feed
-    assert (out_BSD - ref_BSD).abs().max().item() < 1e-4, "compiled layer differs from eager"
+    assert (out_BLD - ref_BLD).abs().max().item() < 1e-4, "compiled layer differs from eager"
     (feed,) = [f for f in feeds if f.regions]
     with torch.no_grad():  # the compile-time inputs hold the same parameters as every call's
-        check_s = _median_s(lambda: feed.current(feed.example_inputs), args.repeat, device)
+        check_ms = _median_ms(lambda: feed.current(feed.example_inputs), args.repeat, device)
         feed.fingerprint = False  # weight_check="version"
-        version_s = _median_s(lambda: feed.current(feed.example_inputs), args.repeat, device)
+        version_ms = _median_ms(lambda: feed.current(feed.example_inputs), args.repeat, device)
         feed.fingerprint = True
-        call_s = _median_s(lambda: compiled(x_BSD), args.repeat, device)
+        call_ms = _median_ms(lambda: compiled(x_BLD), args.repeat, device)
     return {"experts": experts, "expert params": sum(len(r.indices) for r in feed.regions),
-            "check ms": check_s * 1e3, "version-only check ms": version_s * 1e3, "call ms": call_s * 1e3,
-            "check / call": check_s / call_s}
+            "check ms": check_ms, "version-only check ms": version_ms, "call ms": call_ms,
+            "check / call": check_ms / call_ms}
 
 
 def main(argv=None) -> None:

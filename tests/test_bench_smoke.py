@@ -1,7 +1,9 @@
-"""The bench scripts a GPU run uses, end to end on CPU (--smoke) or as far as CPU allows (--help, an sm_90 compile), so that they cannot rot.
+"""The bench scripts end to end on CPU (--smoke) or as far as CPU allows (--help, an sm_90 compile),
+each run as a user runs it (a subprocess from the repository root), so that none can rot.
 
-A subprocess, as a GPU run starts it: tiny shapes on CPU, every variant, about 30 s on 2 cores
-with a cold Inductor cache (conftest gives each test run its own).
+Tiny shapes on CPU, every variant, with a cold Inductor cache (conftest gives each test run its
+own). bench/paper.py, bench/paper_ranks.py and bench/deepspeed_layer.py have their --smoke runs in
+tests/test_paper_smoke.py, tests/test_paper_ranks_smoke.py and tests/test_deepspeed_layer.py.
 """
 
 import json
@@ -13,33 +15,56 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor"}
+sys.path.insert(0, str(ROOT))  # `bench`, for the tests that import a tool
+EXPERT_VARIANTS = {"hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused",
+                   "moeshard_fused_inductor"}
 
 
-def run_bench(script: str, *argv: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """bench/<script> as a GPU run starts it (a subprocess from the repository root); it must succeed."""
-    result = subprocess.run([sys.executable, f"bench/{script}", *argv], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+def run_script(path: str, *argv: str, timeout: int = 180, returncode: int = 0) -> subprocess.CompletedProcess:
+    """`python <path> <argv>` from the repository root; it must exit with `returncode`."""
+    result = subprocess.run([sys.executable, path, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == returncode, result.stderr[-3000:]
     return result
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of every row of the GitHub tables printed, headers included."""
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("|") and not line.startswith("|--")]
+
+
+def test_moe_layer_smoke_checks_every_variant_against_eager(tmp_path):
+    """bench/moe_layer.py --smoke: HF eager, Inductor and moeshard on one Switch layer, equal to eager."""
+    result_path = tmp_path / "moe_layer.json"
+    result = run_script("bench/moe_layer.py", "--smoke", "--json", str(result_path))
+    output = json.loads(result_path.read_text())
+    rows = {row["variant"]: row for row in output["rows"]}
+    assert set(rows) == {"hf_eager", "inductor", "moeshard"}
+    for row in rows.values():
+        assert row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
+        assert row["x_floor"] == pytest.approx(row["median_ms"] / output["floor_ms"])
+    assert rows["moeshard"]["graphs"] == 1 and rows["hf_eager"]["speedup_vs_hf_eager"] == 1
+    assert output["flops"] == 2 * 2 * (2 * 8) * 1 * 16 * 32  # 2 matmuls x 2*T*K*D*F, T = 2 x 8 tokens
+    assert "| rewritten |" in result.stdout  # the backend's report: the layer was rewritten
+    assert {row[0] for row in table_rows(result.stdout)} >= {"variant", "hf_eager", "inductor", "moeshard"}
 
 
 def test_expert_kernels_smoke_runs_every_variant_correctly(tmp_path):
     result_path = tmp_path / "smoke.json"
-    result = run_bench("expert_kernels.py", "--smoke", "--json", str(result_path), timeout=120)
+    result = run_script("bench/expert_kernels.py", "--smoke", "--json", str(result_path), timeout=120)
     rows = json.loads(result_path.read_text())["rows"]
     by_shape: dict[str, set[str]] = {}
     for row in rows:
         by_shape.setdefault(row["shape"], set()).add(row["variant"])
         assert row["check"] == "ok" and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
         assert f"| {row['variant']} " in result.stdout
-    assert by_shape and all(variants == VARIANTS for variants in by_shape.values()), by_shape
+    assert by_shape and all(variants == EXPERT_VARIANTS for variants in by_shape.values()), by_shape
 
 
 def test_encoder_smoke_runs_every_variant_correctly(tmp_path):
     """bench/encoder.py --smoke: MoE and dense encoders, every variant matches its eager model."""
     result_path = tmp_path / "encoder.json"
-    run_bench("encoder.py", "--smoke", "--json", str(result_path))
+    run_script("bench/encoder.py", "--smoke", "--json", str(result_path))
     output = json.loads(result_path.read_text())
     rows = {row["variant"]: row for row in output["rows"]}
     assert set(rows) == {"moe_hf_eager", "moe_inductor", "moe_moeshard", "dense_eager", "dense_inductor"}
@@ -50,44 +75,65 @@ def test_encoder_smoke_runs_every_variant_correctly(tmp_path):
     assert output["floor_ms"] > 0 and output["flops"] > 0
 
 
+def test_weight_check_smoke_prints_the_check_against_the_call():
+    """bench/weight_check.py --smoke: the compiled layer equals eager (it asserts so), the check is timed."""
+    result = run_script("bench/weight_check.py", "--smoke")
+    header, *rows = table_rows(result.stdout)
+    assert "check ms" in header and "check / call" in header
+    assert len(rows) == 1 and rows[0][0] == "4" and float(rows[0][header.index("check ms")]) > 0, result.stdout
+
+
+def test_deepspeed_layer_parses_without_deepspeed():
+    """bench/deepspeed_layer.py needs deepspeed to run (tests/test_deepspeed_layer.py runs it where it is);
+    its imports and options hold without it."""
+    assert "--smoke" in run_script("bench/deepspeed_layer.py", "--help").stdout
+
+
 def test_compile_time_reports_the_first_call():
-    """bench/compile_time.py on a tiny encoder on CPU, with the stack dumps armed."""
-    result = run_bench("compile_time.py", "--device", "cpu", "--dtype", "float32", "--d-model", "32", "--d-ff", "64",
-                       "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
-                       "--stack-every", "300")
+    """bench/lab/compile_time.py on a tiny encoder on CPU, with the stack dumps armed."""
+    result = run_script("bench/lab/compile_time.py", "--device", "cpu", "--dtype", "float32", "--d-model", "32",
+                        "--d-ff", "64", "--heads", "4", "--layers", "2", "--experts", "4", "--batch", "2", "--seq", "8",
+                        "--stack-every", "300")
     assert "moeshard: first call" in result.stdout and "2 layers, E 4" in result.stdout
     assert re.search(r"verification of 1 regions: \d+\.\d\d s \(\d+\.\d% of the first call\)", result.stdout), result.stdout
 
 
 def test_dispatch_smoke_checks_and_times_both():
-    """bench/dispatch.py --smoke: the op equals the torch ops it replaced (it exits non-zero if not), both timed."""
-    result = run_bench("dispatch.py", "--smoke")
-    table = [line for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    """bench/lab/dispatch.py --smoke: the op equals the torch ops it replaced (it exits non-zero if not), both timed."""
+    result = run_script("bench/lab/dispatch.py", "--smoke")
+    table = table_rows(result.stdout)
     assert len(table) == 1 + 2 and "group_by_expert ms" in table[0], result.stdout
 
 
+def test_shard_memory_holds_a_block_of_every_expert_per_rank():
+    """bench/lab/shard_memory.py on 2 gloo ranks, tiny shapes: each rank holds half the expert bytes."""
+    result = run_script("bench/lab/shard_memory.py", "--experts", "4", "--world-size", "2", "--d-model", "16",
+                        "--d-ff", "32", "--tokens", "8", "--dtype", "float32")
+    header, *rows = table_rows(result.stdout)
+    assert [row[0] for row in rows] == ["0", "1"] and [row[1] for row in rows] == ["0:16", "16:32"], result.stdout
+    assert all(float(row[header.index("of unsharded")]) == 0.5 for row in rows), result.stdout
+
+
 def test_expert_ceilings_imports_and_parses():
-    """bench/expert_ceilings.py needs a GPU to measure; here its imports and options must still hold."""
-    result = run_bench("expert_ceilings.py", "--help")
+    """bench/lab/expert_ceilings.py needs a GPU to measure; here its imports and options must still hold."""
+    result = run_script("bench/lab/expert_ceilings.py", "--help")
     assert "--split" in result.stdout
 
 
 def test_kernel_configs_imports_parses_and_rejects_no_rounds():
-    """bench/kernel_configs.py needs a GPU to time; here its imports, its candidates (the split ones
+    """bench/lab/kernel_configs.py needs a GPU to time; here its imports, its candidates (the split ones
     among them) and its options must hold, and --repeat 0 is an error, not an empty table."""
-    assert "--repeat" in run_bench("kernel_configs.py", "--help").stdout
-    sys.path.insert(0, str(ROOT))
-    from bench.kernel_configs import CANDIDATES, config_label
+    assert "--repeat" in run_script("bench/lab/kernel_configs.py", "--help").stdout
+    from bench.lab.kernel_configs import CANDIDATES, config_label
 
     assert any(config_label(config).endswith("rows split 1") for config in CANDIDATES)
-    result = subprocess.run([sys.executable, "bench/kernel_configs.py", "--repeat", "0"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 2 and "--repeat must be at least 1" in result.stderr
+    result = run_script("bench/lab/kernel_configs.py", "--repeat", "0", returncode=2)
+    assert "--repeat must be at least 1" in result.stderr
 
 
 def test_gluon_experts_imports_and_parses():
-    """bench/gluon_experts.py needs an H100 to run; here its imports and options must still hold."""
-    result = run_bench("gluon_experts.py", "--help")
+    """bench/lab/gluon_experts.py needs an H100 to run; here its imports and options must still hold."""
+    result = run_script("bench/lab/gluon_experts.py", "--help")
     assert "Gluon" in result.stdout
 
 
@@ -95,18 +141,10 @@ def test_gluon_experts_imports_and_parses():
 def test_gluon_experts_kernel_compiles_for_sm90(variant):
     """Gluon has no interpreter, so compiling for sm_90 is CI's check: warp-specialised (setmaxnreg moves
     registers between the partitions), wgmma and TMA, and the ring fits an H100's shared memory."""
-    sys.path.insert(0, str(ROOT))
-    from bench.gluon_experts import compile_for_sm90
+    from bench.lab.gluon_experts import compile_for_sm90
 
     for ffn_out in (False, True):
         compiled = compile_for_sm90(variant, ffn_out)
         ptx = compiled.asm["ptx"]
         assert "setmaxnreg" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, variant
         assert compiled.metadata.num_warps == 12 and compiled.metadata.shared <= 232448, compiled.metadata
-
-
-def test_weight_check_smoke_prints_the_check_against_the_call():
-    result = run_bench("weight_check.py", "--smoke")
-    assert "check ms" in result.stdout and "check / call" in result.stdout
-    row = [line for line in result.stdout.splitlines() if line.startswith("|") and line.split("|")[1].strip() == "4"]
-    assert len(row) == 1 and float(row[0].split("|")[3]) > 0, result.stdout

@@ -1,8 +1,8 @@
-"""bench/kernel_timeline.py: communication hidden under computation, from kernel intervals."""
+"""bench/common/kernel_timeline.py: communication hidden under computation, from kernel intervals."""
 
 import random
 
-from bench.kernel_timeline import intersection, merged, overlap_summary, total
+from bench.common.kernel_timeline import intersection, merged, overlap_summary, total
 
 
 def test_overlap_of_a_known_timeline():

@@ -1,8 +1,8 @@
 """Expert parallelism, the baselines MoEShard is measured against: whole experts per rank, tokens
 moved to their expert's rank by all-to-all and back.
 
-    CapacityExpertParallelMoE   DeepSpeed-MoE's top-1 layer: a fixed capacity C per expert, a dense
-                                [E, C, D] buffer (padding, dropped tokens), equal-split all-to-alls
+    CapacityExpertParallelMoE   DeepSpeed-MoE's top-1 layer: a fixed capacity P per expert, a dense
+                                [E, P, D] buffer (padding, dropped tokens), equal-split all-to-alls
     DroplessExpertParallelMoE   no capacity: counts exchanged first, then variable-split all-to-alls
                                 of exactly the routed rows (top-k allowed), one grouped matmul
 
@@ -15,14 +15,15 @@ and gets its own tokens' MoE output back: sum_k weight_TK * expert(x_TD).
 Placement over the N ranks of `group` (any process group: gloo, NCCL; none at all for one rank):
 
     | tensor                   | rank r holds                                       |
-    | w_in_EDF, w_out_EFD      | experts r*E_local .. (r+1)*E_local - 1, whole      |
+    | w_in_EDF, w_out_EFD      | experts r*El .. (r+1)*El - 1, whole                |
     | x_TD, ids_TK, weight_TK  | its own batch                                      |
 
 After each forward, `module.stats` (a LayerStats) says what this rank did; `load_summary(stats,
 group)` gathers the ranks' stats into the load numbers a benchmark reports.
 
-Names carry their shape: T tokens, D d_model, F d_ff, E experts, E_local = E / N experts per rank,
-K experts per token, C capacity rows, S = T*K token slots, R rows received by a rank, N ranks.
+Names carry their shape: T tokens, D model dim, F expert FFN dim, E experts, El = E / N experts per
+rank, K routing slots per token, P capacity (DeepSpeed's C: rows per expert), S = T*K routed rows,
+R rows a rank computes, N ranks.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LayerStats:
     offrank_bytes: int  # bytes this rank sent to other ranks (it receives as many: the combine reverses the dispatch)
     kept_S: torch.Tensor  # per local token slot (T*K, token-major): did an expert compute it
     kept_per_expert_E: torch.Tensor  # local token slots each expert computed
-    capacity: int | None = None  # C, for the capacity layer
+    capacity: int | None = None  # P, for the capacity layer
 
     @property
     def dropped(self) -> int:
@@ -127,20 +128,20 @@ class CapacityExpertParallelMoE(_ExpertParallelMoE):
     """DeepSpeed-MoE's top-1 expert-parallel layer (deepspeed/moe/sharded_moe.py: top1gating, MOELayer).
 
     Semantics, as in DeepSpeed (checked against deepspeedai/DeepSpeed master, sharded_moe.py):
-    - capacity C = ceil((T / E) * capacity_factor), at least min_capacity (`_capacity`), where T is
+    - capacity P = ceil((T / E) * capacity_factor), at least min_capacity (`_capacity`), where T is
       the number of tokens of this rank's *local* batch (MOELayer flattens its input to [T, D] and
       top1gating takes T = logits.shape[0]); DeepSpeed also requires T >= min_capacity. Every rank
-      must bring the same T, so all ranks agree on C (DeepSpeed assumes it too).
-    - each expert keeps at most C of this rank's tokens. drop_policy "position" keeps the first C
+      must bring the same T, so all ranks agree on P (DeepSpeed assumes it too).
+    - each expert keeps at most P of this rank's tokens. drop_policy "position" keeps the first P
       in token order (DeepSpeed's use_rts=False intent, and topkgating's drop_policy="position");
-      "random" is DeepSpeed's default Random Token Selection (use_rts=True): C tokens chosen at
+      "random" is DeepSpeed's default Random Token Selection (use_rts=True): P tokens chosen at
       random from the global RNG. Kept tokens take buffer slots in token order (cumsum - 1).
-    - dispatch: a dense [E, C, D] buffer, zero padded; all_to_all_single sends expert block g to
-      rank g, so rank g receives [N, E_local, C, D] and runs each local expert on N*C rows.
+    - dispatch: a dense [E, P, D] buffer, zero padded; all_to_all_single sends expert block g to
+      rank g, so rank g receives [N, El, P, D] and runs each local expert on N*P rows.
     - combine: the expert output times the gate weight (Switch/DeepSpeed: the softmax probability
       of the chosen expert); a dropped token's MoE output is zero, the residual carries it.
     DeepSpeed's defaults: capacity_factor = eval_capacity_factor = 1.0, min_capacity = 4 (MoE in
-    deepspeed/moe/layer.py). DeepSpeed dispatches with one-hot einsums (O(T*E*C)); indexing here
+    deepspeed/moe/layer.py). DeepSpeed dispatches with one-hot einsums (O(T*E*P)); indexing here
     fills the same buffer.
     """
 
@@ -158,22 +159,22 @@ class CapacityExpertParallelMoE(_ExpertParallelMoE):
         if T < self.min_capacity:
             raise ValueError(f"{T} tokens < min_capacity={self.min_capacity} (DeepSpeed's top1gating asserts this)")
         ids_T, weight_T = ids_TK[:, 0], weight_TK[:, 0]
-        E, C = self.num_experts, deepspeed_capacity(T, self.num_experts, self.capacity_factor, self.min_capacity)
-        slot_T, kept_T = self._slots(ids_T, C)
+        E, P = self.num_experts, deepspeed_capacity(T, self.num_experts, self.capacity_factor, self.min_capacity)
+        slot_T, kept_T = self._slots(ids_T, P)
         # No boolean indexing, so no device sync: a dropped token writes a spare row past the buffer
         # and reads a zero weight.
-        row_T = torch.where(kept_T, ids_T * C + slot_T, E * C)
-        buffer_XD = x_TD.new_zeros(E * C + 1, D)
+        row_T = torch.where(kept_T, ids_T * P + slot_T, E * P)
+        buffer_XD = x_TD.new_zeros(E * P + 1, D)
         buffer_XD[row_T] = x_TD
-        y_ECD = self._all_to_all(self._experts(self._all_to_all(buffer_XD[: E * C].view(E, C, D))))
+        y_EPD = self._all_to_all(self._experts(self._all_to_all(buffer_XD[: E * P].view(E, P, D))))
         gate_T = torch.where(kept_T, weight_T.to(x_TD.dtype), 0)
-        out_TD = y_ECD.reshape(E * C, D)[row_T.clamp(max=E * C - 1)] * gate_T[:, None]
+        out_TD = y_EPD.reshape(E * P, D)[row_T.clamp(max=E * P - 1)] * gate_T[:, None]
         self.stats = LayerStats(
-            rows_computed=self.world * self.local_experts * C,
-            offrank_bytes=2 * (self.world - 1) * self.local_experts * C * D * x_TD.element_size(),
+            rows_computed=self.world * self.local_experts * P,
+            offrank_bytes=2 * (self.world - 1) * self.local_experts * P * D * x_TD.element_size(),
             kept_S=kept_T,
             kept_per_expert_E=expert_counts(ids_T, E, kept_T),
-            capacity=C,
+            capacity=P,
         )
         return out_TD
 
@@ -188,12 +189,12 @@ class CapacityExpertParallelMoE(_ExpertParallelMoE):
         dropped_to_spare_T = torch.where(kept_T, ids_T, self.num_experts)  # dropped tokens take no slot
         return rank_within_expert(dropped_to_spare_T, self.num_experts + 1), kept_T
 
-    def _experts(self, recv_ECD: torch.Tensor) -> torch.Tensor:
-        """[N * E_local, C, D] from N ranks -> each local expert on its N*C rows -> the same layout."""
-        N, El, C, D = self.world, self.local_experts, recv_ECD.shape[1], self.d_model
-        h_EMD = recv_ECD.view(N, El, C, D).transpose(0, 1).reshape(El, N * C, D)  # M = N*C rows per expert
-        y_EMD = torch.bmm(torch.relu(torch.bmm(h_EMD, self.w_in_EDF)), self.w_out_EFD)
-        return y_EMD.view(El, N, C, D).transpose(0, 1).reshape(N * El, C, D)
+    def _experts(self, recv_EPD: torch.Tensor) -> torch.Tensor:
+        """[N * El, P, D] from N ranks -> each local expert on its N*P rows -> the same layout."""
+        N, El, P, D = self.world, self.local_experts, recv_EPD.shape[1], self.d_model
+        x_ERD = recv_EPD.view(N, El, P, D).transpose(0, 1).reshape(El, N * P, D)  # R = N*P rows per local expert
+        y_ERD = torch.bmm(torch.relu(torch.bmm(x_ERD, self.w_in_EDF)), self.w_out_EFD)
+        return y_ERD.view(El, N, P, D).transpose(0, 1).reshape(N * El, P, D)
 
 
 class DroplessExpertParallelMoE(_ExpertParallelMoE):

@@ -1,7 +1,7 @@
 """Expert-weight bytes each rank holds under MoEShard, measured from the backend's report.
 
-    python bench/shard_memory.py --experts 128 --world-size 4            # Switch-base-128 layer, N = 4
-    python bench/shard_memory.py --experts 8 --world-size 2 --d-ff 3000  # uneven FFN blocks
+    python bench/lab/shard_memory.py --experts 128 --world-size 4            # Switch-base-128 layer, N = 4
+    python bench/lab/shard_memory.py --experts 8 --world-size 2 --d-ff 3000  # uneven FFN blocks
 
 Spawns N gloo ranks on this machine (CPU), builds one transformers SwitchTransformersSparseMLP
 with the Switch-Base shapes (d_model 768, d_ff 3072, random weights), compiles it with moeshard
@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tabulate import tabulate
 from transformers import SwitchTransformersConfig
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
-import moeshard_compile
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` importable when run as a script
+import moeshard_compile  # noqa: E402
+from bench.common.cli import DTYPES  # noqa: E402
+from bench.common.ranks import spawn_local_ranks  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,23 +42,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
+def rank_main(rank: int, args: argparse.Namespace, init_method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=args.world_size)
     torch.manual_seed(0)  # the same layer on every rank
     config = SwitchTransformersConfig(
         d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, expert_capacity=args.tokens
     )
     layer = SwitchTransformersSparseMLP(config).to(DTYPES[args.dtype]).eval()
     torch.manual_seed(1 + rank)  # this rank's own tokens
-    x_BSD = torch.randn(1, args.tokens, args.d_model, dtype=DTYPES[args.dtype])
+    x_BLD = torch.randn(1, args.tokens, args.d_model, dtype=DTYPES[args.dtype])
     report = moeshard_compile.Report()
     options = moeshard_compile.Options(inductor=False, release_unsharded=args.release)
     compiled = torch.compile(layer, backend=moeshard_compile.backend.make_backend(options, report))
     with torch.no_grad():
-        reference_BSD = layer(x_BSD)
-        out_BSD = compiled(x_BSD)
-    error = (out_BSD.double() - reference_BSD.double()).abs().max().item()
+        reference_BLD = layer(x_BLD)
+        out_BLD = compiled(x_BLD)
+    error = (out_BLD.double() - reference_BLD.double()).abs().max().item()
     (region,) = [r for r in report.regions if r["status"] == "rewritten"]
     rows = [None] * args.world_size
     dist.all_gather_object(rows, (rank, region, error))
@@ -81,13 +82,6 @@ def table(rows: list, args: argparse.Namespace) -> str:
     return title + "\n" + tabulate(lines, headers=headers, tablefmt="github")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 if __name__ == "__main__":
     arguments = parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(rank_main, args=(arguments, free_port()), nprocs=arguments.world_size)
+    spawn_local_ranks(rank_main, arguments.world_size, arguments)

@@ -1,7 +1,7 @@
 """How long the first call of a compiled Switch encoder takes, and where the compiler spends it.
 
-    python bench/compile_time.py --layers 2 --stack-every 45      # H100: one MoE layer, stacks every 45 s
-    python bench/compile_time.py --device cpu --dtype float32     # the same on CPU
+    python bench/lab/compile_time.py --layers 2 --stack-every 45      # H100: one MoE layer, stacks every 45 s
+    python bench/lab/compile_time.py --device cpu --dtype float32     # the same on CPU
 
 Builds bench/encoder.py's Switch-Base encoder (random weights), compiles it with --backend
 (moeshard or inductor) and times the first call (Dynamo, the backend, Inductor, Triton, one run).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
 from bench.encoder import add_encoder_args, build_encoder  # noqa: E402
 from moeshard_compile.backend import make_backend  # noqa: E402
@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     model = build_encoder(args, moe=True)
-    input_ids_BS = torch.randint(1, 32000, (args.batch, args.seq), device=args.device)
+    input_ids_BL = torch.randint(1, 32000, (args.batch, args.seq), device=args.device)
     report = moeshard_compile.Report()
     backend = make_backend(Options(), report) if args.backend == "moeshard" else "inductor"
     compiled = torch.compile(model, backend=backend)
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
         faulthandler.dump_traceback_later(args.stack_every, repeat=True, file=sys.stderr)
     started = time.perf_counter()
     with torch.no_grad():
-        compiled(input_ids=input_ids_BS)
+        compiled(input_ids=input_ids_BL)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
     faulthandler.cancel_dump_traceback_later()

@@ -1,10 +1,10 @@
 """Where the fused expert kernels' time goes: the device's ceilings, the same matmuls dense in
 cuBLAS, and the kernels on parts of one skewed routing.
 
-    python bench/expert_ceilings.py            # H100, about a minute
-    python bench/expert_ceilings.py --split    # and the crowded and sparse experts as two kernels on disjoint SMs
-    python bench/expert_ceilings.py --coresident   # ... as two kernels sharing every SM
-    ncu --clock-control none -k regex:_ffn_ --section SpeedOfLight python bench/expert_ceilings.py --profile
+    python bench/lab/expert_ceilings.py            # H100, about a minute
+    python bench/lab/expert_ceilings.py --split    # and the crowded and sparse experts as two kernels on disjoint SMs
+    python bench/lab/expert_ceilings.py --coresident   # ... as two kernels sharing every SM
+    ncu --clock-control none -k regex:_ffn_ --section SpeedOfLight python bench/lab/expert_ceilings.py --profile
 
 Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA-graph replay:
   ceilings   a 1 GiB read (sum) and copy (bytes read + written), an 8192^3 matmul;
@@ -24,7 +24,7 @@ Switch-Base's experts (D 768, F 3072, relu), 16384 rows, bf16, every time a CUDA
              sparse expert's weights; also the whole routing with two programs per SM.
   --profile  nothing timed: each kernel launched on each part of the routing, after a warm-up
              launch, for a profiler to measure (the ncu line above).
-Names: R rows, D d_model, F d_ff, E experts.
+Names: R rows a kernel computes, D model dim, F expert FFN dim, E experts.
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` importable when run as a script
 from bench.baselines.routers import synthetic_routing  # noqa: E402
-from bench.moe_layer import environment  # noqa: E402
+from bench.common.environment import environment, environment_line  # noqa: E402
+from bench.common.floor import floor_ms  # noqa: E402
+from bench.common.timing import graph_replay_ms  # noqa: E402
 from moeshard_compile.kernels import launch  # noqa: E402
 from moeshard_compile.kernels.ffn_in import launch_ffn_in  # noqa: E402
 from moeshard_compile.kernels.ffn_out import launch_ffn_out  # noqa: E402
@@ -53,16 +54,6 @@ SPARSE_TILES = {"128x256 (default)": TileConfig(128, 256, 64, 8, 4, persistent_t
                 "64x256 w4 s5": TileConfig(64, 256, 64, 4, 5, persistent_tma=True, tma_rows=True)}
 SPLITS = (22, 33, 44, 66)  # SMs given to the sparse experts' kernel
 CORESIDENT_TILES = TileConfig(128, 128, 64, 4, 3, persistent_tma=True, tma_rows=True)  # 106 KB of shared memory: 2 programs per SM
-
-
-def graph_ms(fn) -> float:
-    """Median of CUDA-graph replays of fn's launches (streams fn forks are captured too)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, rep=60, return_mode="median")
 
 
 def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
@@ -92,23 +83,26 @@ def ceilings() -> tuple[list[list], float]:
     data = torch.randn(2**29, device=DEVICE).to(DTYPE)
     copy = torch.empty_like(data)
     gib = data.numel() * data.element_size()
-    read_ms = graph_ms(lambda: data.sum(dtype=torch.float32))
-    copy_ms = graph_ms(lambda: copy.copy_(data))
+    read_ms = graph_replay_ms(lambda: data.sum(dtype=torch.float32))
+    copy_ms = graph_replay_ms(lambda: copy.copy_(data))
     del data, copy
     a, b = randn(8192, 8192), randn(8192, 8192)
-    peak = 2 * 8192**3 / graph_ms(lambda: a @ b) / 1e9
+    peak = 2 * 8192**3 / graph_replay_ms(lambda: a @ b) / 1e9
     return [["read 1 GiB (sum)", f"{gib / read_ms / 1e9:.2f} TB/s"],
             ["copy 1 GiB (read + write)", f"{2 * gib / copy_ms / 1e9:.2f} TB/s"],
             ["bf16 matmul 8192^3", f"{peak:.0f} TFLOP/s"]], peak
 
 
 def dense(peak: float) -> list[list]:
+    """Each matmul of the kernels' shapes (rows x inner dim x output dim) as one cuBLAS GEMM."""
     rows = []
-    for name, (m, k, n) in {"x @ w_in": (ROWS, D, F), "h @ w_out": (ROWS, F, D), "x @ w_in, f/4 shard": (ROWS, D, F // 4),
-                            "h @ w_out, f/4 shard": (ROWS, F // 4, D)}.items():
-        a, b = randn(m, k), randn(k, n)
-        ms = graph_ms(lambda: a @ b)
-        rows.append([f"cuBLAS {name} ({m}x{k}x{n})", ms, 2 * m * k * n / ms / 1e9, ms / (2 * m * k * n / peak / 1e9)])
+    shapes = {"x @ w_in": (ROWS, D, F), "h @ w_out": (ROWS, F, D), "x @ w_in, f/4 shard": (ROWS, D, F // 4),
+              "h @ w_out, f/4 shard": (ROWS, F // 4, D)}
+    for name, (R, inner, out) in shapes.items():
+        a, b = randn(R, inner), randn(inner, out)
+        ms = graph_replay_ms(lambda: a @ b)
+        flops = 2 * R * inner * out
+        rows.append([f"cuBLAS {name} ({R}x{inner}x{out})", ms, flops / ms / 1e9, ms / floor_ms(flops, peak)])
     return rows
 
 
@@ -130,9 +124,9 @@ def parts(peak: float) -> list[list]:
         flops = 2 * experts.R * D * F
         weight_bytes = experts.experts_used * D * F * DTYPE.itemsize
         for kernel, run in (("ffn_in", experts.ffn_in), ("ffn_out", experts.ffn_out)):
-            ms = graph_ms(run)
+            ms = graph_replay_ms(run)
             rows.append([name, kernel, experts.R, experts.experts_used, ms, flops / ms / 1e9, weight_bytes / ms / 1e9,
-                         ms / (flops / peak / 1e9)])
+                         ms / floor_ms(flops, peak)])
     return rows
 
 
@@ -160,7 +154,7 @@ def concurrently(kernel: str, crowded: Experts, crowded_tiles: TileConfig | None
         with programs(crowded_sms):
             getattr(crowded, kernel)(crowded_tiles)
         torch.cuda.current_stream().wait_stream(side)
-    return graph_ms(both)
+    return graph_replay_ms(both)
 
 
 def split() -> list[list]:
@@ -170,9 +164,9 @@ def split() -> list[list]:
     rows = []
     for tile_name, tiles in SPARSE_TILES.items():
         for kernel in ("ffn_in", "ffn_out"):
-            alone = graph_ms(lambda: getattr(sparse, kernel)(tiles))
-            rows.append([tile_name, kernel, alone, *(concurrently(kernel, crowded, None, sms - sparse_sms, sparse, tiles,
-                                                                  sparse_sms) for sparse_sms in SPLITS)])
+            alone = graph_replay_ms(lambda: getattr(sparse, kernel)(tiles))
+            rows.append([tile_name, kernel, alone, *(concurrently(kernel, crowded, None, sms - sparse_sms, sparse,
+                                                                  tiles, sparse_sms) for sparse_sms in SPLITS)])
     return rows
 
 
@@ -186,9 +180,9 @@ def coresident() -> list[list]:
     for kernel in ("ffn_in", "ffn_out"):
         for tile_name, tiles in (("128x256 w8 s4 (default)", None), ("128x128 w4 s3", CORESIDENT_TILES)):
             with programs(2 * sms):
-                two_per_sm = graph_ms(lambda: getattr(full, kernel)(tiles))
-            rows.append([kernel, tile_name, graph_ms(lambda: getattr(full, kernel)(tiles)), two_per_sm,
-                         graph_ms(lambda: getattr(crowded, kernel)(tiles)), graph_ms(lambda: getattr(sparse, kernel)(tiles)),
+                two_per_sm = graph_replay_ms(lambda: getattr(full, kernel)(tiles))
+            alone_ms = [graph_replay_ms(lambda: getattr(part, kernel)(tiles)) for part in (full, crowded, sparse)]
+            rows.append([kernel, tile_name, alone_ms[0], two_per_sm, *alone_ms[1:],
                          concurrently(kernel, crowded, tiles, sms, sparse, tiles, sms)])
     return rows
 
@@ -214,7 +208,7 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(0)
     if args.profile:
         return profile()
-    print(" | ".join(f"{k} {v}" for k, v in environment(DEVICE).items()))
+    print(environment_line(environment(DEVICE)))
     table, peak = ceilings()
     print(tabulate(table, headers=["ceiling", "measured"], tablefmt="github"))
     print(tabulate(dense(peak), headers=["dense", "ms", "TFLOP/s", "x floor"], tablefmt="github", floatfmt=".4g"))

@@ -1,7 +1,7 @@
 """Tile configurations of the two fused expert kernels, each kernel alone, against torch._grouped_mm.
 
-    python bench/kernel_configs.py --measure-peak --json kernel_configs.json   # H100, ~8 min
-    python bench/kernel_configs.py --repeat 3 --configs 'persistent tma rows( split 1)?$'   # a few, 3 rounds
+    python bench/lab/kernel_configs.py --measure-peak --json kernel_configs.json   # H100, ~8 min
+    python bench/lab/kernel_configs.py --repeat 3 --configs 'persistent tma rows( split 1)?$'   # a few, 3 rounds
 
 For each shape (bench/expert_kernels.py's names) and each candidate TileConfig, times
 moeshard's ffn_in kernel (gather + matmul + activation [+ gate]) and ffn_out kernel (matmul +
@@ -11,26 +11,28 @@ multiple of its own compute floor. The rows `_grouped_mm` time the unfused libra
 pre-gathered rows: what the fusions compete with. The candidates include the persistent kernels
 with their programs split between sparse and crowded experts at several stream-tile costs
 (`split c`). With --repeat N every candidate is timed N times round-robin and the median reported,
-with the spread. Used to choose grouped_ffn.default_config; the chosen one is marked `default`.
+with the spread. Used to choose moeshard_compile/kernels/tile_config.py's default_config; the chosen
+one is marked `default`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton.testing
-from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` importable when run as a script
 from bench.baselines.routers import synthetic_routing  # noqa: E402
+from bench.common.accuracy import max_rel_error  # noqa: E402
+from bench.common.cli import DTYPES, github_table  # noqa: E402
+from bench.common.environment import environment, environment_line, write_json  # noqa: E402
+from bench.common.floor import add_peak_args, expert_flops, floor_ms, peak_from_args  # noqa: E402
+from bench.common.timing import cuda_graph_ms  # noqa: E402
 from bench.expert_kernels import MODELS, Shape, make_problem  # noqa: E402
-from bench.moe_layer import DTYPES, add_peak_args, environment, max_rel_error, measure_peak_tflops  # noqa: E402
 from moeshard_compile.kernels.ops import sort_by_expert  # noqa: E402
 from moeshard_compile.kernels.ffn_in import launch_ffn_in  # noqa: E402
 from moeshard_compile.kernels.ffn_out import launch_ffn_out  # noqa: E402
@@ -58,7 +60,7 @@ TILES = [
 ZIGZAG_TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 64, 64, 8, 4)]  # the fastest, in zigzag order too
 PERSISTENT_TILES = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 2), (256, 128, 64, 8, 4),
                     (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
-STREAM_TILE_COSTS = (0.8, 0.9, 1.0, 1.15, 1.3)  # the default persistent tiles, their programs split (grouped_ffn._share)
+STREAM_TILE_COSTS = (0.8, 0.9, 1.0, 1.15, 1.3)  # the default persistent tiles, their programs split (schedule._share)
 SPLIT_TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]
 CANDIDATES = (
     [TileConfig(*tile) for tile in TILES] + [TileConfig(*tile, zigzag=True) for tile in ZIGZAG_TILES]
@@ -104,7 +106,7 @@ def time_entries(entries: list[tuple], repeat: int, rep_ms: float) -> list[dict]
     instead of the last ones; `spread` is (slowest - fastest) / median over the rounds.
     """
     results, runnable = [], []
-    for i, (run, reference, floor_ms) in enumerate(entries):
+    for i, (run, reference, _) in enumerate(entries):
         try:
             results.append({"max_rel_err": max_rel_error(run(), reference), "times": []})
             runnable.append(i)
@@ -113,7 +115,7 @@ def time_entries(entries: list[tuple], repeat: int, rep_ms: float) -> list[dict]
                             "error": f"{type(error).__name__}: {str(error)[:120]}"})
     for _ in range(repeat):
         for i in runnable:
-            results[i]["times"].append(triton.testing.do_bench_cudagraph(entries[i][0], rep=rep_ms, return_mode="median"))
+            results[i]["times"].append(cuda_graph_ms(entries[i][0], rep_ms))
     for i in runnable:
         times = sorted(results[i].pop("times"))
         ms = times[len(times) // 2]
@@ -140,8 +142,8 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     y_mm_SD = torch._grouped_mm(h_SF, w_out, offs=offs32_E)
     y_ref_SD = torch.empty_like(x_SD).index_copy_(0, order_S, (y_mm_SD.float() * scale_S[:, None].float()).to(dtype))
     rows_S = token_S.shape[0]
-    in_floor = (2 if gated else 1) * 2 * rows_S * D * F_ / (peak_tflops * 1e12) * 1e3
-    out_floor = 2 * rows_S * D * F_ / (peak_tflops * 1e12) * 1e3
+    in_floor = floor_ms(expert_flops(rows_S, 1, D, F_, matmuls=2 if gated else 1), peak_tflops)
+    out_floor = floor_ms(expert_flops(rows_S, 1, D, F_, matmuls=1), peak_tflops)
     entries: list[tuple[str, str, tuple]] = [
         ("ffn_in", "_grouped_mm (pre-gathered x)", (grouped_in, h_SF, in_floor)),
         ("ffn_out", "_grouped_mm (no scale, no scatter)",
@@ -169,8 +171,7 @@ def run_shape(shape: Shape, args, peak_tflops: float, device: torch.device) -> l
     print(f"\n## {shape.name} (D {D}, F {F_}{', gated' if gated else ''}): floors ffn_in {in_floor:.4g} ms, "
           f"ffn_out {out_floor:.4g} ms")
     ordered = sorted(rows, key=lambda r: (r["kernel"], r["median_ms"] is None, r["median_ms"] or 0))
-    print(tabulate([[r.get(c) for c in columns] for r in ordered], headers=columns, tablefmt="github",
-                   floatfmt=("", "", ".4g", ".3g", ".1%", ".2e", ""), missingval=""))
+    print(github_table(ordered, columns, floatfmt=("", "", ".4g", ".3g", ".1%", ".2e", ""), missingval=""))
     return rows
 
 
@@ -178,9 +179,9 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     started, device = time.perf_counter(), torch.device(args.device)
-    peak = measure_peak_tflops(args, device) if args.measure_peak else args.peak_tflops
+    peak, _ = peak_from_args(args, device)
     env = environment(device)
-    print(" | ".join(f"{k} {v}" for k, v in env.items()), f"| peak {peak:.4g} TFLOP/s")
+    print(environment_line(env), f"| peak {peak:.4g} TFLOP/s")
     rows: list[dict] = []
     with torch.no_grad():
         for name in args.shapes.split(","):
@@ -189,7 +190,7 @@ def main(argv: list[str]) -> None:
                 continue
             rows += run_shape(SHAPES[name], args, peak, device)
             if args.json:
-                args.json.write_text(json.dumps({"environment": env, "peak_tflops": peak, "rows": rows}, indent=1) + "\n")
+                write_json(args.json, {"environment": env, "peak_tflops": peak, "rows": rows})
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

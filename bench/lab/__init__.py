@@ -1,0 +1,1 @@
+"""Kernel development tools: what measured the choices inside the fused kernels (README.md says which is which)."""
