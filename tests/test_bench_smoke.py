@@ -6,6 +6,7 @@ own). bench/paper.py, bench/paper_ranks.py and bench/deepspeed_layer.py have the
 tests/test_paper_smoke.py, tests/test_paper_ranks_smoke.py and tests/test_deepspeed_layer.py.
 """
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -81,6 +82,18 @@ def test_weight_check_smoke_prints_the_check_against_the_call():
     header, *rows = table_rows(result.stdout)
     assert "check ms" in header and "check / call" in header
     assert len(rows) == 1 and rows[0][0] == "4" and float(rows[0][header.index("check ms")]) > 0, result.stdout
+
+
+def test_plot_paper_smoke_lists_a_figure_per_sweep(tmp_path):
+    """bench/plot_paper.py --smoke: one figure per sweep of a made-up result, drawn where matplotlib is."""
+    result = run_script("bench/plot_paper.py", "--smoke", "--out", str(tmp_path))
+    names = ("paper_experts_float32.png", "paper_batch_float32.png", "paper_skew_float32.png")
+    for name in names:
+        assert re.search(rf"^{re.escape(name)}: .*dropless EP \[2\.0, 3\.0\]$", result.stdout, re.M), result.stdout
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib not installed" in result.stdout
+    else:
+        assert all((tmp_path / name).read_bytes().startswith(b"\x89PNG") for name in names)
 
 
 def test_deepspeed_layer_parses_without_deepspeed():
