@@ -1,7 +1,9 @@
 """Baselines MoEShard is compared against: expert-parallel MoE layers and benchmark routings.
 
 Plain PyTorch modules over any process group (gloo on CPU, NCCL on GPUs), built from the same
-stacked expert weights as a single-device MoE so results can be checked against it.
+stacked expert weights as a single-device MoE so results can be checked against it. Beside them:
+expert_computations.py (one layer's expert computation written the ways the benchmarks compare it)
+and grouped_mm.py (the library grouped matmul they use), imported by their module names.
 """
 
 from .expert_parallel import (
