@@ -30,6 +30,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 from torch.multiprocessing.spawn import ProcessException
 from transformers import (MixtralConfig, MixtralModel, PretrainedConfig, SwitchTransformersConfig,
                           SwitchTransformersEncoderModel)
@@ -178,6 +180,9 @@ FIRST_FAILURE = "moeshard_demo/first_failure"  # store key: "<rank>\n<traceback>
 
 
 def _spawned_rank(rank: int, args: argparse.Namespace, port: int) -> None:
+    # tqdm (torch.fx's interpreter calls it) makes a multiprocessing lock on first use, whose
+    # semaphore a rank leaving by os._exit would leak (and the spawner warn of); a thread lock does
+    tqdm.set_lock(threading.RLock())
     where = _rank(rank, args.world_size, rank, args.device)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
     _join(where, args.world_size, store)
