@@ -110,7 +110,7 @@ class RankPool:
         `fn` must be a module-level function of an importable module (workers import it by name).
         """
         if self.broken:
-            raise PoolError(f"the rank pool (world {self.world_size}) was killed earlier: {self.broken}")
+            raise PoolError(f"the rank pool (world {self.world_size}) was killed before this task: {self.broken}")
         target = f"{fn.__module__}:{fn.__qualname__}"
         task_id = next(self._task_ids)
         for tasks in self._tasks:

@@ -1,5 +1,5 @@
 """TileConfig, the block sizes and loop of one kernel launch, and the default one per dtype and
-shape (measured by bench/kernel_configs.py)."""
+shape (measured by bench/lab/kernel_configs.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ STREAM_TILE_COST = 1.0  # 128-row tiles on an H100: a sparse expert's tile takes
 
 
 def default_config(dtype: torch.dtype, gated: bool = False, expert_bytes: int = 0, tma_rows: bool = True) -> TileConfig:
-    """The fastest of bench/kernel_configs.py's candidates on an H100 (docs/performance.md).
+    """The fastest of bench/lab/kernel_configs.py's candidates on an H100 (docs/performance.md).
 
     128x256 output tiles, 4 stages of 128-byte K slices (64 bf16/fp16, 32 fp32); a gated
     ffn_in holds two weight tiles per stage, so it takes 128x128 to fit shared memory. The
