@@ -11,7 +11,7 @@ import torch
 from tabulate import tabulate
 from transformers import MixtralConfig, PretrainedConfig
 
-from moeshard_compile.report import Report
+from moeshard_compile.report import Report, size_text
 
 WIDTH = 100
 REGION_COLUMNS = {"module": "module", "form": "form", "num_experts": "experts", "top_k": "top_k", "status": "status"}
@@ -84,7 +84,7 @@ def shards_section(regions_per_rank: list[list[dict]]) -> str:
     for rank, rows in enumerate(regions_per_rank):
         for (start, stop, d_ff), held in _blocks(rows).items():
             cells.append([rank, held["regions"], f"{start}:{stop} of {d_ff}",
-                          f"{_size(held['bytes_per_rank'])} of {_size(held['bytes'])}"])
+                          f"{size_text(held['bytes_per_rank'])} of {size_text(held['bytes'])}"])
     table = tabulate(cells, headers=["rank", "regions", "FFN columns of every expert", "expert weights held"],
                      tablefmt="github")
     return "\n".join([heading(f"Shards: {len(regions_per_rank)} ranks, each holding a slice of every expert"), table])
@@ -101,14 +101,6 @@ def _blocks(rows: list[dict]) -> dict[tuple, dict]:
         held["bytes"] += row["expert_bytes"] or 0
         held["bytes_per_rank"] += row["expert_bytes_per_rank"] or 0
     return blocks
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.3g} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.3g} GiB"
 
 
 @dataclass(frozen=True)

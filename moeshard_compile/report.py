@@ -54,10 +54,11 @@ def _shard_cells(row: dict) -> list[str]:
     block = "{}:{}".format(*row["ffn_block"]) if row["ffn_block"] else ""
     if not row.get("expert_bytes"):
         return [block, ""]
-    return [block, f"{_size(row['expert_bytes_per_rank'])} of {_size(row['expert_bytes'])}"]
+    return [block, f"{size_text(row['expert_bytes_per_rank'])} of {size_text(row['expert_bytes'])}"]
 
 
-def _size(nbytes: int) -> str:
+def size_text(nbytes: float) -> str:
+    """Bytes as the report shows them: 3 significant digits, B to GiB."""
     for unit in ("B", "KiB", "MiB"):
         if nbytes < 1024:
             return f"{nbytes:.3g} {unit}"
