@@ -44,8 +44,10 @@ def describe(region: MoERegion, dropless: bool) -> str | None:
         return None
     if dropless and region.status is Status.REWRITTEN and not region.fixed_slots:
         return "removed (dropless=True)"
-    values = sorted({str(static_int(n.args[1]) if static_int(n.args[1]) is not None else n.args[1]) for n in limits})
-    kept = f"expert_capacity={'/'.join(values)} (tokens past it are dropped, as in the model)"
+    # a limit read off a graph that a failed rewrite left behind may have lost its operands
+    values = sorted({str(static_int(n.args[1]) if static_int(n.args[1]) is not None else n.args[1])
+                     for n in limits if len(n.args) > 1 and n.args[1] is not None})
+    kept = f"expert_capacity={'/'.join(values) or '?'} (tokens past it are dropped, as in the model)"
     if dropless and region.status is Status.REWRITTEN:
         return kept + "; kept with dropless=True: the model's dispatch tensor has that many slots per expert"
     return kept
