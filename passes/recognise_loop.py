@@ -24,7 +24,7 @@ combine); this file ties them together.
 from __future__ import annotations
 
 import operator
-from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -154,19 +154,12 @@ def _recognise_linear(gm: fx.GraphModule, template: str, members: list[FFN]) -> 
     dispatch = {n for _, ns, _ in sources for n in ns} | {n for s in scaled if s for n in s[3]}
     region.erase = _erased(gm, combine, {n for m in members for n in m.nodes} | dispatch)
     scales = [s[1] for s in scaled] if all(scaled) else None  # the routing weight scales each expert's input
-
-    def route() -> Routing:
-        routing = _linear_routing(gm, region, combine)
-        if scales is None:
-            return routing
-        with gm.graph.inserting_before(first_user(region)):
-            return replace(routing, input_scale_TE=gm.graph.call_function(torch.cat, (scales, 1)))
-
+    input_scale = None if scales is None else lambda graph: graph.call_function(torch.cat, (scales, 1))
     E, T = len(members), fake(tokens).shape[0]
     keys = [key for _, _, key in sources]
     # each token is routed to at most as many experts as select it; dense dispatch proves nothing
     bound = E if None in keys else max(nnz_bound(_selection_mask(k), T, E) for k in keys)
-    region.route, region.top_k = route, max(1, min(bound, E))
+    region.route, region.top_k = lambda: _linear_routing(gm, region, combine, input_scale), max(1, min(bound, E))
     return region
 
 
@@ -204,15 +197,9 @@ def _recognise_batched(gm: fx.GraphModule, ffn: FFN) -> MoERegion | None:
     region.top_k = E if dispatched is None else max(1, nnz_bound(dispatch, fake(tokens).shape[0], E))
     region.fixed_slots = dispatched is not None
 
-    def route() -> Routing:
-        routing = _linear_routing(gm, region, combine)
-        if scaled is None:
-            return routing
-        with gm.graph.inserting_before(first_user(region)):
-            scale_ET = gm.graph.call_method("reshape", (scale_S1, E, -1))
-            return replace(routing, input_scale_TE=gm.graph.call_method("t", (scale_ET,)))
-
-    region.route = route
+    input_scale = None if scaled is None else lambda graph: graph.call_method(
+        "t", (graph.call_method("reshape", (scale_S1, E, -1)),))
+    region.route = lambda: _linear_routing(gm, region, combine, input_scale)
     return region
 
 
@@ -294,12 +281,17 @@ def _erased(gm: fx.GraphModule, combine, nodes: set[fx.Node]) -> list[fx.Node]:
     return sorted(nodes | set(combine.nodes) | set(combine.buffers), key=order.__getitem__)
 
 
-def _linear_routing(gm: fx.GraphModule, region: MoERegion, combine) -> Routing:
-    """combine_TE (and base_TD) read off the model's combine run on indicator expert outputs."""
+def _linear_routing(gm: fx.GraphModule, region: MoERegion, combine,
+                    input_scale: Callable[[fx.Graph], fx.Node] | None = None) -> Routing:
+    """combine_TE (and base_TD) read off the model's combine run on indicator expert outputs;
+    `input_scale` emits the router's scale of each expert's input, where it has one."""
     prefix = f"{region.module.replace('.', '_')}_"
     combine_TE, base_TD = emit_combine_columns(gm.graph, combine, region.expert_calls, region.num_experts,
                                                region.d_model, first_user(region), prefix)
-    return Routing(combine_TE=combine_TE, base_TD=base_TD)
+    if input_scale is None:
+        return Routing(combine_TE=combine_TE, base_TD=base_TD)
+    with gm.graph.inserting_before(first_user(region)):
+        return Routing(combine_TE=combine_TE, base_TD=base_TD, input_scale_TE=input_scale(gm.graph))
 
 
 def _accumulator(pairs) -> tuple[fx.Node | None, fx.Node | None]:
