@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,8 @@ from moeshard_compile import passes
 from moeshard_compile.passes.graph_utils import dropout_args, module_paths, param_name
 from moeshard_compile.passes.unrecognised import find_unrecognised
 from moeshard_compile import distributed
-from moeshard_compile.options import OptionError, Options
+from moeshard_compile.kernel_choice import choose_kernels
+from moeshard_compile.options import Options, inductor_patches
 from moeshard_compile.report import Report, region_row, unrecognised_row
 from moeshard_compile.weights import ReleasedError, WeightFeed
 
@@ -35,10 +37,13 @@ _REPORTS: dict[str, Report] = {}
 
 
 def moeshard_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: str | None = None):
-    """Entry point Dynamo calls (registered as "moeshard" through torch_dynamo_backends)."""
-    if mode is not None:
-        raise OptionError(f"moeshard: torch.compile(mode={mode!r}) is not supported; use options={{...}}")
+    """Entry point Dynamo calls (registered as "moeshard" through torch_dynamo_backends).
+
+    torch.compile passes either `mode` or `options`, never both: the mode may also come as
+    options["mode"]."""
     opts = Options.from_user(options)
+    if mode is not None:
+        opts = replace(opts, mode=mode, weight_check=None)
     report = _REPORTS.setdefault(opts.dump_dir, Report()) if opts.dump_dir else Report()
     return compile_graph(gm, example_inputs, opts, report)
 
@@ -88,8 +93,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if plan is not None:
         distributed.check_fits(regions, plan)
     attempted = [r for r in regions if r.status is passes.Status.RECOGNISED]
+    choices = choose_kernels(regions, dict(zip(placeholders, example_inputs)), plan is None, opts.expert_kernel)
     try:
-        sources = passes.rewrite(gm, regions, dropless=opts.dropless, plan=plan)
+        sources = passes.rewrite(gm, regions, dropless=opts.dropless, plan=plan,
+                                 kernels={r: c.kernel for r, c in choices.items()})
+        _mark_weights_static(gm, len(example_inputs))
         feed = WeightFeed(gm, example_inputs, sources, with_digest=plan is not None,
                           fingerprint=opts.weight_check == "fingerprint")
         chunked = plan is not None and plan.input_mode == "data_parallel" and plan.comm_chunks > 1
@@ -112,7 +120,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     held = dict(zip(rewritten, feed.held()))
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status.value, region.form, region.reason)
-    rows = [region_row(graph_id, r, plan, held.get(r), opts.dropless) for r in regions]
+    rows = [region_row(graph_id, r, plan, held.get(r), opts.dropless, choices.get(r)) for r in regions]
     rows += [unrecognised_row(graph_id, u) for u in unrecognised]
     report.regions += rows
     _warn_skipped(graph_id, [row for row in rows if row["status"] != "rewritten"])
@@ -183,7 +191,8 @@ def _lower(gm: fx.GraphModule, example_inputs: list, weights: list[torch.Tensor]
 
     keep = inductor_config.patch(reorder_for_peak_memory=False) if keep_comm_order else contextlib.nullcontext()
     with keep:
-        return compile_fx(gm, list(example_inputs) + _static_fakes(example_inputs, weights))
+        return compile_fx(gm, list(example_inputs) + _static_fakes(example_inputs, weights),
+                          config_patches=inductor_patches(opts))
 
 
 def _static_fakes(example_inputs: list, tensors: list[torch.Tensor]) -> list:
@@ -200,10 +209,29 @@ def _static_fakes(example_inputs: list, tensors: list[torch.Tensor]) -> list:
 
 
 def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy that still reads as Dynamo's graph to AOT (its meta, parameter sources and each
+    input's source): AOT takes from them which inputs CUDA graphs may keep in place."""
     graph = fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, env)
     graph.output(output)
-    return fx.GraphModule(gm, graph)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    for node, copied in env.items():
+        if hasattr(node, "_dynamo_source"):
+            copied._dynamo_source = node._dynamo_source
+    return copy
+
+
+def _mark_weights_static(gm: fx.GraphModule, graph_inputs: int) -> None:
+    """The stacked weights (the inputs after the graph's own) keep their storage from call to
+    call, as parameters do: mark them so, as Dynamo marks parameters, so that CUDA graphs read
+    them in place instead of copying them into the graph's buffers at every replay."""
+    for node in gm.graph.find_nodes(op="placeholder")[graph_inputs:]:
+        node._dynamo_source = None
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
 
 
 def _fallback_reason(gm: fx.GraphModule, example_inputs: list) -> str | None:

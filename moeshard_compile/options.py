@@ -11,6 +11,7 @@ from torch._dynamo.exc import ShortenTraceback
 
 INPUT_MODES = ("data_parallel", "replicated")
 WEIGHT_CHECKS = ("fingerprint", "version")
+EXPERT_KERNELS = ("auto", "fused", "grouped_mm")
 
 
 class OptionError(ShortenTraceback, ValueError):
@@ -52,10 +53,23 @@ class Options:
         regions, expert-weight checksums and input shapes with one small all-gather and raise on
         every rank if they differ (default True). False: compared at the first call only.
     weight_check: how each call makes sure stacked copies of expert weights are current.
-        "fingerprint" (default): identity, version counter and storage of every expert parameter,
-        and 32 sampled elements of each (sees writes through `.data`; one host sync per call on
-        a GPU). "version": identity, version counter and storage only (no sync; in-place writes
-        through `.data` are not seen).
+        "fingerprint": identity, version counter and storage of every expert parameter, and 32
+        sampled elements of each (sees writes through `.data`; one host sync per call on a GPU).
+        "version": identity, version counter and storage only (no sync; in-place writes through
+        `.data` are not seen). Default: "fingerprint", but "version" under CUDA graphs
+        (mode "reduce-overhead" or "max-autotune"), where a host sync per call would cost what
+        the graphs save.
+    mode: Inductor's mode, as `torch.compile(mode=...)` gives it (which cannot be combined with
+        `options=`, so it is an option too): None or "default", "reduce-overhead" (CUDA graphs,
+        through Inductor's cudagraph trees), "max-autotune", "max-autotune-no-cudagraphs".
+    inductor_config: Inductor config entries for this compile, e.g. {"max_autotune_gemm": True}
+        (names as in torch._inductor.config, dotted for nested ones); they override the mode's.
+    expert_kernel: how the experts of each rewritten region run. "auto" (default): on one CUDA
+        GPU of SM90 or newer in bf16, the faster of the fused Triton kernels and
+        torch._grouped_mm for the region's shape class, timed once and cached on disk
+        (moeshard_compile.kernel_choice); the fused kernels elsewhere. "fused" or "grouped_mm"
+        force one (grouped_mm where it can run: bf16, one rank). The report's kernel column
+        says what ran and why.
     """
 
     dump_dir: str | None = field(default_factory=lambda: os.environ.get("MOESHARD_DUMP_DIR") or None)
@@ -68,7 +82,10 @@ class Options:
     release_unsharded: bool = False
     comm_chunks: int = 1
     check_inputs: bool = True
-    weight_check: str = "fingerprint"
+    weight_check: str | None = None
+    mode: str | None = None
+    inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    expert_kernel: str = "auto"
 
     def __post_init__(self):
         """Validate every field, however the Options were built (dict, keywords, replace)."""
@@ -79,6 +96,10 @@ class Options:
         if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
             raise OptionError(f"moeshard: option 'dump_dir' must be a path (str or os.PathLike), got {dump_dir!r}")
         object.__setattr__(self, "dump_dir", os.fspath(dump_dir) or None if dump_dir is not None else None)
+        _check_inductor(self)
+        if self.weight_check is None:
+            graphed = inductor_patches(self).get("triton.cudagraphs", False)
+            object.__setattr__(self, "weight_check", "version" if graphed else "fingerprint")
         if self.weight_check not in WEIGHT_CHECKS:
             raise OptionError(f"moeshard: option 'weight_check' must be one of "
                               f"{', '.join(map(repr, WEIGHT_CHECKS))}, got {self.weight_check!r}")
@@ -105,6 +126,39 @@ class Options:
 
 
 _FLAGS = ("inductor", "dropless", "release_unsharded", "check_inputs")
+
+
+def _check_inductor(options: Options) -> None:
+    """mode, inductor_config and expert_kernel; mode "default" is stored as None."""
+    from torch._inductor import config as inductor_config, list_mode_options
+
+    mode = None if options.mode == "default" else options.mode
+    modes = [m for m in list_mode_options() if m != "default"]
+    if mode is not None and mode not in modes:
+        raise OptionError(f"moeshard: option 'mode' must be None or one of 'default', {', '.join(map(repr, modes))}, "
+                          f"got {options.mode!r}")
+    if mode is not None and not options.inductor:
+        raise OptionError(f"moeshard: mode={mode!r} is Inductor's: it needs inductor=True")
+    object.__setattr__(options, "mode", mode)
+    entries = options.inductor_config
+    if not isinstance(entries, Mapping):
+        raise OptionError(f"moeshard: option 'inductor_config' must be a dict of Inductor config entries, got {entries!r}")
+    known = inductor_config.get_config_copy()
+    unknown = [name for name in entries if name not in known]
+    if unknown:
+        raise OptionError(f"moeshard: option 'inductor_config': {', '.join(map(repr, unknown))} "
+                          "not in torch._inductor.config")
+    object.__setattr__(options, "inductor_config", dict(entries))
+    if options.expert_kernel not in EXPERT_KERNELS:
+        raise OptionError(f"moeshard: option 'expert_kernel' must be one of {', '.join(map(repr, EXPERT_KERNELS))}, "
+                          f"got {options.expert_kernel!r}")
+
+
+def inductor_patches(options: Options) -> dict[str, Any]:
+    """The Inductor config entries this compile runs under: the mode's, then the user's."""
+    from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(options.mode) if options.mode else {}), **options.inductor_config}
 
 
 def _check_distributed(options: Options) -> None:

@@ -14,14 +14,17 @@ from moeshard_compile.passes.capacity import describe
 from moeshard_compile.passes.region import MoERegion, Status
 from moeshard_compile.passes.shard import ShardPlan
 from moeshard_compile.passes.unrecognised import Unrecognised
+from moeshard_compile.kernel_choice import KernelChoice
 from moeshard_compile.weights import Held
 
 COLUMNS = (
     "module", "form", "num_experts", "top_k", "d_model", "d_ff", "activation", "gated",
-    "dtype", "world_size", "capacity", "status", "reason",
+    "dtype", "world_size", "capacity", "kernel", "status", "reason",
 )
 # Sharding fields (the table condenses them into "ffn_block" and "expert weights held").
 SHARD_FIELDS = ("input_mode", "ffn_block", "shard_shapes", "expert_bytes", "expert_bytes_per_rank")
+# The kernel choice in full (the table shows its text in "kernel").
+CHOICE_FIELDS = ("kernel_choice",)
 
 
 def dynamo_breaks() -> Counter:
@@ -30,12 +33,16 @@ def dynamo_breaks() -> Counter:
     return Counter(counters["graph_break"])
 
 
-def region_row(graph: int, region: MoERegion, plan: ShardPlan | None, held: Held | None, dropless: bool) -> dict:
-    """A region's row: the record, the plan it was lowered with and what its weights hold."""
+def region_row(graph: int, region: MoERegion, plan: ShardPlan | None, held: Held | None, dropless: bool,
+               choice: KernelChoice | None = None) -> dict:
+    """A region's row: the record, the plan it was lowered with, the kernel its experts run
+    and what its weights hold."""
     row = {name: getattr(region, name) for name in COLUMNS if hasattr(region, name)}
     row.update(dtype=str(region.dtype).removeprefix("torch."), status=region.status.value,
                capacity=describe(region, dropless), world_size=1, input_mode="", ffn_block=None,
-               shard_shapes={}, expert_bytes=0, expert_bytes_per_rank=0)
+               shard_shapes={}, expert_bytes=0, expert_bytes_per_rank=0, kernel="", kernel_choice=None)
+    if choice is not None and region.status is Status.REWRITTEN:
+        row.update(kernel=choice.text(), kernel_choice=choice.to_dict())
     if plan is not None and region.status is Status.REWRITTEN:
         row.update(world_size=plan.world_size, input_mode=plan.input_mode, ffn_block=list(plan.ffn_block(region.d_ff)))
     if held is not None:
@@ -45,7 +52,7 @@ def region_row(graph: int, region: MoERegion, plan: ShardPlan | None, held: Held
 
 def unrecognised_row(graph: int, item: Unrecognised) -> dict:
     """A row for a structure that looks like an MoE layer and was not rewritten (fields it lacks empty)."""
-    row = {name: None for name in COLUMNS + SHARD_FIELDS}
+    row = {name: None for name in COLUMNS + SHARD_FIELDS + CHOICE_FIELDS}
     row.update(module=item.module, form=item.form, num_experts=item.num_experts, status="skipped", reason=item.reason)
     return {"graph": graph, **row}
 

@@ -39,15 +39,19 @@ import torch.fx as fx
 from .graph_utils import fake, static_int
 from .op_contract import FFN_IN, FFN_OUT, GROUP_BY_EXPERT, op, sort_key_dtype
 from .emit import Emitter, first_user
+from .grouped_mm_experts import grouped_mm_ffn_in, grouped_mm_ffn_out
 from .region import MoERegion, Routing, WeightSource
 from .shard import ShardPlan, sharded
 
 c10d = torch.ops._c10d_functional
 
 
-def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardPlan | None = None) -> WeightSource:
+def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardPlan | None = None,
+                 kernel: str = "fused") -> WeightSource:
     """Replace `region.output_TD` by the grouped computation and erase the old region.
 
+    kernel: how the experts run on one rank: "fused" (the moeshard:: ops) or "grouped_mm"
+    (torch._grouped_mm with the gather and scatter around it, grouped_mm_experts.py).
     With a ShardPlan this rank computes its FFN block of every expert (passes/shard.py) and
     the collectives of `plan.input_mode` join the partial results. The stacked weights are new
     graph inputs, after the graph's own: returns the source they are stacked from.
@@ -73,7 +77,12 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
         order_S, token_S, weight_sorted_S, counts_E, offs_E = (
             emit.fn(operator.getitem, group, i, name=name)
             for i, name in enumerate(("order_S", "token_S", "weight_sorted_S", "counts_E", "offs_E")))
-        experts = _ExpertFFN(emit, w, region.activation, region.expert_chain)
+        if kernel == "grouped_mm" and plan is not None:
+            raise ValueError("the grouped_mm expert kernel runs on one rank only")
+        expert_S = None  # the expert of each sorted row: grouped_mm adds biases by it
+        if kernel == "grouped_mm" and {"b_in_EF", "b_gate_EF", "b_out_ED"} & w.keys():
+            expert_S = emit.fn(operator.getitem, ids_S, order_S, name="expert_S")
+        experts = _ExpertFFN(emit, w, region.activation, region.expert_chain, kernel, expert_S)
         rows_XD, row_S = region.tokens_TD, token_S  # what the first matmul gathers its rows from
         if routing.input_scale_TE is not None:  # the router scales each expert's input: one row per (token, slot)
             scale_TK = emit.fn(torch.gather, routing.input_scale_TE, 1, routing.ids_TK, name="input_scale_TK")
@@ -109,29 +118,33 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
 
 
 class _ExpertFFN:
-    """Emits the two fused expert ops (moeshard_compile/kernels) with one region's weights."""
+    """Emits the expert computation in two steps with one region's weights: the fused ops
+    (moeshard_compile/kernels) or their grouped_mm equivalents."""
 
     def __init__(self, emit: Emitter, w: dict[str, fx.Node], activation: str,
-                 chain: tuple[fx.Node, fx.Node] | None = None):
+                 chain: tuple[fx.Node, fx.Node] | None = None, kernel: str = "fused",
+                 expert_R: fx.Node | None = None):
         self.emit, self.w, self.activation, self.chain = emit, w, activation, chain
+        self.grouped_mm, self.expert_R = kernel == "grouped_mm", expert_R
 
     def ffn_in(self, x_XD, rows_R, offs_E, *, name: str = "h_RF") -> fx.Node:
         """h_RF = act(x[rows] @ w_gate + b_gate) * (x[rows] @ w_in + b_in), or act(x[rows] @ w_in + b_in);
         for activation "graph", the model's own elementwise code on x[rows] @ w_in + b_in."""
         w = self.w
         activation = "identity" if self.chain is not None else self.activation
-        h_RF = self.emit.fn(
-            op(FFN_IN), x_XD, rows_R, offs_E, w["w_in_EDF"],
-            w.get("w_gate_EDF"), w.get("b_in_EF"), w.get("b_gate_EF"), activation, name=name,
-        )
+        weights = (w["w_in_EDF"], w.get("w_gate_EDF"), w.get("b_in_EF"), w.get("b_gate_EF"), activation)
+        if self.grouped_mm:
+            h_RF = self.emit.fn(grouped_mm_ffn_in, x_XD, rows_R, offs_E, self.expert_R, *weights, name=name)
+        else:
+            h_RF = self.emit.fn(op(FFN_IN), x_XD, rows_R, offs_E, *weights, name=name)
         return h_RF if self.chain is None else copy_chain(self.emit.graph, self.chain, h_RF)
 
     def ffn_out(self, h_RF, offs_E, b_out, dest_R, scale_R, *, name: str) -> fx.Node:
         """y[dest[r]] = scale[r] * (h[r] @ w_out + b_out) (exactly 0 where scale is 0)."""
-        return self.emit.fn(
-            op(FFN_OUT), h_RF, offs_E, self.w["w_out_EFD"], b_out,
-            dest_R, scale_R, name=name,
-        )
+        if self.grouped_mm:
+            return self.emit.fn(grouped_mm_ffn_out, h_RF, offs_E, self.expert_R, self.w["w_out_EFD"], b_out,
+                                dest_R, scale_R, name=name)
+        return self.emit.fn(op(FFN_OUT), h_RF, offs_E, self.w["w_out_EFD"], b_out, dest_R, scale_R, name=name)
 
 
 def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, tokens_TD, x_SD, token_S, counts_E,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.fx as fx
 
@@ -48,6 +50,7 @@ def rewrite(
     regions: list[MoERegion],
     dropless: bool = False,
     plan: ShardPlan | None = None,
+    kernels: Mapping[MoERegion, str] | None = None,
 ) -> list[WeightSource]:
     """Lower every region still marked recognised; leave skipped ones as they are. Returns the
     sources of the stacked weights the rewritten graph reads after its own inputs, in order.
@@ -55,6 +58,7 @@ def rewrite(
     dropless: also remove the routers' capacity limits (changes results where tokens drop),
     except where the model's dispatch tensor holds a fixed number of slots per expert.
     plan: shard every region's experts over plan.world_size ranks (None: one rank).
+    kernels: how each region's experts run ("fused", the default, or "grouped_mm": lower.py).
     """
     sources = []
     for index, region in enumerate(regions):
@@ -66,7 +70,7 @@ def rewrite(
             continue
         if dropless and region.capacity_limits and not region.fixed_slots:
             remove_capacity_limits(gm.graph, region.capacity_limits)
-        sources.append(lower_region(gm, region, index, plan))
+        sources.append(lower_region(gm, region, index, plan, (kernels or {}).get(region, "fused")))
         region.status = Status.REWRITTEN
     drop_unused_emitted(gm.graph)
     if sources:

@@ -117,19 +117,6 @@ def test_non_bool_through_torch_compile(key):
     assert key in str(info.value)
 
 
-def test_mode_through_torch_compile_raises():
-    with pytest.raises(Exception) as info:
-        _call_compiled(mode="max-autotune")
-    assert isinstance(info.value, ValueError), f"got {type(info.value).__mro__}"
-    assert "mode" in str(info.value)
-
-
-def test_mode_passed_to_backend_directly_raises():
-    gm = fx.symbolic_trace(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="mode"):
-        moeshard_backend(gm, [torch.randn(2, 4)], mode="reduce-overhead")
-
-
 def test_valid_options_through_torch_compile_run():
     out = _call_compiled(options={"inductor": False, "dropless": False})
     assert out.shape == (2, 4)
