@@ -6,8 +6,11 @@
 Models (transformers' SwitchTransformersEncoderModel, random weights, nothing downloaded):
     moe    Switch-Base: d_model 768, d_ff 3072, 12 heads, 12 layers, an MoE FFN (E experts, top-1,
            capacity = the sequence length, so nothing is dropped) in every other layer
-    dense  the same encoder with num_sparse_encoder_layers=0: every FFN dense, d_ff 3072, which is
-           the MoE layers' per-token FLOPs (top-1), so it is the cost the sparse model should match
+    dense  the same encoder with every FFN dense, d_ff 3072, which is the MoE layers' per-token
+           FLOPs (top-1), so it is the cost the sparse model should match. num_sparse_encoder_layers=0
+           alone does not make it: transformers then sets encoder_sparse_step = num_layers, and
+           layer 1 is still sparse (i % step == 1), an MoE layer that graph-breaks under Inductor;
+           encoder_sparse_step = 0 makes none sparse, which build_encoder checks
 Variants, each checked against its model's eager output (max_rel_err):
     moe_hf_eager   moe_inductor (torch.compile, Inductor)   moe_moeshard (torch.compile, backend moeshard)
     dense_eager    dense_inductor                           (the dense reference: the target is
@@ -74,9 +77,15 @@ def build_encoder(args: argparse.Namespace, moe: bool) -> SwitchTransformersEnco
         num_layers=args.layers, num_sparse_encoder_layers=args.layers // 2 if moe else 0,
         num_experts=args.experts, expert_capacity=args.seq,
     )
+    if not moe:
+        config.encoder_sparse_step = 0  # no sparse layer at all (see the docstring)
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = SwitchTransformersEncoderModel(config)
+    sparse = sum(type(m).__name__ == "SwitchTransformersSparseMLP" for m in model.modules())
+    if sparse != (args.layers // 2 if moe else 0):
+        raise RuntimeError(f"the {'moe' if moe else 'dense'} encoder has {sparse} sparse layers of {args.layers}")
+    with torch.device(args.device):
         for module in model.modules():  # spread the routers' logits: fewer bf16 argmax ties (bench/moe_layer.py)
             if module.__class__.__name__ == "SwitchTransformersTop1Router":
                 torch.nn.init.normal_(module.classifier.weight, std=args.d_model**-0.5)

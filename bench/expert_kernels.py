@@ -21,6 +21,13 @@ Given tokens x_TD, top-k routing ids_TK / weights_TK and stacked expert weights 
                               slot order), the K slots summed: the fused Triton kernels on CUDA, eager
     moeshard_fused_inductor   the same function under torch.compile, mode reduce-overhead on CUDA (replayed
                               as a CUDA graph, like the max-autotune variant; nothing to autotune), default on CPU
+    moeshard_grouped_mm       what the backend emits with expert_kernel="grouped_mm": the counting sort, then
+                              the gather, torch._grouped_mm and the scatter around it (passes/grouped_mm_experts.py)
+    moeshard_grouped_mm_inductor  the same under torch.compile, reduce-overhead (bf16 on sm90+ CUDA only:
+                              torch._grouped_mm traces in bf16 only)
+The backend's expert_kernel="auto" picks one of the two moeshard paths per shape class by timing
+them eagerly (moeshard_compile/kernel_choice.py); the summary's last column names the pick and
+its compiled time over the best compiled variant's (1 or less: the pick is the fastest there is).
 Each variant is checked against a float64 per-expert loop of the same computation (max_rel_err =
 max |out - ref| / max |ref|; `check` says WRONG above the dtype's tolerance) before it is timed
 (bench/common/timing.py's median_ms: triton's do_bench median on CUDA). A failing variant prints its
@@ -69,7 +76,9 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
-from bench.baselines.expert_computations import hf_eager, moeshard_fused, reference_TD, sort_grouped_mm  # noqa: E402
+from bench.baselines.expert_computations import (  # noqa: E402
+    hf_eager, moeshard_fused, moeshard_grouped_mm, reference_TD, sort_grouped_mm,
+)
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.common.accuracy import max_rel_error  # noqa: E402
@@ -77,9 +86,16 @@ from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse
 from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
 from bench.common.floor import add_peak_args, expert_flops, floor_ms, peak_from_args  # noqa: E402
 from bench.common.timing import median_ms  # noqa: E402
+from moeshard_compile.kernel_choice import time_kernels  # noqa: E402
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402
+from moeshard_compile.passes.grouped_mm_experts import grouped_mm_unsupported  # noqa: E402
+from moeshard_compile.passes.region import ExpertWeights  # noqa: E402
 
-VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor")
+VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor",
+            "moeshard_grouped_mm", "moeshard_grouped_mm_inductor")
+# what the backend's expert_kernel="auto" chooses between, and what the choice is held against
+CHOICES = {"fused": "moeshard_fused_inductor", "grouped_mm": "moeshard_grouped_mm_inductor"}
+COMPILED = ("sort_grouped_mm_inductor", *CHOICES.values())
 TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max_rel_err above this: WRONG
 # model: (D, F, gated, activation)
 MODELS = {
@@ -209,7 +225,7 @@ def build_variants(problem: Problem, device: torch.device) -> dict[str, tuple[Ca
     # which a CUDA graph cannot capture
     autotune = None if device.type != "cuda" else "max-autotune" if native else "max-autotune-no-cudagraphs"
     fused_mode = "reduce-overhead" if triton else None  # CUDA graphs too (no host sync to stop them)
-    return {
+    variants = {
         "hf_eager": (hf_eager, "eager, per-expert loop"),
         "sort_grouped_mm": (sorted_fn, f"eager, {mm_path}"),
         "sort_grouped_mm_inductor": (torch.compile(sorted_fn, mode=autotune, dynamic=False),
@@ -217,7 +233,13 @@ def build_variants(problem: Problem, device: torch.device) -> dict[str, tuple[Ca
         "moeshard_fused": (moeshard_fused, f"eager, {fused_path}"),
         "moeshard_fused_inductor": (torch.compile(moeshard_fused, mode=fused_mode, dynamic=False),
                                     f"inductor {fused_mode or 'default'}, {fused_path}"),
+        "moeshard_grouped_mm": (moeshard_grouped_mm, "eager, counting sort + torch._grouped_mm"),
     }
+    if native:  # _grouped_mm traces in bf16 only
+        variants["moeshard_grouped_mm_inductor"] = (
+            torch.compile(moeshard_grouped_mm, mode="reduce-overhead", dynamic=False),
+            "inductor reduce-overhead, counting sort + torch._grouped_mm")
+    return variants
 
 
 def run_variant(name: str, fn: Callable, path: str, inputs: tuple, ref_TD: torch.Tensor, shape_floor_ms: float,
@@ -264,13 +286,30 @@ def run_shape(shape: Shape, problem: Problem, variants: dict, args: argparse.Nam
           f"{busiest:.2f}x the mean load | floor {shape_flops(shape) / 1e9:.4g} GFLOP = {shape_floor_ms:.4g} ms")
     rows = []
     for name in args.variants:
+        if name not in variants:
+            print(f"{name}: not run (torch._grouped_mm compiles in bf16 on sm90+ CUDA only)")
+            continue
         fn, path = variants[name]
         row = run_variant(name, fn, path, inputs, ref_TD, shape_floor_ms, args)
         rows.append({"shape": shape.name, **asdict(shape), "D": D, "F": F_, "gated": gated, "activation": activation,
                      "busiest_load": busiest, "floor_ms": shape_floor_ms, **row})
+    chosen = chosen_kernel(problem, shape, device)
+    for row in rows:
+        row["chosen_kernel"] = chosen
+    print(f"expert_kernel='auto' chooses {chosen}")
     columns = ("variant", "median_ms", "x_floor", "max_rel_err", "check", "first_call_s", "path")
     print(github_table(rows, columns, floatfmt=("", ".4g", ".3g", ".2e", "", ".3g", "")))
     return rows
+
+
+def chosen_kernel(problem: Problem, shape: Shape, device: torch.device) -> str:
+    """What the backend's kernel choice takes for this shape: the same eager timing on these weights."""
+    D, F_, _, _ = MODELS[shape.model]
+    if device.type != "cuda" or grouped_mm_unsupported(problem.x_TD.dtype, D, F_):
+        return "fused"
+    weights = ExpertWeights(problem.w_in_EDF, problem.w_out_EFD, problem.w_gate_EDF)
+    times_ms, failed = time_kernels(weights, shape.E, shape.K, shape.T * shape.K, problem.activation)
+    return "fused" if failed else min(times_ms, key=times_ms.get)
 
 
 def summary(rows: list[dict], variants: list[str]) -> str:
@@ -294,11 +333,19 @@ def summary(rows: list[dict], variants: list[str]) -> str:
         shape_floor_ms = next(iter(shape_rows.values())).get("floor_ms")
         return "-" if shape_floor_ms is None else f"{shape_floor_ms:.4g}"
 
+    def chosen_vs_best(shape_rows: dict) -> str:
+        """The chosen kernel's compiled time over the best compiled one's (at most 1: the right choice)."""
+        kernel = next(iter(shape_rows.values())).get("chosen_kernel")
+        timed = [shape_rows[v]["median_ms"] for v in COMPILED if shape_rows.get(v, {}).get("median_ms")]
+        chosen = shape_rows.get(CHOICES.get(kernel), {}).get("median_ms")
+        return "-" if not chosen or not timed else f"{kernel} {chosen / min(timed):.3g}"
+
     headers = ["shape", "floor ms", *[f"{v} ms (x floor)" for v in variants],
-               "fused / sort_grouped_mm", "fused_inductor / sort_inductor"]
+               "fused / sort_grouped_mm", "fused_inductor / sort_inductor", "chosen, / best compiled"]
     table = [[shape, floor(r), *[cell(r.get(v)) for v in variants],
               ratio(r, "moeshard_fused", "sort_grouped_mm"),
-              ratio(r, "moeshard_fused_inductor", "sort_grouped_mm_inductor")] for shape, r in by_shape.items()]
+              ratio(r, "moeshard_fused_inductor", "sort_grouped_mm_inductor"), chosen_vs_best(r)]
+             for shape, r in by_shape.items()]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 

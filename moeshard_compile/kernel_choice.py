@@ -78,7 +78,8 @@ def _choose(region: MoERegion, values: dict[fx.Node, torch.Tensor], one_rank: bo
     if cached is not None:
         return KernelChoice(cached["kernel"], "cached", cached["times_ms"])
     log.info("moeshard: timing the expert kernels of %s (%d rows)", region.module, rows)
-    times_ms, failed = _measure(region, weights, rows)
+    activation = "identity" if region.activation == "graph" else region.activation
+    times_ms, failed = time_kernels(weights, region.num_experts, region.top_k, rows, activation)
     if failed:
         return KernelChoice("fused", "only possible", why_not=failed)
     kernel = min(times_ms, key=times_ms.get)
@@ -120,18 +121,18 @@ def _shape_class(region: MoERegion, weights: ExpertWeights, rows: int) -> str:
     }, sort_keys=True)
 
 
-def _measure(region: MoERegion, weights: ExpertWeights, rows: int) -> tuple[dict[str, float], str]:
-    """Median ms of both paths on random tokens of the region's shapes, routed uniformly; or
-    why grouped_mm failed to run."""
+def time_kernels(weights: ExpertWeights, num_experts: int, top_k: int, rows: int,
+                 activation: str) -> tuple[dict[str, float], str]:
+    """Median ms of both paths on `rows` random (token, slot) rows routed uniformly, through
+    these weights; or why grouped_mm failed to run."""
     device, dtype = weights.w_in_EDF.device, weights.w_in_EDF.dtype
-    E, K = region.num_experts, region.top_k
+    E, K = num_experts, top_k
     T = max(1, rows // K)
-    x_TD = torch.randn(T, region.d_model, device=device, dtype=dtype)
+    x_TD = torch.randn(T, weights.w_in_EDF.shape[1], device=device, dtype=dtype)
     ids_S = torch.randint(E, (T * K,), device=device)
     weight_S = torch.rand(T * K, device=device, dtype=dtype)
     order_S, token_S, weight_sorted_S, _, offs_E = torch.ops.moeshard.group_by_expert(ids_S, weight_S, E, K)
     expert_S = ids_S[order_S]
-    activation = "identity" if region.activation == "graph" else region.activation
     w = weights
     ffn_in = (w.w_in_EDF, w.w_gate_EDF, w.b_in_EF, w.b_gate_EF, activation)
 

@@ -350,3 +350,15 @@ def test_dropless_equals_reference_world_4(world_4, case):
 @given(case=capacity_cases(experts=(4, 8)))
 def test_capacity_equals_deepspeed_rule_world_4(world_4, case):
     world_4.run(rank_capacity, **case)
+
+
+@pytest.mark.parametrize("moe, sparse_layers", [(True, 3), (False, 0)])
+def test_encoder_bench_builds_the_dense_reference_without_a_sparse_layer(moe, sparse_layers):
+    """transformers' num_sparse_encoder_layers=0 still makes layer 1 sparse; the dense reference
+    of bench/encoder.py must have none, or its MoE layer graph-breaks under Inductor."""
+    from bench.encoder import SMOKE, build_encoder
+
+    args = type("Args", (), {**SMOKE, "layers": 6, "seed": 0})()
+    model = build_encoder(args, moe=moe)
+    kinds = [type(block.layer[-1].mlp).__name__ for block in model.encoder.block]
+    assert kinds.count("SwitchTransformersSparseMLP") == sparse_layers and len(kinds) == 6

@@ -93,11 +93,11 @@ def test_auto_takes_the_faster_once_per_shape_class_and_caches_it(monkeypatch):
     monkeypatch.setattr(kernel_choice, "torch", _NamedDevice(torch))
     measured = []
 
-    def measure(region, weights, rows):
+    def measure(weights, num_experts, top_k, rows, activation):
         measured.append(rows)
         return {"fused": 2.0, "grouped_mm": 1.5}, ""
 
-    monkeypatch.setattr(kernel_choice, "_measure", measure)
+    monkeypatch.setattr(kernel_choice, "time_kernels", measure)
     first = choose_kernels(regions, values, True, "auto")
     # both layers have one shape class: measured for the first, read back for the second
     rows = 2 * 6 * regions[0].top_k  # hf_tiny.inputs: 2 sequences of 6 tokens
@@ -120,7 +120,7 @@ def test_a_failing_grouped_mm_keeps_the_fused_kernels(monkeypatch):
     regions, values = _qwen3_regions()
     monkeypatch.setattr(kernel_choice, "_grouped_mm_impossible", lambda *args, **kwargs: "")
     monkeypatch.setattr(kernel_choice, "torch", _NamedDevice(torch))
-    monkeypatch.setattr(kernel_choice, "_measure", lambda *args: ({}, "grouped_mm failed: bad strides"))
+    monkeypatch.setattr(kernel_choice, "time_kernels", lambda *args: ({}, "grouped_mm failed: bad strides"))
     choices = choose_kernels(regions, values, True, "auto")
     assert {c.text() for c in choices.values()} == {"fused (grouped_mm failed: bad strides)"}
     assert not kernel_choice.cache_path().exists()
@@ -131,7 +131,7 @@ def test_measure_times_both_paths_on_the_regions_shapes():
     regions, values = _qwen3_regions()
     region = regions[0]
     weights = region.weights.stack([values[n] for n in region.weights.inputs])
-    times_ms, failed = kernel_choice._measure(region, weights, 24)
+    times_ms, failed = kernel_choice.time_kernels(weights, region.num_experts, region.top_k, 24, region.activation)
     assert failed == "" and set(times_ms) == {"fused", "grouped_mm"} and min(times_ms.values()) > 0
 
 

@@ -7,6 +7,7 @@ Each is fn(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation
     hf_eager         transformers' eager experts loop (MixtralExperts.forward)
     sort_grouped_mm  sort the rows by expert, then grouped matmuls: what passes/lower.py emits, unfused
     moeshard_fused   moeshard's ops: the counting sort and the two fused expert kernels
+    moeshard_grouped_mm  the counting sort, then torch._grouped_mm with the gather and scatter around it
     reference_TD     the same in float64, one expert at a time: what the others are checked against
 
 Names carry their shape: T tokens, K routing slots per token, S = T*K routed rows, R the rows of one
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import bench.baselines.grouped_mm  # noqa: F401  (registers torch.ops.moeshard_bench.grouped_mm)
 from moeshard_compile.kernels.ops import sort_by_expert  # (and registers torch.ops.moeshard)
+from moeshard_compile.passes.grouped_mm_experts import grouped_mm_ffn_in, grouped_mm_ffn_out
 from moeshard_compile.passes.op_contract import ACTIVATIONS
 
 
@@ -72,6 +74,17 @@ def moeshard_fused(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, ac
         ids_TK.reshape(-1), weights_TK.reshape(-1), w_in_EDF.shape[0], K)
     h_SF = torch.ops.moeshard.gather_grouped_ffn_in(x_TD, token_S, offs_E, w_in_EDF, w_gate_EDF, None, None, activation)
     y_SD = torch.ops.moeshard.grouped_ffn_out_scatter(h_SF, offs_E, w_out_EFD, None, order_S, scale_S)  # slot order
+    return y_SD.view(T, K, -1).sum(1) if K > 1 else y_SD
+
+
+def moeshard_grouped_mm(x_TD, ids_TK, weights_TK, w_in_EDF, w_gate_EDF, w_out_EFD, activation: str) -> torch.Tensor:
+    """What the backend emits with expert_kernel "grouped_mm": group_by_expert, then the gather,
+    torch._grouped_mm and the scatter around it (passes/grouped_mm_experts.py)."""
+    T, K = ids_TK.shape
+    order_S, token_S, scale_S, _, offs_E = torch.ops.moeshard.group_by_expert(
+        ids_TK.reshape(-1), weights_TK.reshape(-1), w_in_EDF.shape[0], K)
+    h_SF = grouped_mm_ffn_in(x_TD, token_S, offs_E, None, w_in_EDF, w_gate_EDF, None, None, activation)
+    y_SD = grouped_mm_ffn_out(h_SF, offs_E, None, w_out_EFD, None, order_S, scale_S)  # slot order
     return y_SD.view(T, K, -1).sum(1) if K > 1 else y_SD
 
 
