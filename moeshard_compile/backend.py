@@ -26,7 +26,7 @@ from moeshard_compile.passes.graph_utils import dropout_args, module_paths, para
 from moeshard_compile.passes.unrecognised import find_unrecognised
 from moeshard_compile import distributed
 from moeshard_compile.kernel_choice import choose_kernels
-from moeshard_compile.options import Options, inductor_patches
+from moeshard_compile.options import OptionError, Options, inductor_patches
 from moeshard_compile.report import Report, region_row, unrecognised_row
 from moeshard_compile.weights import ReleasedError, WeightFeed
 
