@@ -2,8 +2,8 @@
 
 Neither wins everywhere (docs/performance.md, "Which expert kernel runs"): CUTLASS's grouped GEMM
 is faster on large experts, the fused kernels where the gather and scatter they fold in weigh
-more. So for every shape class (GPU, versions, dtype, E, D, F, rows rounded up to a power of
-two, gating, biases) both run once on random tokens of the region's shapes, and the faster is
+more. So for every shape class (GPU, torch version, dtype, E, D, F, rows rounded up to a power
+of two, gating, biases, activation, weights row- or column-major) both run once on random tokens of the region's shapes, and the faster is
 kept in a JSON file, as Inductor keeps its autotuning: $MOESHARD_CACHE_DIR/expert_kernels.json,
 by default under Inductor's cache directory. Regions the grouped_mm path cannot take (not bf16,
 several ranks, before SM90, off CUDA) run fused, and the report says why.
@@ -118,6 +118,7 @@ def _shape_class(region: MoERegion, weights: ExpertWeights, rows: int) -> str:
         "E": region.num_experts, "D": region.d_model, "F": weights.w_in_EDF.shape[2],
         "rows": 1 << max(0, rows - 1).bit_length(), "gated": weights.w_gate_EDF is not None, "biases": biases,
         "activation": region.activation,
+        "layouts": ["row" if t.stride(-1) == 1 else "column" for t in (weights.w_in_EDF, weights.w_out_EFD)],
     }, sort_keys=True)
 
 
