@@ -161,3 +161,63 @@ def test_gluon_experts_kernel_compiles_for_sm90(variant):
         ptx = compiled.asm["ptx"]
         assert "setmaxnreg" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, variant
         assert compiled.metadata.num_warps == 12 and compiled.metadata.shared <= 232448, compiled.metadata
+
+
+def decoder_prefill_rows(tmp_path, *argv: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """bench/decoder_prefill.py --smoke with `argv`: its JSON and the run; every row checked on the way.
+
+    Every row matches hf_eager and has a positive time, except moeshard_reduce_overhead, which may be
+    "not supported" where the backend lacks options={"mode": "reduce-overhead"}; each moeshard row
+    that ran rewrote both MoE layers of its graph."""
+    result_path = tmp_path / "decoder_prefill.json"
+    # about 90 s alone on 2 cores with a cold Inductor cache; other compiles beside it can double that
+    result = run_script("bench/decoder_prefill.py", "--smoke", *argv, "--json", str(result_path), timeout=300)
+    output = json.loads(result_path.read_text())
+    for row in output["rows"]:
+        if row["variant"] == "moeshard_reduce_overhead" and row["check"].startswith("not supported: "):
+            continue
+        assert row["check"] == "ok" and row["max_rel_err"] < 1e-5 and row["median_ms"] > 0, row
+        assert row["graphs"] >= 1 or row["variant"] == "hf_eager", row
+        assert row.get("expert_ms") is None, row  # CPU: no device kernels to profile
+        if row["variant"].startswith("moeshard"):
+            assert row["rewritten"] == "2/2" and row["kernel"] == "fused", row  # off CUDA: the fused kernels
+    assert set(output["reports"]) == {"qwen3", "gpt_oss"}
+    for report in output["reports"].values():
+        assert report["regions"] and all(region["status"] == "rewritten" for region in report["regions"]), report
+    assert "| rewritten |" in result.stdout
+    return output, result
+
+
+def test_decoder_prefill_smoke_checks_every_variant_against_eager(tmp_path):
+    """bench/decoder_prefill.py --smoke: tiny Qwen3-MoE and GPT-OSS stacks, the smoke's variants at T 16 (1 x 16)
+    and 32 (2 x 16) through one compiled model per variant, equal to eager, floored and compared with compile."""
+    output, result = decoder_prefill_rows(tmp_path)
+    rows = {(row["model"], row["tokens"], row["variant"]): row for row in output["rows"]}
+    variants = {"hf_eager", "compile", "moeshard", "moeshard_reduce_overhead"}
+    assert set(rows) == {(model, tokens, variant) for model in ("qwen3", "gpt_oss") for tokens in (16, 32)
+                         for variant in variants}
+    floors = {(floor["model"], floor["tokens"]): floor for floor in output["floors"]}
+    assert floors["qwen3", 32]["batch"] == 2 and floors["qwen3", 16]["seq"] == 16
+    # Qwen3 smoke: 2 layers x 2*T*K*3*D*F routed, T 32, K 2, D 32, F 16
+    assert floors["qwen3", 32]["expert_flops"] == 2 * 2 * 32 * 2 * 3 * 32 * 16
+    for (model, tokens, variant), row in rows.items():
+        if "median_ms" in row:
+            assert row["x_floor"] == pytest.approx(row["median_ms"] / floors[model, tokens]["floor_ms"])
+            compile_ms = rows[model, tokens, "compile"]["median_ms"]
+            assert row["speedup_vs_compile"] == pytest.approx(compile_ms / row["median_ms"])
+    assert {row[2] for row in table_rows(result.stdout)} >= {"variant", *variants}
+
+
+def test_decoder_prefill_sweep_smoke_calls_one_compiled_model_at_every_size(tmp_path):
+    """bench/decoder_prefill.py --sweep --smoke: decode-sized calls (1 x 1, 1 x 8) of the sweep's variants,
+    each size its own graph, compared with compile_reduce_overhead."""
+    output, _ = decoder_prefill_rows(tmp_path, "--sweep")
+    rows = {(row["model"], row["tokens"], row["variant"]): row for row in output["rows"]}
+    variants = {"compile_reduce_overhead", "moeshard_reduce_overhead", "moeshard", "compile"}
+    assert set(rows) == {(model, tokens, variant) for model in ("qwen3", "gpt_oss") for tokens in (1, 8)
+                         for variant in variants}
+    assert all(floor["batch"] == 1 and floor["seq"] == floor["tokens"] for floor in output["floors"])
+    for (model, tokens, variant), row in rows.items():
+        assert row["graphs"] == 1 or row["check"].startswith("not supported"), row  # dynamic=False: one graph a size
+        if variant == "compile_reduce_overhead":
+            assert row["speedup_vs_compile_reduce_overhead"] == 1
