@@ -70,7 +70,7 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
 from bench.common.accuracy import max_rel_error  # noqa: E402
-from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse_with_smoke  # noqa: E402
+from bench.common.cli import DTYPES, add_run_args, comma_list, error_cell, github_table, parse_with_smoke  # noqa: E402
 from bench.common.decoders import FAMILIES, build_decoder, decoder_flops, describe  # noqa: E402
 from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
 from bench.common.floor import add_peak_args, floor_ms, peak_from_args  # noqa: E402
@@ -114,11 +114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep-tokens", default=SWEEP_TOKENS)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--warmup-ms", type=float, default=100.0)
-    parser.add_argument("--rep-ms", type=float, default=500.0)
+    add_run_args(parser)
     add_peak_args(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parse_with_smoke(parser, argv, SMOKE)
     args.models = comma_list(parser, "--models", args.models, FAMILIES)
     default_variants = SWEEP_VARIANTS if args.sweep else SMOKE_VARIANTS if args.smoke else TABLE_VARIANTS

@@ -37,7 +37,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
 from bench.common.accuracy import max_rel_error  # noqa: E402
-from bench.common.cli import DTYPES, comma_list, github_table, parse_with_smoke  # noqa: E402
+from bench.common.cli import DTYPES, add_run_args, comma_list, github_table, parse_with_smoke  # noqa: E402
 from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
 from bench.common.floor import add_peak_args, expert_flops, floor_ms, peak_from_args  # noqa: E402
 from bench.common.timing import median_ms  # noqa: E402
@@ -59,11 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list out of {', '.join(VARIANTS)}")
-    parser.add_argument("--warmup-ms", type=float, default=100.0)
-    parser.add_argument("--rep-ms", type=float, default=500.0)
+    add_run_args(parser)
     add_peak_args(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parse_with_smoke(parser, argv, SMOKE)
     args.variants = comma_list(parser, "--variants", args.variants, VARIANTS)
     args.capacity = args.seq if args.capacity is None else args.capacity

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from tabulate import tabulate
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def add_run_args(parser: argparse.ArgumentParser, warmup_ms: float = 100.0, rep_ms: float = 500.0) -> None:
+    """--warmup-ms / --rep-ms (the timing), --seed and --json: what every timed benchmark takes."""
+    parser.add_argument("--warmup-ms", type=float, default=warmup_ms)
+    parser.add_argument("--rep-ms", type=float, default=rep_ms)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
 def parse_with_smoke(parser: argparse.ArgumentParser, argv: Sequence[str] | None, smoke: dict,
