@@ -244,3 +244,12 @@ def test_inductor_keeps_the_chunks_overlapped(fake_world):
     assert (len(gathers), len(ffn_in), len(scatters)) == (4, 3, 3), calls
     assert max(gathers) < ffn_in[0], calls
     assert scatters[0] < ffn_in[1] and scatters[1] < ffn_in[2], calls
+
+
+def test_grouped_mm_asked_for_on_several_ranks_keeps_the_fused_ops_and_says_why(fake_world):
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=64, gated=True)
+    model = MoEBlock(cfg).eval().to(torch.bfloat16)
+    (gm,), report = sharded_graphs(model, torch.randn(2, 5, cfg.d_model, dtype=torch.bfloat16),
+                                   options={"expert_kernel": "grouped_mm"})
+    assert [(r["status"], r["kernel"]) for r in report.regions] == [("rewritten", "fused (grouped_mm: one rank only)")]
+    assert (count(gm, FFN_IN), count(gm, FFN_OUT)) == (1, 1)
