@@ -138,7 +138,7 @@ def _check_inductor(options: Options) -> None:
         raise OptionError(f"moeshard: option 'mode' must be None or one of 'default', {', '.join(map(repr, modes))}, "
                           f"got {options.mode!r}")
     if mode is not None and not options.inductor:
-        raise OptionError(f"moeshard: mode={mode!r} is Inductor's: it needs inductor=True")
+        raise OptionError(f"moeshard: option 'mode' ({mode!r}) is Inductor's: it needs inductor=True")
     object.__setattr__(options, "mode", mode)
     entries = options.inductor_config
     if not isinstance(entries, Mapping):

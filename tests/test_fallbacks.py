@@ -219,11 +219,11 @@ def _failing_lower_region(monkeypatch, fail_on_call: int):
     real = moeshard_compile.passes.lower.lower_region
     calls = []
 
-    def lower_region(gm, region, index, plan=None):
+    def lower_region(gm, region, index, plan=None, kernel="fused"):
         calls.append(index)
         if len(calls) - 1 == fail_on_call:
             raise RuntimeError("boom")
-        return real(gm, region, index, plan)
+        return real(gm, region, index, plan, kernel)
 
     monkeypatch.setattr(moeshard_compile.passes.lower, "lower_region", lower_region)
     monkeypatch.setattr(moeshard_compile.passes.pipeline, "lower_region", lower_region)

@@ -59,7 +59,10 @@ BAD_VALUES = {
     "release_unsharded": ["yes", 1],
     "comm_chunks": [0, -2, 1.5, True, "4", None],
     "check_inputs": [0, "True"],
-    "weight_check": ["sampled", None, True],
+    "weight_check": ["sampled", "", True],
+    "mode": ["fastest", 3, "Reduce-Overhead"],
+    "inductor_config": [["max_autotune"], {"no_such_entry": 1}, "max_autotune=True"],
+    "expert_kernel": ["cutlass", None, "Fused"],
 }
 
 
