@@ -211,9 +211,11 @@ def rank_main(rank: int, world: int, args: argparse.Namespace, init_method: str 
                                "rows": rows})
         print(f"wrote {args.json}", flush=True)
     dist.barrier()
+    if init_method is not None:  # spawned ranks: leave without gloo's teardown and the interpreter's,
+        sys.stdout.flush()       # where gloo's threads corrupt the heap now and then ("malloc(): unaligned
+        sys.stderr.flush()       # tcache chunk detected", SIGABRT after every config has run)
+        os._exit(0)
     dist.destroy_process_group()
-    if init_method is not None:
-        os._exit(0)  # spawned ranks: skip the interpreter's teardown, where gloo's threads can abort
 
 
 COLUMNS = ("config", "system", "figure", "latency_ms", "comm_ms", "compute_ms", "overlapped_ms", "max_rows", "dropped",
