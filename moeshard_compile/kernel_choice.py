@@ -79,7 +79,10 @@ def _choose(region: MoERegion, values: dict[fx.Node, torch.Tensor], one_rank: bo
         return KernelChoice(cached["kernel"], "cached", cached["times_ms"])
     log.info("moeshard: timing the expert kernels of %s (%d rows)", region.module, rows)
     activation = "identity" if region.activation == "graph" else region.activation
-    times_ms, failed = time_kernels(weights, region.num_experts, region.top_k, rows, activation)
+    try:
+        times_ms, failed = time_kernels(weights, region.num_experts, region.top_k, rows, activation)
+    except Exception as error:  # e.g. out of memory: timing must not cost the compile
+        times_ms, failed = {}, f"timing failed: {type(error).__name__}: {str(error).splitlines()[0]}"
     if failed:
         return KernelChoice("fused", "only possible", why_not=failed)
     kernel = min(times_ms, key=times_ms.get)

@@ -14,7 +14,8 @@ After, on one rank::
     out_TD = y_SD.unflatten(0, (T, K)).sum(1)                  # rows were stored at their (token, slot) place
 
 The three ops (named in op_contract.py, registered by moeshard_compile/kernels) run Triton kernels on CUDA and a torch reference
-elsewhere; a zero-weight slot contributes exactly 0 even where its expert output is inf/nan.
+elsewhere; a zero-weight slot contributes exactly 0 even where its expert output is inf/nan. With
+kernel="grouped_mm" the two expert ops are grouped_mm_experts.py's torch._grouped_mm equivalents.
 
 Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
 

@@ -160,3 +160,17 @@ class _NamedDevice:
 
     def __getattr__(self, name):
         return getattr(self._real, name)
+
+
+def test_timing_that_raises_keeps_the_fused_kernels_and_says_why(monkeypatch):
+    regions, values = _qwen3_regions()
+    monkeypatch.setattr(kernel_choice, "_grouped_mm_impossible", lambda *args, **kwargs: "")
+    monkeypatch.setattr(kernel_choice, "torch", _NamedDevice(torch))
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(kernel_choice, "time_kernels", out_of_memory)
+    choices = choose_kernels(regions, values, True, "auto")
+    assert {c.text() for c in choices.values()} == {"fused (timing failed: OutOfMemoryError: CUDA out of memory. "
+                                                    "Tried to allocate 2.00 GiB)"}
