@@ -17,14 +17,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float64]
     batch=st.integers(1, 3),
     seq=st.integers(1, 7),
     seed=st.integers(0, 2**16),
+    kernel=st.sampled_from(["fused", "grouped_mm"]),
 )
-def test_compiled_equals_eager(cfg, dtype, batch, seq, seed):
+def test_compiled_equals_eager(cfg, dtype, batch, seq, seed, kernel):
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = MoEBlock(cfg).eval().to(dtype)
     x = torch.randn(batch, seq, cfg.d_model, dtype=dtype)
     report = moeshard_compile.Report()
-    opts = moeshard_compile.Options(inductor=False)
+    opts = moeshard_compile.Options(inductor=False, expert_kernel=kernel)
 
     backend = moeshard_compile.backend.make_backend(opts, report)
     with torch.no_grad():
@@ -35,6 +36,33 @@ def test_compiled_equals_eager(cfg, dtype, batch, seq, seed):
     region = report.regions[0]
     assert (region["num_experts"], region["d_model"], region["gated"]) == (cfg.num_experts, cfg.d_model, cfg.gated)
     assert region["top_k"] == cfg.top_k  # proven from the routing code, not guessed
+    runs_grouped_mm = kernel == "grouped_mm" and dtype == torch.bfloat16 and not cfg.d_model % 8 and not region["d_ff"] % 8
+    assert region["kernel"].startswith("grouped_mm (forced)" if runs_grouped_mm else "fused ("), region["kernel"]
+    assert_close_to_eager(out, ref)
+
+
+@given(
+    cfg=moe_configs(d_ff=st.sampled_from([8, 16])).filter(lambda c: c.d_model % 8 == 0),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_mm_kernel_equals_eager(cfg, batch, seq, seed):
+    """The torch._grouped_mm way of running the experts, on every expert form the corpus draws
+    (gated or not, biases, every activation, skewed and empty experts), in bf16: its only dtype."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = MoEBlock(cfg).eval().to(torch.bfloat16)
+    x = torch.randn(batch, seq, cfg.d_model, dtype=torch.bfloat16)
+    report = moeshard_compile.Report()
+    backend = moeshard_compile.backend.make_backend(
+        moeshard_compile.Options(inductor=False, expert_kernel="grouped_mm"), report)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    note(str(report))
+    assert [(r["status"], r["kernel"]) for r in report.regions] == [("rewritten", "grouped_mm (forced)")]
+    assert "grouped_mm_ffn_in" in report.rewritten_graphs[0].code
     assert_close_to_eager(out, ref)
 
 
