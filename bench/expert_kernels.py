@@ -86,9 +86,8 @@ from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse
 from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
 from bench.common.floor import add_peak_args, expert_flops, floor_ms, peak_from_args  # noqa: E402
 from bench.common.timing import median_ms  # noqa: E402
-from moeshard_compile.kernel_choice import time_kernels  # noqa: E402
+from moeshard_compile.kernel_choice import auto_choice  # noqa: E402
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402
-from moeshard_compile.passes.grouped_mm_experts import grouped_mm_unsupported  # noqa: E402
 from moeshard_compile.passes.region import ExpertWeights  # noqa: E402
 
 VARIANTS = ("hf_eager", "sort_grouped_mm", "sort_grouped_mm_inductor", "moeshard_fused", "moeshard_fused_inductor",
@@ -303,13 +302,9 @@ def run_shape(shape: Shape, problem: Problem, variants: dict, args: argparse.Nam
 
 
 def chosen_kernel(problem: Problem, shape: Shape, device: torch.device) -> str:
-    """What the backend's kernel choice takes for this shape: the same eager timing on these weights."""
-    D, F_, _, _ = MODELS[shape.model]
-    if device.type != "cuda" or grouped_mm_unsupported(problem.x_TD.dtype, D, F_):
-        return "fused"
+    """What the backend's expert_kernel="auto" takes for this shape and these weights."""
     weights = ExpertWeights(problem.w_in_EDF, problem.w_out_EFD, problem.w_gate_EDF)
-    times_ms, failed = time_kernels(weights, shape.E, shape.K, shape.T * shape.K, problem.activation)
-    return "fused" if failed else min(times_ms, key=times_ms.get)
+    return auto_choice(weights, lambda: weights, device, shape.E, shape.K, shape.T * shape.K, problem.activation).kernel
 
 
 def summary(rows: list[dict], variants: list[str]) -> str:

@@ -3,9 +3,10 @@
 Neither wins everywhere (docs/performance.md, "Which expert kernel runs"): CUTLASS's grouped GEMM
 is faster on large experts, the fused kernels where the gather and scatter they fold in weigh
 more. So for every shape class (GPU, torch version, dtype, E, D, F, rows rounded up to a power
-of two, gating, biases, activation, weights row- or column-major) both run once on random tokens of the region's shapes, and the faster is
-kept in a JSON file, as Inductor keeps its autotuning: $MOESHARD_CACHE_DIR/expert_kernels.json,
-by default under Inductor's cache directory. Regions the grouped_mm path cannot take (not bf16,
+of two, gating, biases, activation, weights row- or column-major) both run once on random
+tokens of the region's shapes, and the faster is kept in a JSON file, as Inductor keeps its
+autotuning: $MOESHARD_CACHE_DIR/expert_kernels.json, by default under Inductor's cache directory.
+The key is read off meta stand-ins of the weights, so a cached class copies no weights. Regions the grouped_mm path cannot take (not bf16,
 several ranks, before SM90, off CUDA) run fused, and the report says why.
 """
 
@@ -19,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -66,21 +68,32 @@ def choose_kernels(regions: list[MoERegion], values: dict[fx.Node, torch.Tensor]
 def _choose(region: MoERegion, values: dict[fx.Node, torch.Tensor], one_rank: bool, option: str) -> KernelChoice:
     if option == "fused":
         return KernelChoice("fused", "forced")
-    why_not = _grouped_mm_impossible(region, values, one_rank, measuring=option == "auto")
+    inputs = [values[n] for n in region.weights.inputs]
+    layout = region.weights.stack_on_meta(inputs)
+    if option == "grouped_mm":
+        why_not = _grouped_mm_impossible(layout, inputs[0].device, one_rank, measuring=False)
+        return KernelChoice("fused", "only possible", why_not=why_not) if why_not else KernelChoice("grouped_mm", "forced")
+    activation = "identity" if region.activation == "graph" else region.activation
+    return auto_choice(layout, lambda: region.weights.stack(inputs), inputs[0].device, region.num_experts,
+                       region.top_k, _rows(region), activation, one_rank)
+
+
+def auto_choice(layout: ExpertWeights, stack: Callable[[], ExpertWeights], device: torch.device, num_experts: int,
+                top_k: int, rows: int, activation: str, one_rank: bool = True) -> KernelChoice:
+    """What expert_kernel="auto" runs for experts of this layout (`stack` gives the real weights,
+    called only to time them): the cached or measured faster path, or fused where grouped_mm
+    cannot be timed."""
+    why_not = _grouped_mm_impossible(layout, device, one_rank, measuring=True)
     if why_not:
         return KernelChoice("fused", "only possible", why_not=why_not)
-    if option == "grouped_mm":
-        return KernelChoice("grouped_mm", "forced")
-    weights = region.weights.stack([values[n] for n in region.weights.inputs])
-    rows = _rows(region)
-    key = _shape_class(region, weights, rows)
+    key = _shape_class(layout, device, num_experts, rows, activation)
     cached = _read_cache().get(key)
     if cached is not None:
         return KernelChoice(cached["kernel"], "cached", cached["times_ms"])
-    log.info("moeshard: timing the expert kernels of %s (%d rows)", region.module, rows)
-    activation = "identity" if region.activation == "graph" else region.activation
+    log.info("moeshard: timing the expert kernels of E %d, D %d, F %d (%d rows)", num_experts,
+             layout.w_in_EDF.shape[1], layout.w_in_EDF.shape[2], rows)
     try:
-        times_ms, failed = time_kernels(weights, region.num_experts, region.top_k, rows, activation)
+        times_ms, failed = time_kernels(stack(), num_experts, top_k, rows, activation)
     except Exception as error:  # e.g. out of memory: timing must not cost the compile
         times_ms, failed = {}, f"timing failed: {type(error).__name__}: {str(error).splitlines()[0]}"
     if failed:
@@ -90,14 +103,13 @@ def _choose(region: MoERegion, values: dict[fx.Node, torch.Tensor], one_rank: bo
     return KernelChoice(kernel, "measured", times_ms)
 
 
-def _grouped_mm_impossible(region: MoERegion, values: dict, one_rank: bool, measuring: bool) -> str:
-    """Why the grouped_mm path cannot run (or, for "auto", be timed on) this region; "" if it can."""
+def _grouped_mm_impossible(layout: ExpertWeights, device: torch.device, one_rank: bool, measuring: bool) -> str:
+    """Why the grouped_mm path cannot run (or, for "auto", be timed on) these experts; "" if it can."""
     if not one_rank:
         return "grouped_mm: one rank only"
-    reason = grouped_mm_unsupported(region.dtype, region.d_model, region.d_ff)
+    reason = grouped_mm_unsupported(layout.w_in_EDF.dtype, layout.w_in_EDF.shape[1], layout.w_in_EDF.shape[2])
     if reason:
         return reason
-    device = values[region.weights.inputs[0]].device
     if measuring and device.type != "cuda":
         return "grouped_mm: timed on CUDA only"
     if measuring and torch.cuda.get_device_capability(device) < (9, 0):
@@ -113,15 +125,14 @@ def _rows(region: MoERegion) -> int:
     return max(1, int(tokens)) * region.top_k
 
 
-def _shape_class(region: MoERegion, weights: ExpertWeights, rows: int) -> str:
-    device = weights.w_in_EDF.device
-    biases = [name for name in ("b_in_EF", "b_gate_EF", "b_out_ED") if getattr(weights, name) is not None]
+def _shape_class(layout: ExpertWeights, device: torch.device, num_experts: int, rows: int, activation: str) -> str:
+    biases = [name for name in ("b_in_EF", "b_gate_EF", "b_out_ED") if getattr(layout, name) is not None]
+    _, D, F = layout.w_in_EDF.shape
     return json.dumps({
-        "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "dtype": str(region.dtype),
-        "E": region.num_experts, "D": region.d_model, "F": weights.w_in_EDF.shape[2],
-        "rows": 1 << max(0, rows - 1).bit_length(), "gated": weights.w_gate_EDF is not None, "biases": biases,
-        "activation": region.activation,
-        "layouts": ["row" if t.stride(-1) == 1 else "column" for t in (weights.w_in_EDF, weights.w_out_EFD)],
+        "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "dtype": str(layout.w_in_EDF.dtype),
+        "E": num_experts, "D": D, "F": F, "rows": 1 << max(0, rows - 1).bit_length(),
+        "gated": layout.w_gate_EDF is not None, "biases": biases, "activation": activation,
+        "layouts": ["row" if t.stride(-1) == 1 else "column" for t in (layout.w_in_EDF, layout.w_out_EFD)],
     }, sort_keys=True)
 
 

@@ -299,9 +299,7 @@ def copy_chain(graph: fx.Graph, chain: tuple[fx.Node, fx.Node], h: fx.Node) -> f
 def _add_weight_inputs(graph: fx.Graph, prefix: str, source: WeightSource) -> dict[str, fx.Node]:
     """One graph input per tensor `source` stacks, after the graph's last input, by ExpertWeights
     field name; which tensors it stacks is read off stacking meta stand-ins of its inputs."""
-    stand_ins = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
-                 for v in (fake(n) for n in source.inputs)]
-    names = list(source.stack(stand_ins).present())
+    names = list(source.stack_on_meta([fake(n) for n in source.inputs]).present())
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     nodes = {}
     with graph.inserting_after(last_input):

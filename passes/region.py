@@ -59,6 +59,11 @@ class WeightSource:
     layout: tuple = ()  # what `stack` does with the inputs (hashable): equal layouts stack equally
     copies: bool = False  # `stack` copies (share one stack between graphs) rather than making views
 
+    def stack_on_meta(self, tensors: list[torch.Tensor]) -> ExpertWeights:
+        """What `stack` makes of tensors of these shapes, strides and dtypes, as meta tensors:
+        which weights there are and their layouts, without copying a byte."""
+        return self.stack([torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors])
+
 
 @dataclass(frozen=True)
 class Routing:
