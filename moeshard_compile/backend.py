@@ -93,8 +93,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if plan is not None:
         distributed.check_fits(regions, plan)
     attempted = [r for r in regions if r.status is passes.Status.RECOGNISED]
-    choices = choose_kernels(regions, dict(zip(placeholders, example_inputs)), plan is None, opts.expert_kernel)
+    choices = {}
     try:
+        choices = choose_kernels(regions, dict(zip(placeholders, example_inputs)), plan is None, opts.expert_kernel)
         sources = passes.rewrite(gm, regions, dropless=opts.dropless, plan=plan,
                                  kernels={r: c.kernel for r, c in choices.items()})
         _mark_weights_static(gm, len(example_inputs))

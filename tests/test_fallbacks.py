@@ -285,3 +285,17 @@ def test_empty_batch(tmp_path, style):
     with torch.no_grad():
         assert_close_to_eager(_compile(model, tmp_path)(x), model(x))
     assert [r["status"] for r in _report(tmp_path)["regions"]] == ["rewritten"]
+
+
+def test_kernel_choice_failure_keeps_original_graph(monkeypatch, tmp_path):
+    """Choosing the expert kernel fails: the model still runs, unchanged, and the report says why."""
+    calls = []
+
+    def failing_choice(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(moeshard_compile.backend, "choose_kernels", failing_choice)
+    torch.manual_seed(0)
+    _check_fallback(tmp_path, MoEBlock(MoEConfig()).eval(), torch.randn(2, 5, 8), num_regions=1)
+    assert calls
