@@ -101,8 +101,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
         _mark_weights_static(gm, len(example_inputs))
         feed = WeightFeed(gm, example_inputs, sources, with_digest=plan is not None,
                           fingerprint=opts.weight_check == "fingerprint")
-        chunked = plan is not None and plan.input_mode == "data_parallel" and plan.comm_chunks > 1
-        compiled = _lower(gm, example_inputs, feed.tensors(), opts, keep_comm_order=chunked and bool(attempted))
+        early_comm = plan is not None and plan.input_mode == "data_parallel" and (plan.comm_chunks > 1
+                                                                                  or plan.overlap != "none")
+        compiled = _lower(gm, example_inputs, feed.tensors(), opts, keep_comm_order=early_comm and bool(attempted))
     except Exception as error:  # keep the model working: compile the original graph, say why
         if not attempted:
             raise  # nothing of ours was involved: a genuine compile error
@@ -182,7 +183,7 @@ def _lower(gm: fx.GraphModule, example_inputs: list, weights: list[torch.Tensor]
            keep_comm_order: bool = False) -> Callable:
     """Inductor (or the FX graph as is) over the graph's inputs followed by the stacked weights.
 
-    keep_comm_order: the graph issues its collectives early on purpose (comm_chunks). Inductor's
+    keep_comm_order: the graph issues its collectives early on purpose (comm_chunks, overlap). Inductor's
     peak-memory reordering would move every collective next to its wait, serialising them with
     the computation, so it is off for such graphs (they hold C chunks of rows at once instead)."""
     if not opts.inductor:

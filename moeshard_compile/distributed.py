@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from moeshard_compile.options import INPUT_MODES, OptionError, Options
+from moeshard_compile.options import INPUT_MODES, OVERLAPS, OptionError, Options
 from moeshard_compile.passes.region import MoERegion
 from moeshard_compile.passes.shard import ShardPlan
 
@@ -41,7 +41,7 @@ def resolve(opts: Options) -> tuple[ShardPlan | None, "dist.ProcessGroup | None"
         raise OptionError(f"moeshard: world_size={opts.world_size} does not match {given}, which has {size} ranks")
     if size == 1:
         return None, None
-    plan = ShardPlan(dist.get_rank(group), size, group.group_name, opts.input_mode, opts.comm_chunks)
+    plan = ShardPlan(dist.get_rank(group), size, group.group_name, opts.input_mode, opts.comm_chunks, opts.overlap)
     return plan, group
 
 
@@ -57,7 +57,7 @@ def check_fits(regions: list[MoERegion], plan: ShardPlan) -> None:
 
 
 # The facts every rank must agree on before running a sharded graph, in the check row's order.
-FACTS = ("input_mode", "comm_chunks", "check_inputs", "dropless", "world_size", "regions sharded", "region shapes",
+FACTS = ("input_mode", "comm_chunks", "overlap", "check_inputs", "dropless", "world_size", "regions sharded", "region shapes",
          "expert weights")
 _MAGIC = 0x6D6F657368617264 & (2**62 - 1)  # marks a moeshard check row ("moeshard")
 _HEAD = 1 + len(FACTS)
@@ -84,7 +84,8 @@ class RankCheck:
         self.world = dist.get_world_size(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         shapes = [(r.module, r.num_experts, r.top_k, r.d_model, r.d_ff, r.activation, r.gated) for r in rewritten]
-        self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, int(opts.check_inputs), int(opts.dropless),
+        self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, OVERLAPS.index(opts.overlap),
+                      int(opts.check_inputs), int(opts.dropless),
                       self.world, len(rewritten), zlib.crc32(repr(shapes).encode())]  # FACTS but the weights
         self.skipped = skipped
         self.agreed = False
@@ -125,8 +126,8 @@ class RankCheck:
             elif name == "region shapes":
                 problems.append("the ranks' sharded MoE regions differ in shapes (different models)")
             else:
-                shown = [INPUT_MODES[v] if name == "input_mode" else bool(v) if name in ("check_inputs", "dropless") else v
-                         for v in values]
+                names = {"input_mode": INPUT_MODES, "overlap": OVERLAPS}.get(name)
+                shown = [names[v] if names else bool(v) if name in ("check_inputs", "dropless") else v for v in values]
                 problems.append(f"option {name!r}: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(shown)))
         if any(row[_HEAD:] != rows[0][_HEAD:] for row in rows):
             described = "; ".join(f"rank {r}: {_describe(row[_HEAD:])}" for r, row in enumerate(rows))

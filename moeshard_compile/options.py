@@ -12,6 +12,7 @@ from torch._dynamo.exc import ShortenTraceback
 INPUT_MODES = ("data_parallel", "replicated")
 WEIGHT_CHECKS = ("fingerprint", "version")
 EXPERT_KERNELS = ("auto", "fused", "grouped_mm")
+OVERLAPS = ("none", "source_rank")
 
 
 class OptionError(ShortenTraceback, ValueError):
@@ -49,6 +50,11 @@ class Options:
         Default 1 (no split). Each chunk re-reads the expert weights, so more chunks pay only
         where the collectives take longer than that (docs/distributed.md has measurements).
         Graphs whose row count is symbolic (dynamic shapes) are not split.
+    overlap: data_parallel only: how the exchange is scheduled. "none" (default): all-gather
+        every rank's rows, compute them, reduce-scatter the partial sums. "source_rank": N - 1
+        pairwise exchanges, all issued first; this rank's own rows compute while the others'
+        travel, each other rank's rows as they arrive, and their partial sums go back while the
+        next rank's rows compute. The same bytes travel; cannot be combined with comm_chunks.
     check_inputs: before each call of a sharded graph, compare every rank's options, sharded
         regions, expert-weight checksums and input shapes with one small all-gather and raise on
         every rank if they differ (default True). False: compared at the first call only.
@@ -81,6 +87,7 @@ class Options:
     input_mode: str = "data_parallel"
     release_unsharded: bool = False
     comm_chunks: int = 1
+    overlap: str = "none"
     check_inputs: bool = True
     weight_check: str | None = None
     mode: str | None = None
@@ -171,6 +178,15 @@ def _check_distributed(options: Options) -> None:
     mode = options.input_mode
     if mode not in INPUT_MODES:
         raise OptionError(f"moeshard: option 'input_mode' must be one of {', '.join(map(repr, INPUT_MODES))}, got {mode!r}")
+    overlap = options.overlap
+    if overlap not in OVERLAPS:
+        raise OptionError(f"moeshard: option 'overlap' must be one of {', '.join(map(repr, OVERLAPS))}, got {overlap!r}")
+    if overlap != "none" and mode != "data_parallel":
+        raise OptionError(f"moeshard: option 'overlap'={overlap!r} schedules the data_parallel exchange; "
+                          f"input_mode {mode!r} has a single all-reduce to overlap nothing with")
+    if overlap != "none" and chunks > 1:
+        raise OptionError(f"moeshard: option 'overlap'={overlap!r} already splits the exchange by source rank: "
+                          f"leave 'comm_chunks' at 1 (got {chunks})")
     group, mesh = options.group, options.mesh
     if group is not None and mesh is not None:
         raise OptionError("moeshard: give either option 'group' or option 'mesh', not both")

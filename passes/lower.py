@@ -37,14 +37,14 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from .graph_utils import fake, static_int
-from .op_contract import FFN_IN, FFN_OUT, GROUP_BY_EXPERT, op, sort_key_dtype
+from .graph_utils import fake
+from .op_contract import FFN_IN, FFN_OUT, GROUP_BY_EXPERT, op
 from .emit import Emitter, first_user
 from .grouped_mm_experts import grouped_mm_ffn_in, grouped_mm_ffn_out
 from .region import MoERegion, Routing, WeightSource
 from .shard import ShardPlan, sharded
-
-c10d = torch.ops._c10d_functional
+from .collectives import c10d, collective
+from .data_parallel import data_parallel_experts
 
 
 def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardPlan | None = None,
@@ -94,8 +94,8 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
 
         if data_parallel:
             x_SD = emit.fn(torch.index_select, rows_XD, 0, row_S, name="x_SD")
-            acc_TD = _data_parallel_experts(emit, plan, experts, region.tokens_TD, x_SD, token_S, counts_E, E, K,
-                                            ids_S, order_S, weight_sorted_S)
+            acc_TD = data_parallel_experts(emit, plan, experts, region.tokens_TD, x_SD, token_S, counts_E, E, K,
+                                           ids_S, order_S, weight_sorted_S)
         else:
             # one kernel gathers the tokens into the first matmul; one scales and puts every row
             # back at its (token, slot) place; summing the K slots is a reduction Inductor fuses
@@ -105,7 +105,7 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
             y_TKD = emit.method("unflatten", y_SD, 0, (-1, K), name="y_TKD")
             acc_TD = emit.method("sum", y_TKD, 1, name="sum_TD")
             if plan is not None:  # replicated: every rank holds partial sums of the same tokens
-                acc_TD = _collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
+                acc_TD = collective(emit, c10d.all_reduce.default, acc_TD, "sum", plan.group_name, name="all_reduce_TD")
         if routing.base_TD is not None:  # the combine's own term without experts (a clone it writes into)
             base_TD = emit.method("reshape", routing.base_TD, emit.method("size", acc_TD, name="acc_size"), name="base_TD")
             acc_TD = emit.fn(operator.add, acc_TD, base_TD, name="with_base_TD")
@@ -146,110 +146,6 @@ class _ExpertFFN:
             return self.emit.fn(grouped_mm_ffn_out, h_RF, offs_E, self.expert_R, self.w["w_out_EFD"], b_out,
                                 dest_R, scale_R, name=name)
         return self.emit.fn(op(FFN_OUT), h_RF, offs_E, self.w["w_out_EFD"], b_out, dest_R, scale_R, name=name)
-
-
-def _data_parallel_experts(emit: Emitter, plan: ShardPlan, experts: _ExpertFFN, tokens_TD, x_SD, token_S, counts_E,
-                           num_experts: int, top_k: int, ids_S, order_S, weight_sorted_S) -> fx.Node:
-    """Every rank's rows through this rank's FFN block; the partial sums reduced; this rank's tokens back.
-
-    Only the counts and the rows travel: each rank's block of the gathered rows is sorted by
-    expert, so the expert of every gathered row follows from the gathered counts. With
-    plan.comm_chunks C > 1 the sorted rows go in C chunks: every chunk's all-gather is issued
-    first, so chunk c + 1 travels while chunk c computes, and its reduce-scatter while c + 1 does.
-    """
-    N, E = plan.world_size, num_experts
-    sizes = _chunk_sizes(tokens_TD, top_k, plan.comm_chunks)
-    has_b_out = "b_out_ED" in experts.w
-    if len(sizes) > 1 or has_b_out:
-        ids_sorted_S = emit.fn(operator.getitem, ids_S, order_S, name="ids_sorted_S")
-    if len(sizes) == 1:
-        x_chunks, counts_CE = [x_SD], emit.method("view", counts_E, 1, E, name="counts_CE")
-    else:
-        x_chunks = _split(emit, x_SD, sizes, "x_SD")
-        counts = [emit.fn(torch.scatter_add, emit.method("new_zeros", ids_S, E, name=f"zeros_E{c}"), 0, ids_c,
-                          emit.fn(torch.ones_like, ids_c, name=f"ones_S{c}"), name=f"counts_E{c}")
-                  for c, ids_c in enumerate(_split(emit, ids_sorted_S, sizes, "ids_sorted_S"))]
-        counts_CE = emit.fn(torch.stack, counts, name="counts_CE")
-    # every collective that needs no computation first: one for all counts, one per chunk of rows
-    counts_start = _start(emit, c10d.all_gather_into_tensor.default, counts_CE, N, plan.group_name, name="counts_NxCE")
-    tags = [str(c) for c in range(len(sizes))] if len(sizes) > 1 else [""]  # node names: plain without chunks
-    gathers = [_start(emit, c10d.all_gather_into_tensor.default, x_c, N, plan.group_name, name=f"gathered_RD{tag}")
-               for x_c, tag in zip(x_chunks, tags)]
-    counts_NCE = emit.method("view", _wait(emit, counts_start, name="counts_NxCE"), N, len(sizes), E, name="counts_NCE")
-    scatters = []
-    for c, (x_c, gather, tag) in enumerate(zip(x_chunks, gathers, tags)):
-        counts_NE = emit.fn(operator.getitem, counts_NCE, (slice(None), c), name=f"counts_NE{tag}")
-        rank_major_RD = _chunk_experts(emit, experts, x_c, _wait(emit, gather, name=f"gathered_RD{tag}"), counts_NE,
-                                       N, E, suffix=tag)
-        scatters.append(_start(emit, c10d.reduce_scatter_tensor.default, rank_major_RD, "sum", N, plan.group_name,
-                               name=f"y_SD{tag}"))
-    y_chunks = [_wait(emit, scatter, name=f"y_SD{tag}") for scatter, tag in zip(scatters, tags)]
-    y_SD = y_chunks[0] if len(y_chunks) == 1 else emit.fn(torch.cat, y_chunks, name="y_SD")
-    if has_b_out:  # once, after the sum
-        b_out_SD = emit.fn(torch.index_select, experts.w["b_out_ED"], 0, ids_sorted_S, name="b_out_SD")
-        y_SD = emit.fn(operator.add, y_SD, b_out_SD, name="y_SD_biased")
-
-    # combine: scale by routing weight, back to token order, sum the K slots
-    weight_S1 = emit.method("unsqueeze", weight_sorted_S, -1, name="weight_S1")
-    scaled_SD = emit.fn(operator.mul, y_SD, weight_S1, name="scaled_SD")
-    # A dropped slot (weight 0) must add exactly 0 even where its expert output is inf/nan.
-    scaled_SD = emit.fn(torch.where, emit.fn(operator.ne, weight_S1, 0, name="routed_S1"), scaled_SD, 0.0, name="kept_SD")
-    zeros_TD = emit.method("new_zeros", scaled_SD, emit.method("size", tokens_TD, name="size"), name="acc_TD")
-    return emit.fn(torch.index_add, zeros_TD, 0, token_S, scaled_SD, name="sum_TD")
-
-
-def _chunk_experts(emit: Emitter, experts: _ExpertFFN, x_SD, gathered_RD, counts_NE, N: int, E: int,
-                   suffix: str) -> fx.Node:
-    """One chunk's gathered rows (rank-major, each rank's rows sorted by expert) through this
-    rank's FFN block: regrouped by expert for the kernels, written back in rank-major order."""
-    ends_NE = emit.method("cumsum", counts_NE, 1, name=f"ends_NE{suffix}")
-    rows = emit.method("size", x_SD, 0, name=f"rows{suffix}")
-    row_S = emit.fn(torch.arange, rows, device=emit.fn(getattr, x_SD, "device", name=f"device{suffix}"),
-                    name=f"row_S{suffix}")
-    row_NS = emit.method("repeat", row_S, N, 1, name=f"row_NS{suffix}")
-    ids_NS = emit.fn(torch.searchsorted, ends_NE, row_NS, right=True, name=f"ids_NS{suffix}")
-    ids_rank_major_R = emit.method("reshape", ids_NS, -1, name=f"ids_rank_major_R{suffix}")
-    sort = emit.fn(torch.sort, _sort_keys(emit, ids_rank_major_R, E, f"keys_R{suffix}"), stable=True,
-                   name=f"sort_R{suffix}")
-    perm_R = emit.fn(operator.getitem, sort, 1, name=f"perm_R{suffix}")
-    offs_E = emit.method("cumsum", emit.method("sum", counts_NE, 0, name=f"counts_E_all{suffix}"), 0,
-                         name=f"offs_E{suffix}")
-    h_RF = experts.ffn_in(gathered_RD, perm_R, offs_E, name=f"h_RF{suffix}")
-    return experts.ffn_out(h_RF, offs_E, None, perm_R, None, name=f"rank_major_RD{suffix}")
-
-
-def _chunk_sizes(tokens_TD: fx.Node, top_k: int, chunks: int) -> list[int | None]:
-    """Row counts of the chunks of the S = T * K rows (as even as possible, none empty unless
-    S is 0); one chunk when T is symbolic."""
-    tokens = fake(tokens_TD)
-    rows = None if tokens is None or static_int(tokens.shape[0]) is None else static_int(tokens.shape[0]) * top_k
-    if chunks == 1 or rows is None:
-        return [rows]
-    base, extra = divmod(rows, chunks)
-    return [base + (c < extra) for c in range(min(chunks, rows) or 1)]
-
-
-def _split(emit: Emitter, t, sizes: list[int], name: str) -> list[fx.Node]:
-    pieces = emit.fn(torch.split, t, sizes, name=f"{name}_split")
-    return [emit.fn(operator.getitem, pieces, c, name=f"{name}{c}") for c in range(len(sizes))]
-
-
-def _sort_keys(emit: Emitter, ids, num_experts: int, name: str) -> fx.Node:
-    return emit.method("to", ids, sort_key_dtype(num_experts), name=name)
-
-
-def _collective(emit: Emitter, op, *args, name: str) -> fx.Node:
-    """A functional collective and its wait: Inductor sees both and may overlap other work."""
-    return _wait(emit, _start(emit, op, *args, name=name), name=name)
-
-
-def _start(emit: Emitter, op, *args, name: str) -> fx.Node:
-    """Issue a functional collective; it runs on the communication stream until its _wait."""
-    return emit.fn(op, *args, name=f"{name}_start")
-
-
-def _wait(emit: Emitter, start: fx.Node, name: str) -> fx.Node:
-    return emit.fn(c10d.wait_tensor.default, start, name=name)
 
 
 def _topk_from_combine(emit: Emitter, routing: Routing, num_experts: int, K: int, module: str) -> Routing:

@@ -30,6 +30,7 @@ class ShardPlan:
     input_mode "data_parallel": each rank brings its own tokens (all-gather, reduce-scatter);
     "replicated": every rank brings the same tokens (one all-reduce). comm_chunks: how many
     chunks of rows data_parallel moves and computes one after another (Options.comm_chunks).
+    overlap: data_parallel's schedule, "none" or "source_rank" (passes/data_parallel.py).
     """
 
     rank: int
@@ -37,6 +38,7 @@ class ShardPlan:
     group_name: str
     input_mode: str = "data_parallel"
     comm_chunks: int = 1
+    overlap: str = "none"
 
     def ffn_block(self, d_ff: int) -> tuple[int, int]:
         """[start, stop) of this rank's block of the FFN dimension."""

@@ -80,19 +80,19 @@ def _sharded_regions(report: Report, input_mode: str, count: int | None = None) 
 
 
 def rank_sharded_equals_eager(cfg: MoEConfig, dtype: torch.dtype, batch: int, seq: int, seed: int, input_mode: str,
-                              comm_chunks: int):
+                              schedule: dict):
     """One property example on this rank: (blocks, a checksum of this rank's batch)."""
     model = _model(cfg, dtype, seed)
     x_BSD = _batch_BSD((batch, seq, cfg.d_model), dtype, _input_seed(seed, input_mode))
     report = Report()
     with torch.no_grad():
         ref_BSD = model(x_BSD)
-        out_BSD = _compile(model, report, input_mode=input_mode, comm_chunks=comm_chunks)(x_BSD)
+        out_BSD = _compile(model, report, input_mode=input_mode, **schedule)(x_BSD)
     _check_close(out_BSD, ref_BSD, report)
     return _sharded_regions(report, input_mode, count=1), x_BSD.double().sum().item()
 
 
-def rank_degenerate_routing(skew: str, num_experts: int, top_k: int, comm_chunks: int):
+def rank_degenerate_routing(skew: str, num_experts: int, top_k: int, schedule: dict):
     """Each dispatch spelling with every token on one expert ("hot") or most experts empty ("empty")."""
     for style in ("index", "mask", "dense"):
         torch._dynamo.reset()
@@ -105,7 +105,7 @@ def rank_degenerate_routing(skew: str, num_experts: int, top_k: int, comm_chunks
             meant = (ids_TK[:, 0] == 0).all() if skew == "hot" else (ids_TK < top_k).all()
             assert meant, f"skew {skew!r} did not route as meant: {ids_TK.tolist()}"
             ref_BSD = model(x_BSD)
-            out_BSD = _compile(model, report, comm_chunks=comm_chunks)(x_BSD)
+            out_BSD = _compile(model, report, **schedule)(x_BSD)
         _check_close(out_BSD, ref_BSD, report)
         _sharded_regions(report, "data_parallel", count=1)
 
@@ -157,7 +157,7 @@ def rank_hf_model(name: str):
     return _sharded_regions(report, "data_parallel", count=layers), forms
 
 
-def rank_through_inductor(comm_chunks: int):
+def rank_through_inductor(schedule: dict):
     """The sharded graph (functional collectives included) lowered by Inductor, data_parallel."""
     cfg = MoEConfig(num_experts=4, top_k=2, d_model=8, d_ff=9, gated=True, bias=True, activation="silu")
     model = _model(cfg, torch.float64)
@@ -165,7 +165,7 @@ def rank_through_inductor(comm_chunks: int):
     report = Report()
     with torch.no_grad():
         ref_BSD = model(x_BSD)
-        out_BSD = _compile(model, report, inductor=True, comm_chunks=comm_chunks)(x_BSD)
+        out_BSD = _compile(model, report, inductor=True, **schedule)(x_BSD)
     _check_close(out_BSD, ref_BSD, report)
     return _sharded_regions(report, "data_parallel", count=1)
 
@@ -291,6 +291,10 @@ def assert_blocks_tile(blocks_by_rank: list[list[tuple[list[int], int]]]) -> Non
         assert max(sizes) - min(sizes) <= 1, f"uneven blocks {sizes} of d_ff={d_ff}"
 
 
+# The data_parallel exchange's schedules: all-gather + reduce-scatter, in chunks, by source rank.
+SCHEDULES = ({}, {}, {"comm_chunks": 2}, {"comm_chunks": 3}, {"overlap": "source_rank"}, {"overlap": "source_rank"})
+
+
 @st.composite
 def sharded_cases(draw, world_size: int) -> dict:
     """A hand-written MoE, dtype, batch, seed and input mode; d_ff >= world_size, often not a multiple."""
@@ -302,8 +306,8 @@ def sharded_cases(draw, world_size: int) -> dict:
         batch=draw(st.integers(1, 3)),
         seq=draw(st.integers(1, 7)),
         seed=draw(st.integers(0, 2**16)),
-        input_mode=draw(st.sampled_from(["data_parallel", "replicated"])),
-        comm_chunks=draw(st.sampled_from([1, 1, 2, 3])),
+        input_mode=(input_mode := draw(st.sampled_from(["data_parallel", "replicated"]))),
+        schedule=draw(st.sampled_from(SCHEDULES if input_mode == "data_parallel" else SCHEDULES[:4])),
     )
 
 
@@ -330,12 +334,20 @@ def test_sharded_equals_eager_world_4(world_4, case):
     check_sharded_case(world_4, case)
 
 
-@pytest.mark.parametrize(("skew", "num_experts", "top_k", "comm_chunks"),
-                         [("hot", 6, 2, 1), ("empty", 8, 2, 1), ("hot", 6, 2, 3)])
-def test_degenerate_routing(world_2, skew, num_experts, top_k, comm_chunks):
+@pytest.mark.parametrize(("skew", "num_experts", "top_k", "schedule"),
+                         [("hot", 6, 2, {}), ("empty", 8, 2, {}), ("hot", 6, 2, {"comm_chunks": 3}),
+                          ("hot", 6, 2, {"overlap": "source_rank"}), ("empty", 8, 2, {"overlap": "source_rank"})])
+def test_degenerate_routing(world_2, skew, num_experts, top_k, schedule):
     """Experts with no rows on any rank still take part in the collectives with empty groups;
-    in chunks, a chunk may hold one expert's rows only."""
-    world_2.run(rank_degenerate_routing, skew=skew, num_experts=num_experts, top_k=top_k, comm_chunks=comm_chunks)
+    in chunks, a chunk may hold one expert's rows only; by source rank, a step's rows may all
+    belong to one expert or to none this rank has rows for."""
+    world_2.run(rank_degenerate_routing, skew=skew, num_experts=num_experts, top_k=top_k, schedule=schedule)
+
+
+@pytest.mark.parametrize("skew", ["hot", "empty"])
+def test_source_rank_overlap_world_4(world_4, skew):
+    """Three pairwise steps a rank: every step's rows and partial sums reach the right peer."""
+    world_4.run(rank_degenerate_routing, skew=skew, num_experts=8, top_k=2, schedule={"overlap": "source_rank"})
 
 
 def test_ranks_route_to_disjoint_experts(world_2):
@@ -362,10 +374,11 @@ def test_hf_model_data_parallel(world_2, name, form):
     assert_blocks_tile(list(blocks_by_rank))
 
 
-@pytest.mark.parametrize("comm_chunks", [1, 2])
-def test_inductor_data_parallel(world_2, comm_chunks):
-    """Inductor lowers the functional collectives and the grouped op together (in chunks too)."""
-    assert_blocks_tile(world_2.run(rank_through_inductor, comm_chunks=comm_chunks))
+@pytest.mark.parametrize("schedule", [{}, {"comm_chunks": 2}, {"overlap": "source_rank"}])
+def test_inductor_data_parallel(world_2, schedule):
+    """Inductor lowers the functional collectives and the grouped op together (in chunks and
+    by source rank too)."""
+    assert_blocks_tile(world_2.run(rank_through_inductor, schedule=schedule))
 
 
 def test_replicated_adds_output_bias_once(world_2):

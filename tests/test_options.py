@@ -142,3 +142,17 @@ def test_bad_comm_chunks_raises(value):
 
 def test_comm_chunks_is_kept():
     assert Options.from_user({"comm_chunks": 3}).comm_chunks == 3
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"overlap": "source_rank", "input_mode": "replicated"}, "input_mode 'replicated' has a single all-reduce"),
+    ({"overlap": "source_rank", "comm_chunks": 2}, "leave 'comm_chunks' at 1 \\(got 2\\)"),
+])
+def test_overlap_refuses_what_it_cannot_schedule(options, message):
+    with pytest.raises(OptionError, match=message):
+        Options.from_user(options)
+
+
+def test_overlap_is_kept():
+    assert Options().overlap == "none"
+    assert Options.from_user({"overlap": "source_rank"}).overlap == "source_rank"

@@ -108,6 +108,7 @@ def test_ranks_holding_different_weights_are_named(world_4):
 @pytest.mark.parametrize(("option", "values", "shown"), [
     ("input_mode", ("data_parallel", "replicated"), "option 'input_mode': rank 0: 'data_parallel', rank 1: 'replicated'"),
     ("comm_chunks", (1, 2), "option 'comm_chunks': rank 0: 1, rank 1: 2"),
+    ("overlap", ("none", "source_rank"), "option 'overlap': rank 0: 'none', rank 1: 'source_rank'"),
     ("check_inputs", (True, False), "option 'check_inputs': rank 0: True, rank 1: False"),
     ("dropless", (False, True), "option 'dropless': rank 0: False, rank 1: True"),
 ])

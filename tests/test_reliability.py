@@ -58,6 +58,7 @@ BAD_VALUES = {
     "input_mode": ["tp", None, 1],
     "release_unsharded": ["yes", 1],
     "comm_chunks": [0, -2, 1.5, True, "4", None],
+    "overlap": ["ring", None, True, "Source_Rank"],
     "check_inputs": [0, "True"],
     "weight_check": ["sampled", "", True],
     "mode": ["fastest", 3, "Reduce-Overhead"],

@@ -20,7 +20,7 @@ from moeshard_compile.passes.shard import ffn_block
 WORLD, RANK = 8, 3
 c10d = torch.ops._c10d_functional
 ALL_GATHER, REDUCE_SCATTER = c10d.all_gather_into_tensor.default, c10d.reduce_scatter_tensor.default
-ALL_REDUCE, WAIT = c10d.all_reduce.default, c10d.wait_tensor.default
+ALL_REDUCE, WAIT, ALL_TO_ALL = c10d.all_reduce.default, c10d.wait_tensor.default, c10d.all_to_all_single.default
 FFN_IN = torch.ops.moeshard.gather_grouped_ffn_in.default
 FFN_OUT = torch.ops.moeshard.grouped_ffn_out_scatter.default
 
@@ -85,6 +85,32 @@ def test_comm_chunks_issue_every_gather_before_computing(fake_world, rows, chunk
     assert all(scatters[c] < ffn_in[c + 1] for c in range(C - 1))
     split = next(n for n in gm.graph.nodes if n.target is torch.split and n.name.startswith("moe0_x_SD"))
     assert split.args[1] == sizes
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_source_rank_overlap_exchanges_with_one_peer_a_step(fake_world, bias):
+    """overlap="source_rank": one counts gather and N - 1 pairwise exchanges of rows, all issued
+    before this rank's own rows compute; step j sends to rank r + j and receives from r - j, and its
+    partial sums go back to r - j before step j + 1 computes. No all-gather of rows, no reduce-scatter."""
+    cfg = MoEConfig(num_experts=4, top_k=2, d_ff=24, bias=bias)
+    T = 2 * 5
+    (gm,), report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model),
+                                   options={"overlap": "source_rank"})
+    assert [r["status"] for r in report.regions] == ["rewritten"]
+    assert (count(gm, ALL_GATHER), count(gm, ALL_TO_ALL), count(gm, REDUCE_SCATTER)) == (1, 2 * (WORLD - 1), 0)
+    assert (count(gm, FFN_IN), count(gm, FFN_OUT)) == (WORLD, WORLD)  # this rank's rows, then each other rank's
+    exchanges = [n for n in gm.graph.nodes if n.target == ALL_TO_ALL]
+    rows = T * cfg.top_k
+    one_peer = lambda peer: [rows if p == peer else 0 for p in range(WORLD)]  # noqa: E731
+    for j, (forward, back) in enumerate(zip(exchanges[:WORLD - 1], exchanges[WORLD - 1:]), start=1):
+        to, source = (RANK + j) % WORLD, (RANK - j) % WORLD
+        assert forward.args[0].name == "moe0_x_SD"
+        assert (forward.args[1], forward.args[2]) == (one_peer(source), one_peer(to))  # (output, input) splits
+        assert (back.args[1], back.args[2]) == (one_peer(to), one_peer(source))
+    at = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ffn_in, returns = positions(gm, FFN_IN), [at[n] for n in exchanges[WORLD - 1:]]
+    assert max(at[n] for n in exchanges[:WORLD - 1]) < ffn_in[0]
+    assert all(returns[j] < ffn_in[j + 2] for j in range(WORLD - 2))
 
 
 def test_comm_chunks_leave_replicated_alone(fake_world):
@@ -244,6 +270,25 @@ def test_inductor_keeps_the_chunks_overlapped(fake_world):
     assert (len(gathers), len(ffn_in), len(scatters)) == (4, 3, 3), calls
     assert max(gathers) < ffn_in[0], calls
     assert scatters[0] < ffn_in[1] and scatters[1] < ffn_in[2], calls
+
+
+def test_inductor_keeps_the_source_rank_exchanges_overlapped(fake_world):
+    """In Inductor's output code every rank's rows are sent before this rank's own rows compute,
+    and each step's partial sums go back before the next step computes."""
+    from torch._inductor.utils import run_and_get_code
+
+    cfg = MoEConfig(num_experts=8, top_k=1, d_model=16, d_ff=64)
+    options = moeshard_compile.Options(overlap="source_rank", check_inputs=False)
+    backend = moeshard_compile.backend.make_backend(options, moeshard_compile.Report())
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(MoEBlock(cfg).eval(), backend=backend, fullgraph=True),
+                                    torch.randn(2, 12, cfg.d_model))
+    calls = [line.strip() for line in codes[-1].splitlines() if "= torch.ops." in line]
+    at = lambda op: [i for i, line in enumerate(calls) if op in line]  # noqa: E731
+    exchanges, ffn_in = at("all_to_all_single"), at("gather_grouped_ffn_in")
+    assert (len(exchanges), len(ffn_in), len(at("reduce_scatter_tensor"))) == (2 * (WORLD - 1), WORLD, 0), calls
+    assert max(exchanges[:WORLD - 1]) < ffn_in[0], calls
+    assert all(exchanges[WORLD - 1 + j] < ffn_in[j + 2] for j in range(WORLD - 2)), calls
 
 
 def test_grouped_mm_asked_for_on_several_ranks_keeps_the_fused_ops_and_says_why(fake_world):
