@@ -8,6 +8,7 @@ registers the `moeshard::` ops and installs the capture shims for HF experts.
 
 from moeshard_compile import capture
 from moeshard_compile.kernels import ops  # noqa: F401  (registers torch.ops.moeshard)
+from moeshard_compile import exchange  # noqa: F401  (registers torch.ops.moeshard.all_to_all_rows)
 from moeshard_compile.backend import make_backend, moeshard_backend
 from moeshard_compile.distributed import CollectiveFailedError, RankMismatchError
 from moeshard_compile.explain import explain

@@ -26,6 +26,7 @@ from moeshard_compile.passes.graph_utils import dropout_args, module_paths, para
 from moeshard_compile.passes.unrecognised import find_unrecognised
 from moeshard_compile import distributed
 from moeshard_compile.kernel_choice import choose_kernels
+from moeshard_compile.placement import choose_placements
 from moeshard_compile.options import OptionError, Options, inductor_patches
 from moeshard_compile.report import Report, region_row, unrecognised_row
 from moeshard_compile.weights import ReleasedError, WeightFeed
@@ -93,11 +94,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     if plan is not None:
         distributed.check_fits(regions, plan)
     attempted = [r for r in regions if r.status is passes.Status.RECOGNISED]
-    choices = {}
+    choices, placements, plans = {}, {}, {}
     try:
-        choices = choose_kernels(regions, dict(zip(placeholders, example_inputs)), plan is None, opts.expert_kernel)
+        values = dict(zip(placeholders, example_inputs))
+        choices = choose_kernels(regions, values, plan is None, opts.expert_kernel)
+        placements = choose_placements(regions, values, plan, opts.expert_group_size, group)
+        plans = {r: replace(plan, group_size=p.group_size) for r, p in placements.items()}
         sources = passes.rewrite(gm, regions, dropless=opts.dropless, plan=plan,
-                                 kernels={r: c.kernel for r, c in choices.items()})
+                                 kernels={r: c.kernel for r, c in choices.items()}, plans=plans)
         _mark_weights_static(gm, len(example_inputs))
         feed = WeightFeed(gm, example_inputs, sources, with_digest=plan is not None,
                           fingerprint=opts.weight_check == "fingerprint")
@@ -122,7 +126,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     held = dict(zip(rewritten, feed.held()))
     for region in regions:
         log.info("moeshard: %s %s (%s) %s", region.module, region.status.value, region.form, region.reason)
-    rows = [region_row(graph_id, r, plan, held.get(r), opts.dropless, choices.get(r)) for r in regions]
+    rows = [region_row(graph_id, r, plans.get(r, plan), held.get(r), opts.dropless, choices.get(r), placements.get(r))
+            for r in regions]
     rows += [unrecognised_row(graph_id, u) for u in unrecognised]
     report.regions += rows
     _warn_skipped(graph_id, [row for row in rows if row["status"] != "rewritten"])

@@ -41,23 +41,37 @@ def resolve(opts: Options) -> tuple[ShardPlan | None, "dist.ProcessGroup | None"
         raise OptionError(f"moeshard: world_size={opts.world_size} does not match {given}, which has {size} ranks")
     if size == 1:
         return None, None
-    plan = ShardPlan(dist.get_rank(group), size, group.group_name, opts.input_mode, opts.comm_chunks, opts.overlap)
+    g = opts.expert_group_size
+    if isinstance(g, int):
+        if size % g:
+            raise OptionError(f"moeshard: expert_group_size={g} does not divide the {size} ranks into groups")
+        if g < size and (opts.overlap != "none" or opts.comm_chunks > 1):
+            raise OptionError(f"moeshard: expert_group_size={g} exchanges rows by expert group; overlap and "
+                              "comm_chunks schedule MoEShard's exchange (expert_group_size None)")
+    plan = ShardPlan(dist.get_rank(group), size, group.group_name, opts.input_mode, opts.comm_chunks, opts.overlap,
+                     g if isinstance(g, int) else None)
     return plan, group
 
 
 def check_fits(regions: list[MoERegion], plan: ShardPlan) -> None:
     """Every rank must hold at least one FFN column of every expert."""
     for region in regions:
-        if region.status == "recognised" and region.d_ff < plan.world_size:
+        if region.status == "recognised" and region.num_experts < plan.world_size // plan.g:
             raise OptionError(
-                f"moeshard: world_size={plan.world_size} is larger than the FFN size d_ff={region.d_ff} of the "
+                f"moeshard: expert_group_size={plan.g} makes {plan.world_size // plan.g} expert groups, more than the "
+                f"{region.num_experts} experts in {region.module or 'the model'}: every group needs an expert"
+            )
+        if region.status == "recognised" and region.d_ff < plan.g:
+            sharers = f"world_size={plan.world_size}" if plan.sharded_everywhere else f"expert_group_size={plan.g}"
+            raise OptionError(
+                f"moeshard: {sharers} is larger than the FFN size d_ff={region.d_ff} of the "
                 f"experts in {region.module or 'the model'}: each rank needs at least one FFN column; "
                 "shard over a smaller group"
             )
 
 
 # The facts every rank must agree on before running a sharded graph, in the check row's order.
-FACTS = ("input_mode", "comm_chunks", "overlap", "check_inputs", "dropless", "world_size", "regions sharded", "region shapes",
+FACTS = ("input_mode", "comm_chunks", "overlap", "expert_group_size", "check_inputs", "dropless", "world_size", "regions sharded", "region shapes",
          "expert weights")
 _MAGIC = 0x6D6F657368617264 & (2**62 - 1)  # marks a moeshard check row ("moeshard")
 _HEAD = 1 + len(FACTS)
@@ -84,7 +98,8 @@ class RankCheck:
         self.world = dist.get_world_size(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         shapes = [(r.module, r.num_experts, r.top_k, r.d_model, r.d_ff, r.activation, r.gated) for r in rewritten]
-        self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, OVERLAPS.index(opts.overlap),
+        g = {None: 0, "auto": -1}.get(opts.expert_group_size, opts.expert_group_size)
+        self.facts = [INPUT_MODES.index(opts.input_mode), opts.comm_chunks, OVERLAPS.index(opts.overlap), g,
                       int(opts.check_inputs), int(opts.dropless),
                       self.world, len(rewritten), zlib.crc32(repr(shapes).encode())]  # FACTS but the weights
         self.skipped = skipped
@@ -127,7 +142,8 @@ class RankCheck:
                 problems.append("the ranks' sharded MoE regions differ in shapes (different models)")
             else:
                 names = {"input_mode": INPUT_MODES, "overlap": OVERLAPS}.get(name)
-                shown = [names[v] if names else bool(v) if name in ("check_inputs", "dropless") else v for v in values]
+                shown = [names[v] if names else bool(v) if name in ("check_inputs", "dropless")
+                         else {0: None, -1: "auto"}.get(v, v) if name == "expert_group_size" else v for v in values]
                 problems.append(f"option {name!r}: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(shown)))
         if any(row[_HEAD:] != rows[0][_HEAD:] for row in rows):
             described = "; ".join(f"rank {r}: {_describe(row[_HEAD:])}" for r, row in enumerate(rows))

@@ -55,6 +55,13 @@ class Options:
         pairwise exchanges, all issued first; this rank's own rows compute while the others'
         travel, each other rank's rows as they arrive, and their partial sums go back while the
         next rank's rows compute. The same bytes travel; cannot be combined with comm_chunks.
+    expert_group_size: g, how many ranks share each expert (docs/distributed.md, placements).
+        None (default): every rank (MoEShard, g = N). An int g dividing N: experts in N / g
+        groups of g ranks, each rank a 1/g block of its group's experts (g = 1: dropless expert
+        parallelism); data_parallel only, and not with overlap or comm_chunks. "auto": per MoE
+        layer, the g whose modelled time is least (moeshard_compile/placement.py), from the
+        layer's shapes, the routing of the first call's batch on every rank, and the link's
+        bandwidth measured once.
     check_inputs: before each call of a sharded graph, compare every rank's options, sharded
         regions, expert-weight checksums and input shapes with one small all-gather and raise on
         every rank if they differ (default True). False: compared at the first call only.
@@ -88,6 +95,7 @@ class Options:
     release_unsharded: bool = False
     comm_chunks: int = 1
     overlap: str = "none"
+    expert_group_size: int | str | None = None
     check_inputs: bool = True
     weight_check: str | None = None
     mode: str | None = None
@@ -184,6 +192,12 @@ def _check_distributed(options: Options) -> None:
     if overlap != "none" and mode != "data_parallel":
         raise OptionError(f"moeshard: option 'overlap'={overlap!r} schedules the data_parallel exchange; "
                           f"input_mode {mode!r} has a single all-reduce to overlap nothing with")
+    g = options.expert_group_size
+    if g is not None and g != "auto" and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+        raise OptionError(f"moeshard: option 'expert_group_size' must be None, 'auto' or a positive int, got {g!r}")
+    if isinstance(g, int) and mode != "data_parallel":
+        raise OptionError(f"moeshard: option 'expert_group_size'={g} places experts for the data_parallel exchange; "
+                          f"input_mode {mode!r} shards every expert over every rank")
     if overlap != "none" and chunks > 1:
         raise OptionError(f"moeshard: option 'overlap'={overlap!r} already splits the exchange by source rank: "
                           f"leave 'comm_chunks' at 1 (got {chunks})")

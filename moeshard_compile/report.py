@@ -15,6 +15,7 @@ from moeshard_compile.passes.region import MoERegion, Status
 from moeshard_compile.passes.shard import ShardPlan
 from moeshard_compile.passes.unrecognised import Unrecognised
 from moeshard_compile.kernel_choice import KernelChoice
+from moeshard_compile.placement import PlacementChoice
 from moeshard_compile.weights import Held
 
 COLUMNS = (
@@ -22,7 +23,8 @@ COLUMNS = (
     "dtype", "world_size", "capacity", "kernel", "status", "reason",
 )
 # Sharding fields (the table condenses them into "ffn_block" and "expert weights held").
-SHARD_FIELDS = ("input_mode", "ffn_block", "shard_shapes", "expert_bytes", "expert_bytes_per_rank")
+SHARD_FIELDS = ("input_mode", "ffn_block", "expert_group_size", "experts_held", "placement", "shard_shapes",
+                "expert_bytes", "expert_bytes_per_rank")
 # The kernel choice in full (the table shows its text in "kernel").
 CHOICE_FIELDS = ("kernel_choice",)
 
@@ -34,17 +36,20 @@ def dynamo_breaks() -> Counter:
 
 
 def region_row(graph: int, region: MoERegion, plan: ShardPlan | None, held: Held | None, dropless: bool,
-               choice: KernelChoice | None = None) -> dict:
-    """A region's row: the record, the plan it was lowered with, the kernel its experts run
-    and what its weights hold."""
+               choice: KernelChoice | None = None, placement: PlacementChoice | None = None) -> dict:
+    """A region's row: the record, the plan it was lowered with (its placement and why), the
+    kernel its experts run and what its weights hold."""
     row = {name: getattr(region, name) for name in COLUMNS if hasattr(region, name)}
     row.update(dtype=str(region.dtype).removeprefix("torch."), status=region.status.value,
                capacity=describe(region, dropless), world_size=1, input_mode="", ffn_block=None,
-               shard_shapes={}, expert_bytes=0, expert_bytes_per_rank=0, kernel="", kernel_choice=None)
+               expert_group_size=None, experts_held=None, placement=None, shard_shapes={}, expert_bytes=0, expert_bytes_per_rank=0, kernel="", kernel_choice=None)
     if choice is not None and region.status is Status.REWRITTEN:
         row.update(kernel=choice.text(), kernel_choice=choice.to_dict())
     if plan is not None and region.status is Status.REWRITTEN:
-        row.update(world_size=plan.world_size, input_mode=plan.input_mode, ffn_block=list(plan.ffn_block(region.d_ff)))
+        row.update(world_size=plan.world_size, input_mode=plan.input_mode, ffn_block=list(plan.ffn_block(region.d_ff)),
+                   expert_group_size=plan.g, experts_held=list(plan.expert_block(region.num_experts)))
+        if placement is not None:
+            row.update(placement=placement.text(plan.world_size))
     if held is not None:
         row.update(shard_shapes=held.shapes, expert_bytes=held.expert_bytes, expert_bytes_per_rank=held.nbytes)
     return {"graph": graph, **row}
@@ -58,10 +63,13 @@ def unrecognised_row(graph: int, item: Unrecognised) -> dict:
 
 
 def _shard_cells(row: dict) -> list[str]:
+    """ffn_block (and the experts held, in expert groups), the bytes held, the placement's why."""
     block = "{}:{}".format(*row["ffn_block"]) if row["ffn_block"] else ""
-    if not row.get("expert_bytes"):
-        return [block, ""]
-    return [block, f"{size_text(row['expert_bytes_per_rank'])} of {size_text(row['expert_bytes'])}"]
+    experts = row.get("experts_held")
+    if block and experts and experts != [0, row["num_experts"]]:
+        block = "experts {}:{}, F {}".format(*experts, block)
+    held = f"{size_text(row['expert_bytes_per_rank'])} of {size_text(row['expert_bytes'])}" if row.get("expert_bytes") else ""
+    return [block, held, row.get("placement") or ""]
 
 
 def size_text(nbytes: float) -> str:
@@ -103,7 +111,7 @@ class Report:
 
     def table(self) -> str:
         rows = [[r[c] for c in ("graph", *COLUMNS)] + _shard_cells(r) for r in self.regions]
-        headers = ("graph", *COLUMNS, "ffn_block", "expert weights held")
+        headers = ("graph", *COLUMNS, "ffn_block", "expert weights held", "placement")
         text = tabulate(rows, headers=headers, tablefmt="github") if rows else "(no MoE regions found)"
         for fallback in self.fallbacks:
             text += f"\ngraph {fallback['graph']} compiled unchanged: {fallback['reason']}"

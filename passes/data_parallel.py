@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from .collectives import c10d, start, wait
 from .emit import Emitter
+from .expert_groups import expert_group_exchange
 from .graph_utils import fake, static_int
 from .op_contract import sort_key_dtype
 from .shard import ShardPlan
@@ -37,11 +38,14 @@ def data_parallel_experts(emit: Emitter, plan: ShardPlan, experts, tokens_TD, x_
     b_out, the routing weights and the sum of the K slots. `experts` emits the FFN block
     (passes/lower.py's _ExpertFFN)."""
     rows = _static_rows(tokens_TD, top_k)
-    sizes = _chunk_sizes(rows, plan.comm_chunks if plan.overlap == "none" else 1)
+    in_chunks = plan.overlap == "none" and plan.sharded_everywhere
+    sizes = _chunk_sizes(rows, plan.comm_chunks if in_chunks else 1)
     has_b_out = "b_out_ED" in experts.w
     needs_ids = len(sizes) > 1 or has_b_out
     ids_sorted_S = emit.fn(operator.getitem, ids_S, order_S, name="ids_sorted_S") if needs_ids else None
-    if plan.overlap == "source_rank":
+    if not plan.sharded_everywhere:
+        y_SD = expert_group_exchange(emit, plan, experts, x_SD, counts_E, num_experts, rows)
+    elif plan.overlap == "source_rank":
         y_SD = _by_source_rank(emit, plan, experts, x_SD, counts_E, num_experts, rows)
     else:
         y_SD = _gathered(emit, plan, experts, x_SD, counts_E, num_experts, sizes, ids_S, ids_sorted_S)

@@ -53,8 +53,8 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
 
     kernel: how the experts run on one rank: "fused" (the moeshard:: ops) or "grouped_mm"
     (torch._grouped_mm with the gather and scatter around it, grouped_mm_experts.py).
-    With a ShardPlan this rank computes its FFN block of every expert (passes/shard.py) and
-    the collectives of `plan.input_mode` join the partial results. The stacked weights are new
+    With a ShardPlan this rank computes its FFN block of every expert, or of its group's
+    experts (passes/shard.py), and the collectives of `plan.input_mode` join the partial results. The stacked weights are new
     graph inputs, after the graph's own: returns the source they are stacked from.
     """
     graph = gm.graph
@@ -63,7 +63,8 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
     emit = Emitter(graph, f"moe{index}_")
     weights = region.weights
     if plan is not None:
-        weights = sharded(weights, plan.ffn_block(region.d_ff), region.chain_layout)
+        held = None if plan.sharded_everywhere else plan.expert_block(E)  # expert groups: this group's experts
+        weights = sharded(weights, plan.ffn_block(region.d_ff), region.chain_layout, held)
     data_parallel = plan is not None and plan.input_mode == "data_parallel"
     with graph.inserting_before(first_user(region)):
         w = _add_weight_inputs(graph, f"moe{index}_", weights)

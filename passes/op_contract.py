@@ -16,6 +16,7 @@ import torch.nn.functional as F
 GROUP_BY_EXPERT = "moeshard::group_by_expert"
 FFN_IN = "moeshard::gather_grouped_ffn_in"
 FFN_OUT = "moeshard::grouped_ffn_out_scatter"
+ALL_TO_ALL_ROWS = "moeshard::all_to_all_rows"  # expert groups' variable exchange (moeshard_compile/exchange.py)
 
 
 def op(name: str) -> torch._ops.OpOverload:

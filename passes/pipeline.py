@@ -51,6 +51,7 @@ def rewrite(
     dropless: bool = False,
     plan: ShardPlan | None = None,
     kernels: Mapping[MoERegion, str] | None = None,
+    plans: Mapping[MoERegion, ShardPlan] | None = None,
 ) -> list[WeightSource]:
     """Lower every region still marked recognised; leave skipped ones as they are. Returns the
     sources of the stacked weights the rewritten graph reads after its own inputs, in order.
@@ -59,6 +60,7 @@ def rewrite(
     except where the model's dispatch tensor holds a fixed number of slots per expert.
     plan: shard every region's experts over plan.world_size ranks (None: one rank).
     kernels: how each region's experts run ("fused", the default, or "grouped_mm": lower.py).
+    plans: a region's own plan where it differs from `plan` (its expert group size).
     """
     sources = []
     for index, region in enumerate(regions):
@@ -70,7 +72,8 @@ def rewrite(
             continue
         if dropless and region.capacity_limits and not region.fixed_slots:
             remove_capacity_limits(gm.graph, region.capacity_limits)
-        sources.append(lower_region(gm, region, index, plan, (kernels or {}).get(region, "fused")))
+        region_plan = (plans or {}).get(region, plan)
+        sources.append(lower_region(gm, region, index, region_plan, (kernels or {}).get(region, "fused")))
         region.status = Status.REWRITTEN
     drop_unused_emitted(gm.graph)
     if sources:

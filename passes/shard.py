@@ -1,4 +1,10 @@
-"""MoEShard's placement: rank r of N holds block r of every expert's FFN dimension F.
+"""Expert placement across N ranks: MoEShard (rank r holds block r of every expert's FFN
+dimension F) and its hybrids with expert parallelism.
+
+With group size g (ShardPlan.group_size, g divides N), the ranks form N / g groups of g
+consecutive ranks; group q = r // g holds a contiguous block of the experts, and rank r holds
+block r % g of g of each of those experts' FFN dimension. g = N is MoEShard (the default: one
+group, every expert); g = 1 is expert parallelism (whole experts, E / N a rank).
 
     tensor          rank r holds              why
     w_in_EDF        [:, :, F_r]  column block  h_r = act(x @ w_in[:, F_r]) needs no other rank
@@ -31,6 +37,7 @@ class ShardPlan:
     "replicated": every rank brings the same tokens (one all-reduce). comm_chunks: how many
     chunks of rows data_parallel moves and computes one after another (Options.comm_chunks).
     overlap: data_parallel's schedule, "none" or "source_rank" (passes/data_parallel.py).
+    group_size: g, the ranks that share an expert (None: world_size, MoEShard).
     """
 
     rank: int
@@ -39,10 +46,25 @@ class ShardPlan:
     input_mode: str = "data_parallel"
     comm_chunks: int = 1
     overlap: str = "none"
+    group_size: int | None = None
+
+    @property
+    def g(self) -> int:
+        return self.world_size if self.group_size is None else self.group_size
+
+    @property
+    def sharded_everywhere(self) -> bool:
+        """Every rank holds a block of every expert (MoEShard): no expert groups."""
+        return self.g == self.world_size
 
     def ffn_block(self, d_ff: int) -> tuple[int, int]:
         """[start, stop) of this rank's block of the FFN dimension."""
-        return ffn_block(d_ff, self.rank, self.world_size)
+        return ffn_block(d_ff, self.rank % self.g, self.g)
+
+    def expert_block(self, num_experts: int, group: int | None = None) -> tuple[int, int]:
+        """[start, stop) of the experts a group holds (default: this rank's group)."""
+        group = self.rank // self.g if group is None else group
+        return ffn_block(num_experts, group, self.world_size // self.g)
 
 
 def ffn_block(d_ff: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -67,29 +89,34 @@ def chain_input_columns(layout: str, block: tuple[int, int], d_ff: int) -> torch
     raise ValueError(f"unknown chain layout {layout!r}")
 
 
-def shard_weights(weights: ExpertWeights, block: tuple[int, int], chain_layout: str | None = None) -> ExpertWeights:
-    """This rank's copy of its block (contiguous, owning its memory: the originals can go).
-    With `chain_layout`, w_in and b_in keep the input columns the copied expert code reads."""
+def shard_weights(weights: ExpertWeights, block: tuple[int, int], chain_layout: str | None = None,
+                  experts: tuple[int, int] | None = None) -> ExpertWeights:
+    """This rank's copy of its block (contiguous, owning its memory: the originals can go) of
+    `experts` [start, stop) (default: all). With `chain_layout`, w_in and b_in keep the input
+    columns the copied expert code reads. b_out stays whole: it is added after the sum, by expert."""
     f = slice(*block)
     f_in = f if chain_layout is None else chain_input_columns(chain_layout, block, weights.w_out_EFD.shape[1])
+    e = slice(*experts) if experts is not None else slice(None)
 
-    def own(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.clone(memory_format=torch.contiguous_format)
+    def own(t: torch.Tensor | None, *index) -> torch.Tensor | None:
+        return None if t is None else t[index].clone(memory_format=torch.contiguous_format)
 
     return ExpertWeights(
-        w_in_EDF=own(weights.w_in_EDF[:, :, f_in]),
-        w_out_EFD=own(weights.w_out_EFD[:, f, :]),
-        w_gate_EDF=None if weights.w_gate_EDF is None else own(weights.w_gate_EDF[:, :, f]),
-        b_in_EF=None if weights.b_in_EF is None else own(weights.b_in_EF[:, f_in]),
-        b_gate_EF=None if weights.b_gate_EF is None else own(weights.b_gate_EF[:, f]),
+        w_in_EDF=own(weights.w_in_EDF, e, slice(None), f_in),
+        w_out_EFD=own(weights.w_out_EFD, e, f, slice(None)),
+        w_gate_EDF=own(weights.w_gate_EDF, e, slice(None), f),
+        b_in_EF=own(weights.b_in_EF, e, f_in),
+        b_gate_EF=own(weights.b_gate_EF, e, f),
         b_out_ED=own(weights.b_out_ED),
     )
 
 
-def sharded(weights: WeightSource, block: tuple[int, int], chain_layout: str | None = None) -> WeightSource:
-    """The same weights, keeping only FFN columns [start, stop) of every expert."""
+def sharded(weights: WeightSource, block: tuple[int, int], chain_layout: str | None = None,
+            experts: tuple[int, int] | None = None) -> WeightSource:
+    """The same weights, keeping only FFN columns [start, stop) of every expert (of `experts`)."""
     full = weights.stack
+    layout = ("ffn_block", *block, chain_layout) + (() if experts is None else ("experts", *experts))
     return WeightSource(
-        weights.inputs, lambda params: shard_weights(full(params), block, chain_layout),
-        (*weights.layout, ("ffn_block", *block, chain_layout)), copies=True,
+        weights.inputs, lambda params: shard_weights(full(params), block, chain_layout, experts),
+        (*weights.layout, layout), copies=True,
     )

@@ -59,6 +59,7 @@ BAD_VALUES = {
     "release_unsharded": ["yes", 1],
     "comm_chunks": [0, -2, 1.5, True, "4", None],
     "overlap": ["ring", None, True, "Source_Rank"],
+    "expert_group_size": [0, -1, True, 1.5, "2", "Auto"],
     "check_inputs": [0, "True"],
     "weight_check": ["sampled", "", True],
     "mode": ["fastest", 3, "Reduce-Overhead"],
