@@ -1,9 +1,11 @@
 """The MoEShard paper's per-MoE-layer comparison (arXiv 2503.08467, Switch-Base) on one GPU: MoEShard
 against DeepSpeed-style capacity expert parallelism and dropless expert parallelism, N ranks simulated.
 
-    python bench/paper.py --measure-peak --sweep headline,skew,experts,batch --budget-s 480 \\
-        --json paper_h100.json --csv paper_h100.csv     # one H100, one call: estimated 2-4 min, not yet run
-    python bench/paper.py --smoke                       # tiny shapes on CPU, seconds
+    python bench/paper.py --measure-peak --sweep headline,experts --budget-s 500 \\
+        --json paper_h100_fitted.json --csv paper_h100_fitted.csv   # one H100; the sweeps with 4-GPU counterparts
+    python bench/paper.py --measure-peak --sweep skew,batch --budget-s 500 \\
+        --json paper_h100_fitted_skew_batch.json                    # the other two sweeps, a second call
+    python bench/paper.py --smoke                       # tiny shapes on CPU, N = 4, seconds
 
 The layer: Switch-Base's expert FFN, y = relu(x @ W_in) @ W_out (d_model 768, d_ff 3072, top-1, no
 biases), E experts, each of N ranks (default 4) bringing its own batch of B sequences x 120 tokens
@@ -15,10 +17,17 @@ is derived from them and run for real; "simulated" marks every figure that model
     moeshard_1rank      measured: one rank does every expert on its own T tokens (sort + the fused expert
                         ops, bench/baselines/expert_computations.py's moeshard_fused: what passes/lower.py emits;
                         --kernel grouped_mm: sort + library grouped matmuls instead, for all systems)
-    moeshard_N          simulated: every rank runs the grouped computation over all N*T gathered rows
-                        on its ceil(F/N) block of every expert (every rank has that shape: run once);
-                        traffic: all-gather of the counts and of the rows, reduce-scatter of the partial
-                        outputs, (N-1)*E*8 + 2*(N-1)*T*K*D*bytes per rank (docs/distributed.md)
+    moeshard_N          simulated, the backend's default schedule (overlap "none"): every rank runs the
+                        grouped computation over all N*T gathered rows on its ceil(F/N) block of every expert
+                        (every rank has that shape: run once); collectives: the rank check before the call
+                        (check_inputs), all-gathers of the counts and of the rows, reduce-scatter of the
+                        partial outputs: (N-1)*(E*8 + 512) + 2*(N-1)*T*K*D*bytes per rank (docs/distributed.md)
+    moeshard_N_overlap  simulated, overlap "source_rank" (passes/data_parallel.py): each rank's T*K rows
+                        sorted by expert through one ceil(F/N) block, timed per source rank (routing differs
+                        per rank; every rank computes every rank's rows once), plus one rank's sort
+                        (before the exchange) and combine (after it); bench/common/schedule.py puts them and
+                        the 2(N-1) pairwise exchanges (all-to-alls of T*K*D*bytes each way) on two streams per
+                        rank; the same bytes as moeshard_N, the expert weights read N times
     ep_capacity_cf50    simulated DeepSpeed top-1 (bench/baselines CapacityExpertParallelMoE): capacity
     ep_capacity_cf1.25  P = deepspeed_capacity(T, E, CF, 4) per expert per source rank, CF = min(E, 50)
                         as in the paper, or 1.25; each rank fills its [E, P, D] dispatch buffer, runs its
@@ -27,47 +36,74 @@ is derived from them and run for real; "simulated" marks every figure that model
                         (N-1)/N of the [E, P, D] buffer each; tokens past capacity are dropped
     ep_dropless         simulated dropless EP (DroplessExpertParallelMoE): each rank runs the grouped
                         computation over exactly the rows routed to its E/N experts from all ranks
-                        (max over ranks); variable all-to-alls of the counts, the rows and back
-Latency = the busiest rank's measured compute + modelled communication, serial (no overlap; the JSON
-also gives max(compute, comm), the bound for overlapping). Communication: every collective phase takes
-max over ranks of max(bytes sent, bytes received) / --bandwidth-gbs (default 450 GB/s per direction:
-NVLink 4 nominal on H100 SXM, 900 GB/s bidirectional; NCCL reaches less, so this is optimistic for
-every system alike); no per-collective latency term.
+                        (max over ranks); variable all-to-alls of the counts, the rows and back, and the
+                        host sync their split sizes need; the placement of moeshard_g{g} at g = 1
+    moeshard_g{g}       simulated hybrid placement, for each g dividing N with 1 < g < N (none for N = 2 or
+                        a prime N; g = N is moeshard_N's placement): N/g groups of g consecutive ranks, group
+                        q holding a contiguous block of experts (as even as possible), each of its ranks an
+                        F/g block of each. Every rank sends its rows of group q's experts to each of q's g
+                        ranks but itself; they compute them on their block and send the partial sums back.
+                        Compute: each group's rows through its experts' ceil(F/g) block, run for real, the
+                        slowest group (under skew the one holding the hot experts). Traffic as the backend's
+                        option expert_group_size = g exchanges it (passes/expert_groups.py): the rank check,
+                        the counts all-gathered, rows and partial sums by variable all-to-alls (the busiest
+                        rank's max(sent, received)), each with the host sync of its split sizes (2 a layer)
 
-Metrics per row: latency_ms (median: triton's do_bench on CUDA, wall clock on CPU, via
-bench/common/timing.py's median_ms), x_floor = latency / floor, floor = 2 matmuls * 2*T*K*D*F FLOPs (one
+Latency: the busiest rank's measured compute + its modelled collectives one after another + host
+syncs, except moeshard_N_overlap's, which is its schedule's (the slowest rank's finish, after the
+rank check). The link model (bench/common/links.py): a collective costs a fixed latency plus the
+busiest rank's max(bytes sent, bytes received) over a bandwidth per kind (all-gather/reduce-scatter,
+all-to-all); a mid-layer host sync a fixed time; all four fitted to the 4-H100 runs
+(bench/calibrate_links.py; docs/results.md). --bandwidth-gbs (both kinds), --collective-latency-ms and
+--host-sync-ms override them (450, 0, 0: NVLink 4 nominal, no fixed costs, an optimistic floor).
+--measured (default: docs/results/paper_4gpu_h100*.json) names bench/paper_ranks.py runs; every
+simulated row whose system was measured there (moeshard_N as moeshard, ep_capacity_*, ep_dropless)
+with the same shapes, N and seed gets the mean measured latency and simulated / measured, printed
+at the end as the "how far off" table.
+
+Metrics per row: latency_ms (compute timed as the median of calls: triton's do_bench on CUDA, wall
+clock on CPU, via bench/common/timing.py's median_ms), compute_ms, comm_ms (the modelled collectives,
+`transfers` lists them with their bytes and ms), host_ms, overlapped_ms (transfer time during which
+computation ran, mean over the ranks, as bench/paper_ranks.py --profile reads it off the GPU; 0 where
+serial) and hidden_fraction = overlapped / comm, perfect_overlap_ms = max(compute, comm) + host (the
+bound for hiding all traffic), x_floor = latency / floor, floor = 2 matmuls * 2*T*K*D*F FLOPs (one
 rank's useful work, the same for every system) / peak (--peak-tflops for bf16, --peak-tflops-fp32 for
 fp32, or --measure-peak: a large matmul per dtype); max_rows and max/mean rows computed over ranks
-(padding included); bytes each rank sends per layer (max over ranks); tokens dropped (all ranks);
-speedups vs ep_capacity_cf50 (the paper's baseline), ep_capacity_cf1.25 and ep_dropless.
+(padding included), rows_per_rank; bytes each rank sends per layer (max over ranks); tokens dropped
+(all ranks); speedups vs ep_capacity_cf50 (the paper's baseline), ep_capacity_cf1.25 and ep_dropless;
+measured_latency_ms and sim_over_measured where --measured has the row.
 
 Sweeps (--sweep, a comma list run in order; a configuration already run is not run again):
     headline (default) E 64, batch 250, fp32 (the paper's) and bf16, skew and uniform
     experts  E 8/16/32/64/128/256, batch 250;  batch  batch 10/100/250/450, E 64;
     skew     uniform/skew/zipf at E 64, batch 250   (experts, batch, skew: fp32 and skew unless
              --dtypes / --routings say otherwise)
-    smoke    (--smoke) D 32, F 64, seq 8, batch 2, N 2, E 4/8, on CPU
+    smoke    (--smoke) D 32, F 64, seq 8, batch 2, N 4 (so moeshard_g2 runs), E 4/8, on CPU, one thread
 A failing system prints its error in its row and the sweep goes on; --json and --csv are rewritten
 after every row; --budget-s stops starting new rows (the rest are listed as not run).
 
 Names carry their shape: N ranks, T tokens per rank, K routing slots per token, S = N*T*K routed rows
-of all ranks, R rows a rank computes, D model dim, F expert FFN dim, H = ceil(F/N) one rank's FFN
-block, E experts, El = E/N experts per rank, P capacity (rows per expert and source rank).
+of all ranks (in moeshard_N_overlap's blocks and combine: one rank's T*K), R rows a rank computes, D
+model dim, F expert FFN dim, H = ceil(F/N) (or ceil(F/g)) one rank's FFN block, E experts, El = E/N
+experts per rank, P capacity (rows per expert and source rank), g ranks per group, Q = N/g groups.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `bench` importable when run as a script
 from bench.baselines.expert_computations import moeshard_fused, sort_grouped_mm  # noqa: E402
 from bench.baselines.expert_parallel import COUNT_BYTES, deepspeed_capacity, rank_within_expert  # noqa: E402
 from bench.baselines.grouped_mm import can_use_native_grouped_mm  # noqa: E402
@@ -75,18 +111,25 @@ from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.common.cli import DTYPES, comma_list, error_cell, github_table, parse_with_smoke  # noqa: E402
 from bench.common.environment import environment, environment_line, recorded_config, write_json  # noqa: E402
 from bench.common.floor import (  # noqa: E402
-    DEFAULT_PEAK_TFLOPS, DEFAULT_PEAK_TFLOPS_FP32, NVLINK4_GBS, expert_flops, floor_ms, measure_peak_tflops,
-    transfer_ms,
+    DEFAULT_PEAK_TFLOPS, DEFAULT_PEAK_TFLOPS_FP32, expert_flops, floor_ms, measure_peak_tflops,
 )
+from bench.common.links import ALL_TO_ALL, GATHER, H100_NVLINK, LinkModel, Transfer  # noqa: E402
+from bench.common.schedule import source_rank_schedule  # noqa: E402
 from bench.common.timing import median_ms  # noqa: E402
+from moeshard_compile.distributed import _SIGNATURE_LEN  # noqa: E402
 from moeshard_compile.kernels.ops import use_triton  # noqa: E402
 
-SYSTEMS = ("moeshard_1rank", "moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
-SIMULATED = {"moeshard_N", "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless"}
+FIXED_SYSTEMS = ("moeshard_1rank", "moeshard_N", "moeshard_N_overlap", "ep_capacity_cf50", "ep_capacity_cf1.25",
+                 "ep_dropless")
+HYBRID = "moeshard_g"  # moeshard_g{g}: experts sharded over groups of g ranks (placement), 1 < g < N
 BASELINES = {"vs_cf50": "ep_capacity_cf50", "vs_cf1.25": "ep_capacity_cf1.25", "vs_dropless": "ep_dropless"}
+MEASURED_AS = {"moeshard_N": "moeshard", "ep_capacity_cf50": "ep_capacity_cf50",  # bench/paper_ranks.py's name
+               "ep_capacity_cf1.25": "ep_capacity_cf1.25", "ep_dropless": "ep_dropless"}
+MEASURED = (ROOT / "docs/results/paper_4gpu_h100.json", ROOT / "docs/results/paper_4gpu_h100_chunks.json")
 TOP_K = 1  # Switch is top-1 (DeepSpeed's capacity layer is top-1 only)
 MIN_CAPACITY = 4  # DeepSpeed's default min_capacity
 PAPER_CF_CAP = 50  # the paper's DeepSpeed baseline: capacity factor min(E, 50)
+CHECK_ROW_BYTES = _SIGNATURE_LEN * 8  # the backend's rank check before each call: one int64 row per rank
 SWEEPS = {  # name: (experts, batches, default dtypes, default routings)
     "headline": ([64], [250], ["float32", "bfloat16"], ["skew", "uniform"]),
     "experts": ([8, 16, 32, 64, 128, 256], [250], ["float32"], ["skew"]),
@@ -95,10 +138,26 @@ SWEEPS = {  # name: (experts, batches, default dtypes, default routings)
     "smoke": ([4, 8], [2], ["float32", "bfloat16"], ["skew", "zipf"]),  # every routing code path, both dtypes
 }
 ROUTINGS = SWEEPS["skew"][3]  # every routing a sweep can use
-SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, ranks=2, warmup_ms=2.0, rep_ms=10.0)
+SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, ranks=4, warmup_ms=2.0, rep_ms=10.0, threads=1)
 CSV_FIELDS = ("config", "system", "figure", "E", "batch", "T", "dtype", "routing", "N", "latency_ms", "compute_ms",
-              "comm_ms", "overlapped_ms", "floor_ms", "x_floor", "max_rows", "mean_rows", "rows_max_over_mean",
-              "bytes_per_rank", "dropped", "dropped_pct", "capacity", *BASELINES, "path", "error")
+              "comm_ms", "host_ms", "overlapped_ms", "hidden_fraction", "perfect_overlap_ms", "floor_ms", "x_floor",
+              "max_rows", "mean_rows", "rows_max_over_mean", "bytes_per_rank", "dropped", "dropped_pct", "capacity",
+              *BASELINES, "measured_latency_ms", "sim_over_measured", "path", "error")
+
+
+def hybrid_group_sizes(N: int) -> list[int]:
+    """The g of the hybrid placements for N ranks: every divisor with 1 < g < N (g = 1 is
+    ep_dropless's placement, g = N moeshard_N's); none for N = 2 or a prime N."""
+    return [g for g in range(2, N) if N % g == 0]
+
+
+def systems_for(N: int) -> tuple[str, ...]:
+    """Every system bench/paper.py runs for N ranks, in run order."""
+    return (*FIXED_SYSTEMS, *(f"{HYBRID}{g}" for g in hybrid_group_sizes(N)))
+
+
+def is_simulated(system: str) -> bool:
+    return system != "moeshard_1rank"
 
 
 @dataclass(frozen=True)
@@ -145,10 +204,21 @@ class Outcome:
     compute_ms: float
     rows_N: list[int]  # rows each rank multiplied, padding included
     bytes_per_rank: int  # the most bytes one rank sends per layer
-    comm_ms: float  # modelled, serial sum over the collective phases
+    transfers: list[Transfer]  # its collectives, in order
     path: str
+    host_syncs: int = 0  # device-to-host syncs in the middle of the layer
     dropped: int = 0
     capacity: int | None = None
+    overlapped: Overlapped | None = None  # set where transfers run under the computation (else serial)
+
+
+@dataclass
+class Overlapped:
+    """A layer whose transfers run beside its computation: when the last rank finishes, and how much
+    transfer time ran while computation did (mean over the ranks)."""
+
+    latency_ms: float
+    hidden_ms: float
 
 
 Runner = Callable[[Problem, argparse.Namespace, torch.device], Outcome]  # one system: its Outcome on a Problem
@@ -156,17 +226,27 @@ Runner = Callable[[Problem, argparse.Namespace, torch.device], Outcome]  # one s
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_args(parser, SYSTEMS)
+    add_config_args(parser, (*FIXED_SYSTEMS, f"{HYBRID}<g>"))
+    parser.set_defaults(systems=None)  # every system for --ranks, known once parsed
     parser.add_argument("--kernel", choices=("fused", "grouped_mm"), default="fused",
                         help="grouped computation of moeshard_* and ep_dropless: the fused moeshard ops (what "
                              "passes/lower.py emits; Triton on CUDA) or sort + moeshard_bench::grouped_mm")
-    parser.add_argument("--ranks", type=int, default=4, help="N, the simulated ranks")
+    parser.add_argument("--ranks", type=int, default=4, help="N, the simulated ranks (2 or more)")
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--d-ff", type=int, default=3072)
     parser.add_argument("--seq", type=int, default=120, help="tokens per sequence")
-    parser.add_argument("--bandwidth-gbs", type=float, default=NVLINK4_GBS,
-                        help="per-direction link bandwidth for the modelled collectives (default: NVLink 4 nominal)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="one per-direction bandwidth for every collective (default: the fitted per-kind ones, "
+                             "bench/common/links.py)")
+    parser.add_argument("--collective-latency-ms", type=float, default=None,
+                        help="fixed cost per collective (default: fitted, bench/common/links.py)")
+    parser.add_argument("--host-sync-ms", type=float, default=None,
+                        help="cost of a mid-layer device-to-host sync (default: fitted, bench/common/links.py)")
+    parser.add_argument("--measured", default=",".join(str(path) for path in MEASURED),
+                        help="comma list of bench/paper_ranks.py JSONs to compare the simulated rows with "
+                             "('' for none)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     parser.add_argument("--warmup-ms", type=float, default=25.0)
     parser.add_argument("--rep-ms", type=float, default=100.0)
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no new row after this many s (0: none)")
@@ -177,9 +257,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="every row, rewritten after each")
     parser.add_argument("--csv", type=Path, default=None, help="every row, rewritten after each")
-    args = parse_with_smoke(parser, argv, SMOKE, description="every system")
-    split_config_lists(parser, args, SYSTEMS)
+    args = parse_with_smoke(parser, argv, SMOKE, description="every system, N = 4")
+    if args.ranks < 2:
+        parser.error("--ranks must be 2 or more (moeshard_1rank is the one-rank row)")
+    systems = systems_for(args.ranks)
+    args.systems = args.systems or ",".join(systems)
+    split_config_lists(parser, args, systems)
+    args.measured = [Path(path) for path in args.measured.split(",") if path]
+    for path in args.measured:
+        if not path.is_file():
+            parser.error(f"--measured: no file {path}")
     return args
+
+
+def link_model(args: argparse.Namespace) -> LinkModel:
+    """The fitted link model (bench/common/links.py), less what the options override."""
+    overrides = {"latency_ms": args.collective_latency_ms, "host_sync_ms": args.host_sync_ms,
+                 "gather_gbs": args.bandwidth_gbs, "all_to_all_gbs": args.bandwidth_gbs}
+    return replace(H100_NVLINK, **{key: value for key, value in overrides.items() if value is not None})
 
 
 def add_config_args(parser: argparse.ArgumentParser, systems: tuple[str, ...]) -> None:
@@ -248,9 +343,36 @@ def timed_ms(fn: Callable[[], object], device: torch.device, args: argparse.Name
     return median_ms(fn, device, args.warmup_ms, args.rep_ms)
 
 
-def phases_ms(phase_bytes: list[int], args: argparse.Namespace) -> float:
-    """Collective phases one after another, each the busiest rank's bytes over the link bandwidth."""
-    return transfer_ms(sum(phase_bytes), args.bandwidth_gbs)
+def moeshard_transfers(N: int, E: int, rows_per_rank: int, row_bytes: int) -> list[Transfer]:
+    """moeshard_N's collectives (overlap "none", docs/distributed.md): the rank check before the
+    call, the counts and the rows all-gathered, the partial sums reduce-scattered."""
+    return [Transfer("rank check", GATHER, (N - 1) * CHECK_ROW_BYTES),
+            Transfer("counts", GATHER, (N - 1) * E * COUNT_BYTES),
+            Transfer("rows", GATHER, (N - 1) * rows_per_rank * row_bytes),
+            Transfer("partial sums", GATHER, (N - 1) * rows_per_rank * row_bytes)]
+
+
+def capacity_transfers(N: int, El: int, P: int, row_bytes: int) -> list[Transfer]:
+    """DeepSpeed's two equal-split all-to-alls: (N-1)/N of each rank's [E, P, D] buffer, each way."""
+    phase_bytes = (N - 1) * El * P * row_bytes
+    return [Transfer("dispatch", ALL_TO_ALL, phase_bytes), Transfer("combine", ALL_TO_ALL, phase_bytes)]
+
+
+def variable_all_to_all_transfers(counts_bytes: int, rows_bytes: int) -> list[Transfer]:
+    """DroplessExpertParallelMoE's exchange: the counts, then the rows and their outputs back (the
+    busiest rank's bytes each way, the combine mirroring the dispatch); one host sync between, for
+    the split sizes of both."""
+    return [Transfer("counts", ALL_TO_ALL, counts_bytes), Transfer("rows", ALL_TO_ALL, rows_bytes),
+            Transfer("outputs back", ALL_TO_ALL, rows_bytes)]
+
+
+def expert_group_transfers(N: int, E: int, rows_bytes: int) -> list[Transfer]:
+    """The backend's expert-group exchange (option expert_group_size, passes/expert_groups.py): the
+    rank check, the counts all-gathered, the rows and the partial sums back by variable all-to-alls,
+    each of which reads its split sizes on the host (moeshard_compile/exchange.py: 2 host syncs)."""
+    return [Transfer("rank check", GATHER, (N - 1) * CHECK_ROW_BYTES),
+            Transfer("counts", GATHER, (N - 1) * E * COUNT_BYTES), Transfer("rows", ALL_TO_ALL, rows_bytes),
+            Transfer("partial sums", ALL_TO_ALL, rows_bytes)]
 
 
 def moeshard_1rank(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
@@ -258,20 +380,90 @@ def moeshard_1rank(p: Problem, args: argparse.Namespace, device: torch.device) -
     fn, path = grouped_ffn(args.kernel)
     x_TD, ids_TK, weight_TK = p.x_NTD[0], p.ids_NTK[0], p.weight_NTK[0]
     ms = timed_ms(lambda: fn(x_TD, ids_TK, weight_TK, p.w_in_EDF, p.w_out_EFD), device, args)
-    return Outcome(ms, [p.T * TOP_K], 0, 0.0, path(x_TD, p.w_in_EDF))
+    return Outcome(ms, [p.T * TOP_K], 0, [], path(x_TD, p.w_in_EDF))
+
+
+def ffn_block(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_in_EDH, w_out_EHD: rank 0's block of every expert, the largest (H = ceil(F/N) columns)."""
+    H = -(-p.w_in_EDF.shape[2] // p.N)
+    return p.w_in_EDF[:, :, :H].contiguous(), p.w_out_EFD[:, :H].contiguous()
 
 
 def moeshard_n(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
-    """Rank 0's block (the largest: ceil(F/N)) of every expert over all N*T gathered rows; equal on every rank."""
+    """Rank 0's block of every expert over all N*T gathered rows; equal on every rank."""
     fn, path = grouped_ffn(args.kernel)
-    N, E, F = p.N, p.w_in_EDF.shape[0], p.w_in_EDF.shape[2]
-    H = -(-F // N)
-    w_in_EDH, w_out_EHD = p.w_in_EDF[:, :, :H].contiguous(), p.w_out_EFD[:, :H].contiguous()
+    w_in_EDH, w_out_EHD = ffn_block(p)
     x_RD, ids_RK, weight_RK = p.gathered()
     ms = timed_ms(lambda: fn(x_RD, ids_RK, weight_RK, w_in_EDH, w_out_EHD), device, args)
-    row_bytes = x_RD.shape[1] * x_RD.element_size()
-    phases = [(N - 1) * E * COUNT_BYTES, (N - 1) * p.T * TOP_K * row_bytes, (N - 1) * p.T * TOP_K * row_bytes]
-    return Outcome(ms, [N * p.T * TOP_K] * N, sum(phases), phases_ms(phases, args), path(x_RD, w_in_EDH))
+    transfers = moeshard_transfers(p.N, p.w_in_EDF.shape[0], p.T * TOP_K, x_RD.shape[1] * x_RD.element_size())
+    return Outcome(ms, [p.N * p.T * TOP_K] * p.N, sum(t.bytes for t in transfers), transfers, path(x_RD, w_in_EDH))
+
+
+def sorted_rows(x_TD, ids_TK, weight_TK, E: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_SD, offs_E, token_S, weight_sorted_S: one rank's S = T*K rows sorted by expert, as
+    passes/lower.py sorts them before the exchange (group_by_expert, then index_select)."""
+    _, token_S, weight_sorted_S, _, offs_E = torch.ops.moeshard.group_by_expert(
+        ids_TK.reshape(-1), weight_TK.reshape(-1), E, ids_TK.shape[1])
+    return x_TD.index_select(0, token_S), offs_E, token_S, weight_sorted_S
+
+
+def expert_block(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """part_SD = block(x_SD, offs_E, w_in_EDH, w_out_EHD): rows already sorted by expert through an
+    FFN block, no gather, no scale (passes/data_parallel.py's block); --kernel's ops."""
+    if kernel == "fused":
+        def fused(x_SD, offs_E, w_in_EDH, w_out_EHD):
+            row_S = torch.arange(x_SD.shape[0], device=x_SD.device)
+            h_SH = torch.ops.moeshard.gather_grouped_ffn_in(x_SD, row_S, offs_E, w_in_EDH, None, None, None, "relu")
+            return torch.ops.moeshard.grouped_ffn_out_scatter(h_SH, offs_E, w_out_EHD, None, row_S, None)
+
+        return fused
+
+    def grouped(x_SD, offs_E, w_in_EDH, w_out_EHD):
+        mm = torch._grouped_mm if can_use_native_grouped_mm(x_SD, w_in_EDH) else torch.ops.moeshard_bench.grouped_mm
+        offs_E = offs_E.to(torch.int32)
+        return mm(torch.relu(mm(x_SD, w_in_EDH, offs_E)), w_out_EHD, offs_E)
+
+    return grouped
+
+
+def combine(parts_SD: list[torch.Tensor], token_S, weight_sorted_S, T: int) -> torch.Tensor:
+    """out_TD: the N partial sums of a rank's rows added, scaled by the routing weights, summed into
+    token order (passes/data_parallel.py's combine)."""
+    y_SD = parts_SD[0]
+    for part_SD in parts_SD[1:]:
+        y_SD = y_SD + part_SD
+    weight_S1 = weight_sorted_S[:, None]
+    scaled_SD = torch.where(weight_S1 != 0, y_SD * weight_S1, 0.0)
+    return scaled_SD.new_zeros(T, scaled_SD.shape[1]).index_add(0, token_S, scaled_SD)
+
+
+def moeshard_n_overlap(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
+    """overlap="source_rank": each rank's S sorted rows through rank 0's block, timed per source rank
+    (the routing differs per rank; every rank computes every rank's rows once, so these N times are
+    every rank's blocks), rank 0's sort and combine, put on two streams by bench/common/schedule.py."""
+    N, E, D = p.N, p.w_in_EDF.shape[0], p.x_NTD.shape[2]
+    block, link = expert_block(args.kernel), link_model(args)
+    w_in_EDH, w_out_EHD = ffn_block(p)
+    sorted_N = [sorted_rows(p.x_NTD[n], p.ids_NTK[n], p.weight_NTK[n], E) for n in range(N)]
+    block_ms_N = [timed_ms(lambda x_SD=x_SD, offs_E=offs_E: block(x_SD, offs_E, w_in_EDH, w_out_EHD), device, args)
+                  for x_SD, offs_E, _, _ in sorted_N]
+    prologue_ms = timed_ms(lambda: sorted_rows(p.x_NTD[0], p.ids_NTK[0], p.weight_NTK[0], E), device, args)
+    _, _, token_S, weight_sorted_S = sorted_N[0]
+    parts_SD = [block(x_SD, offs_E, w_in_EDH, w_out_EHD) for x_SD, offs_E, _, _ in sorted_N]
+    epilogue_ms = timed_ms(lambda: combine(parts_SD, token_S, weight_sorted_S, p.T), device, args)
+
+    check, counts, rows, _ = moeshard_transfers(N, E, p.T * TOP_K, D * p.x_NTD.element_size())
+    step_bytes = rows.bytes // (N - 1)  # one step moves one rank's S rows (or their partial sums) each way
+    steps = [Transfer(f"{way} {j}", ALL_TO_ALL, step_bytes) for way in ("rows", "partial sums") for j in range(1, N)]
+    timelines = source_rank_schedule(prologue_ms, block_ms_N, epilogue_ms, link.transfer_ms(counts),
+                                     link.transfer_ms(steps[0]))
+    check_ms = link.transfer_ms(check)  # before the call, nothing beside it
+    overlapped = Overlapped(check_ms + max(t.finish_ms for t in timelines),
+                            statistics.mean(t.hidden_ms for t in timelines))
+    transfers = [check, counts, *steps]
+    return Outcome(prologue_ms + sum(block_ms_N) + epilogue_ms, [N * p.T * TOP_K] * N, sum(t.bytes for t in transfers),
+                   transfers, f"source-rank schedule, {N} blocks of S rows; " + grouped_ffn(args.kernel)[1](
+                       p.x_NTD[0], w_in_EDH), overlapped=overlapped)
 
 
 def experts_per_rank(p: Problem) -> int:
@@ -292,8 +484,8 @@ def ep_capacity(capacity_factor: Callable[[int], float]) -> Runner:
         slot_NT = torch.stack([rank_within_expert(ids_T, E) for ids_T in ids_NT])  # DeepSpeed's "position" policy
         kept_NT = slot_NT < P
         times_ms = [timed_ms(_capacity_rank(p, r, El, P, ids_NT, slot_NT, kept_NT), device, args) for r in range(N)]
-        phase_bytes = (N - 1) * El * P * D * p.x_NTD.element_size()
-        return Outcome(max(times_ms), [E * P] * N, 2 * phase_bytes, phases_ms([phase_bytes] * 2, args), "torch.bmm",
+        transfers = capacity_transfers(N, El, P, D * p.x_NTD.element_size())
+        return Outcome(max(times_ms), [E * P] * N, sum(t.bytes for t in transfers), transfers, "torch.bmm",
                        dropped=int((~kept_NT).sum()), capacity=P)
 
     return run
@@ -322,54 +514,107 @@ def _capacity_rank(p: Problem, r: int, El: int, P: int, ids_NT, slot_NT, kept_NT
     return work
 
 
-def ep_dropless(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
-    """Each rank's grouped computation over the rows routed to its El experts from all ranks; max over ranks."""
-    fn, path = grouped_ffn(args.kernel)
-    N, T, D, El = p.N, p.T, p.w_in_EDF.shape[1], experts_per_rank(p)
-    ids_S, weight_S = p.ids_NTK.reshape(-1), p.weight_NTK.reshape(-1)  # S = N*T*K routed rows of all ranks
-    owner_S = ids_S // El  # the rank holding each slot's expert
-    source_S = torch.arange(ids_S.numel(), device=ids_S.device) // (T * TOP_K)
-    times_ms, rows_N = [], []
-    for r in range(N):
-        mine_S = owner_S == r
-        x_RD = p.x_NTD.flatten(0, 1)[mine_S.nonzero()[:, 0] // TOP_K]  # R rows received, in source-rank order
-        ids_R1, weight_R1 = (ids_S[mine_S] - r * El)[:, None], weight_S[mine_S][:, None]
-        w_in_EDF, w_out_EFD = p.w_in_EDF[r * El:(r + 1) * El], p.w_out_EFD[r * El:(r + 1) * El]
-        times_ms.append(timed_ms(lambda: fn(x_RD, ids_R1, weight_R1, w_in_EDF, w_out_EFD), device, args))
-        rows_N.append(x_RD.shape[0])
-    offrank_S = owner_S != source_S
-    sent_N = torch.bincount(source_S[offrank_S], minlength=N)  # dispatch; the combine sends back what came in
-    received_N = torch.bincount(owner_S[offrank_S], minlength=N)
-    row_bytes = D * p.x_NTD.element_size()
-    phases = [(N - 1) * El * COUNT_BYTES] + [int(torch.maximum(sent_N, received_N).max()) * row_bytes] * 2
-    bytes_per_rank = (N - 1) * El * COUNT_BYTES + int((sent_N + received_N).max()) * row_bytes
-    return Outcome(max(times_ms), rows_N, bytes_per_rank, phases_ms(phases, args), path(p.x_NTD[0], p.w_in_EDF))
+def expert_groups(E: int, groups: int) -> list[range]:
+    """The experts of each group: contiguous blocks, as even as possible (the first E mod groups
+    one larger)."""
+    base, extra = divmod(E, groups)
+    starts = [q * base + min(q, extra) for q in range(groups + 1)]
+    return [range(starts[q], starts[q + 1]) for q in range(groups)]
+
+
+def placement_traffic(rows_NQ: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sent_N, received_N): what each rank sends and receives in the dispatch when rank n sends its
+    rows_NQ[n, q] rows of group q's experts to each of group q's g ranks (ranks q*g .. q*g+g-1) but
+    itself; the combine sends as much back the other way. g = 1: dropless expert parallelism's
+    off-rank rows; g = N: every rank's rows to every other rank, moeshard_N's."""
+    N, Q = rows_NQ.shape
+    group_N = torch.arange(N, device=rows_NQ.device) // g
+    member_NQ = group_N[:, None] == torch.arange(Q, device=rows_NQ.device)[None, :]
+    sent_N = (rows_NQ * (g - member_NQ.to(rows_NQ.dtype))).sum(1)
+    received_N = rows_NQ[:, group_N].sum(0) - rows_NQ[torch.arange(N, device=rows_NQ.device), group_N]
+    return sent_N, received_N
+
+
+def placement(g: int) -> Runner:
+    """Experts in N/g groups of g consecutive ranks, group q holding a contiguous block of experts,
+    each of its ranks an F/g block of each. Each group's rows from all ranks through its experts'
+    largest F/g block, run for real, the slowest group taken; traffic: placement_traffic, exchanged
+    as the dropless baseline does (g = 1, ep_dropless) or the backend's expert groups (g > 1)."""
+
+    def run(p: Problem, args: argparse.Namespace, device: torch.device) -> Outcome:
+        fn, path = grouped_ffn(args.kernel)
+        N, T, (E, D, F) = p.N, p.T, p.w_in_EDF.shape
+        if g == 1:
+            experts_per_rank(p)  # as the dropless baseline (DroplessExpertParallelMoE) splits them
+        Q, Hg = N // g, -(-F // g)
+        groups = expert_groups(E, Q)
+        if any(len(experts) == 0 for experts in groups):
+            raise ValueError(f"{E} experts cannot fill {Q} groups of {g} ranks")
+        ids_S, weight_S = p.ids_NTK.reshape(-1), p.weight_NTK.reshape(-1)  # S = N*T*K routed rows of all ranks
+        group_E = torch.repeat_interleave(torch.arange(Q, device=ids_S.device),
+                                          torch.tensor([len(experts) for experts in groups], device=ids_S.device))
+        group_S, source_S = group_E[ids_S], torch.arange(ids_S.numel(), device=ids_S.device) // (T * TOP_K)
+        times_ms, rows_Q = [], []
+        for q, experts in enumerate(groups):
+            mine_S = group_S == q
+            x_RD = p.x_NTD.flatten(0, 1)[mine_S.nonzero()[:, 0] // TOP_K]  # R rows received, in source-rank order
+            ids_R1, weight_R1 = (ids_S[mine_S] - experts.start)[:, None], weight_S[mine_S][:, None]
+            w_in_EDH = p.w_in_EDF[experts.start:experts.stop, :, :Hg].contiguous()
+            w_out_EHD = p.w_out_EFD[experts.start:experts.stop, :Hg].contiguous()
+            times_ms.append(timed_ms(lambda: fn(x_RD, ids_R1, weight_R1, w_in_EDH, w_out_EHD), device, args))
+            rows_Q.append(x_RD.shape[0])
+        rows_NQ = torch.bincount(source_S * Q + group_S, minlength=N * Q).view(N, Q)
+        sent_N, received_N = placement_traffic(rows_NQ, g)
+        row_bytes = D * p.x_NTD.element_size()
+        rows_bytes = int(torch.maximum(sent_N, received_N).max()) * row_bytes
+        if g == 1:
+            transfers, host_syncs = variable_all_to_all_transfers((N - 1) * (E // N) * COUNT_BYTES, rows_bytes), 1
+        else:
+            transfers, host_syncs = expert_group_transfers(N, E, rows_bytes), 2
+        bytes_per_rank = sum(t.bytes for t in transfers[:-2]) + int((sent_N + received_N).max()) * row_bytes
+        return Outcome(max(times_ms), [rows_Q[n // g] for n in range(N)], bytes_per_rank, transfers,
+                       path(p.x_NTD[0], p.w_in_EDF), host_syncs=host_syncs)
+
+    return run
 
 
 RUNNERS: dict[str, Runner] = {
-    "moeshard_1rank": moeshard_1rank, "moeshard_N": moeshard_n,
+    "moeshard_1rank": moeshard_1rank, "moeshard_N": moeshard_n, "moeshard_N_overlap": moeshard_n_overlap,
     "ep_capacity_cf50": ep_capacity(lambda E: min(E, PAPER_CF_CAP)), "ep_capacity_cf1.25": ep_capacity(lambda E: 1.25),
-    "ep_dropless": ep_dropless,
+    "ep_dropless": placement(1),
 }
+
+
+def runner(system: str) -> Runner:
+    """A fixed system's runner, or moeshard_g{g}'s placement."""
+    return RUNNERS[system] if system in RUNNERS else placement(int(system.removeprefix(HYBRID)))
 
 
 def run_system(system: str, p: Problem, args: argparse.Namespace, device: torch.device, floor_ms: float) -> dict:
     """One system's row; its error, if any, becomes the row's `error` and the sweep goes on."""
-    row: dict = {"system": system, "figure": "simulated" if system in SIMULATED else "measured",
-                 "simulated": system in SIMULATED, "N": p.N if system in SIMULATED else 1, "error": None}
+    simulated = is_simulated(system)
+    row: dict = {"system": system, "figure": "simulated" if simulated else "measured", "simulated": simulated,
+                 "N": p.N if simulated else 1, "error": None}
     try:
-        out = RUNNERS[system](p, args, device)
+        out = runner(system)(p, args, device)
     except Exception as error:  # out of memory, a shape a system refuses: report it, keep going
         row["error"] = error_cell(error)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return row
-    latency_ms = out.compute_ms + out.comm_ms
+    link = link_model(args)
+    comm_ms, host_ms = link.serial_ms(out.transfers), out.host_syncs * link.host_sync_ms
+    if out.overlapped:
+        latency_ms, overlapped_ms = out.overlapped.latency_ms, out.overlapped.hidden_ms
+    else:
+        latency_ms, overlapped_ms = out.compute_ms + comm_ms + host_ms, 0.0
     mean_rows = sum(out.rows_N) / len(out.rows_N)
-    return {**row, "latency_ms": latency_ms, "compute_ms": out.compute_ms, "comm_ms": out.comm_ms,
-            "overlapped_ms": max(out.compute_ms, out.comm_ms), "x_floor": latency_ms / floor_ms,
+    return {**row, "latency_ms": latency_ms, "compute_ms": out.compute_ms, "comm_ms": comm_ms, "host_ms": host_ms,
+            "overlapped_ms": overlapped_ms, "hidden_fraction": overlapped_ms / comm_ms if comm_ms else None,
+            "perfect_overlap_ms": max(out.compute_ms, comm_ms) + host_ms, "x_floor": latency_ms / floor_ms,
             "max_rows": max(out.rows_N), "mean_rows": mean_rows, "rows_max_over_mean": max(out.rows_N) / mean_rows,
-            "bytes_per_rank": out.bytes_per_rank, "dropped": out.dropped,
+            "rows_per_rank": out.rows_N, "bytes_per_rank": out.bytes_per_rank, "host_syncs": out.host_syncs,
+            "transfers": [{**asdict(t), "ms": link.transfer_ms(t)} for t in out.transfers], "dropped": out.dropped,
             "dropped_pct": 100 * out.dropped / (p.N * p.T * TOP_K), "capacity": out.capacity, "path": out.path}
 
 
@@ -383,16 +628,19 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 TABLE = (("system", ""), ("figure", ""), ("latency_ms", ".4g"), ("compute_ms", ".4g"), ("comm_ms", ".4g"),
-         ("x_floor", ".3g"), ("max_rows", ""), ("rows_max_over_mean", ".3g"), ("bytes_per_rank", ".4g"),
-         ("dropped", ""), ("vs_cf50", ".3g"), ("vs_cf1.25", ".3g"), ("vs_dropless", ".3g"), ("error", ""), ("path", ""))
+         ("host_ms", ".3g"), ("overlapped_ms", ".3g"), ("x_floor", ".3g"), ("max_rows", ""),
+         ("rows_max_over_mean", ".3g"), ("bytes_per_rank", ".4g"), ("dropped", ""), ("vs_cf50", ".3g"),
+         ("vs_cf1.25", ".3g"), ("vs_dropless", ".3g"), ("sim_over_measured", ".3g"), ("error", ""), ("path", ""))
 SUMMARY = ("config", "system", "figure", "latency_ms", "x_floor", "dropped", "vs_cf50", "vs_cf1.25", "vs_dropless",
            "error")
+HOW_FAR = (("config", ""), ("system", ""), ("latency_ms", ".4g"), ("compute_ms", ".4g"), ("comm_ms", ".4g"),
+           ("host_ms", ".3g"), ("measured_latency_ms", ".4g"), ("measured_runs", ""), ("sim_over_measured", ".3g"))
+FORMATS = dict(TABLE + HOW_FAR)
 
 
 def table(rows: list[dict], columns: tuple[str, ...] = tuple(name for name, _ in TABLE)) -> str:
     """A github table of rows in the given columns."""
-    formats = dict(TABLE)
-    return github_table(rows, columns, floatfmt=[formats.get(c, "") for c in columns])
+    return github_table(rows, columns, floatfmt=[FORMATS.get(c, "") for c in columns])
 
 
 def peaks(args: argparse.Namespace, dtypes: list[str], device: torch.device) -> dict[str, tuple[float, str]]:
@@ -403,6 +651,31 @@ def peaks(args: argparse.Namespace, dtypes: list[str], device: torch.device) -> 
     given = {"bfloat16": (args.peak_tflops, "--peak-tflops (default: H100 bf16, measured)"),
              "float32": (args.peak_tflops_fp32, "--peak-tflops-fp32 (default: H100 SXM datasheet, no TF32)")}
     return {d: given.get(d, (args.peak_tflops, "--peak-tflops")) for d in dtypes}
+
+
+def measured_latencies(args: argparse.Namespace) -> dict[tuple[str, str], list[float]]:
+    """(config, system) -> the latencies bench/paper_ranks.py measured for the same shapes, rank
+    count and seed in the --measured files, keyed by this script's system name."""
+    ours = {measured: system for system, measured in MEASURED_AS.items()}
+    found: dict[tuple[str, str], list[float]] = {}
+    for path in args.measured:
+        result = json.loads(path.read_text())
+        setup = result["config"]
+        same = (result["world_size"], setup["d_model"], setup["d_ff"], setup["seq"], setup["seed"]) == (
+            args.ranks, args.d_model, args.d_ff, args.seq, args.seed)
+        for row in result["rows"] if same else []:
+            if row.get("latency_ms") and row["system"] in ours:
+                found.setdefault((row["config"], ours[row["system"]]), []).append(row["latency_ms"])
+    return found
+
+
+def add_measured(row: dict, measured: dict[tuple[str, str], list[float]]) -> None:
+    """The row's measured counterpart (mean over the runs found) and simulated / measured latency."""
+    latencies = measured.get((row["config"], row["system"]))
+    if latencies and row.get("latency_ms"):
+        row["measured_latency_ms"] = statistics.mean(latencies)
+        row["measured_runs"] = len(latencies)
+        row["sim_over_measured"] = row["latency_ms"] / row["measured_latency_ms"]
 
 
 class Progress:
@@ -424,17 +697,26 @@ def main(argv: list[str]) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # a run cut short still shows every finished row
     started = time.perf_counter()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # --smoke: one; tiny CPU matmuls on more only wait on each other
     plan = configs(args)
     env = environment(device)
     print(environment_line(env))
     peak = peaks(args, sorted({config.dtype for config, _ in plan}), device)
     for dtype, (tflops, source) in peak.items():
         print(f"peak {dtype}: {tflops:.4g} TFLOP/s ({source})")
+    link = link_model(args)
+    measured = measured_latencies(args)
     print(f"Switch-Base expert FFN: D={args.d_model} F={args.d_ff} K={TOP_K} relu, {args.seq} tokens/sequence, "
-          f"N={args.ranks} ranks | communication modelled at {args.bandwidth_gbs:g} GB/s per direction, serial | "
-          f"kernel {args.kernel} | sweeps {','.join(args.sweep)}: {len(plan)} configurations | "
+          f"N={args.ranks} ranks | kernel {args.kernel} | sweeps {','.join(args.sweep)}: {len(plan)} configurations | "
           f"budget {args.budget_s:g} s\n'simulated' rows: each rank's work run on this one device, max over ranks, "
-          f"plus modelled communication; 'measured': one real rank, no communication.")
+          f"plus modelled communication; 'measured': one real rank, no communication.\nlink model "
+          f"(bench/common/links.py, fitted to 4 H100s unless overridden): {link}; serial except moeshard_N_overlap's "
+          f"two streams (bench/common/schedule.py) | measured counterparts: {len(measured)} rows from "
+          f"{', '.join(str(path) for path in args.measured) or 'no file'}")
+    if not hybrid_group_sizes(args.ranks):
+        print(f"N={args.ranks}: no hybrid placement (no g with 1 < g < N divides N): ep_dropless is g = 1, "
+              f"moeshard_N g = N")
 
     rows: list[dict] = []
     not_run: list[str] = []
@@ -446,9 +728,9 @@ def main(argv: list[str]) -> None:
             write_json(args.json, {
                 "environment": env, "config": recorded_config(args),
                 "peaks": {d: {"tflops": t, "source": s} for d, (t, s) in peak.items()},
-                "bandwidth_gbs": args.bandwidth_gbs, "bandwidth_source": "--bandwidth-gbs" if
-                args.bandwidth_gbs != NVLINK4_GBS else "default: NVLink 4 nominal per direction (not measured)",
-                "rows": rows, "not_run": not_run})
+                "link_model": asdict(link), "link_source": "bench/common/links.py H100_NVLINK" + (
+                    "" if link == H100_NVLINK else ", overridden by the options"),
+                "measured_files": [str(path) for path in args.measured], "rows": rows, "not_run": not_run})
         if args.csv:
             with args.csv.open("w", newline="") as file:
                 writer = csv.DictWriter(file, CSV_FIELDS, extrasaction="ignore")
@@ -477,7 +759,8 @@ def main(argv: list[str]) -> None:
                     continue
                 row = {**base, "busiest_expert_load": busiest}
                 row.update(run_system(system, problem, args, device, layer_floor_ms) if problem else
-                           {"system": system, "figure": "simulated" if system in SIMULATED else "measured"})
+                           {"system": system, "figure": "simulated" if is_simulated(system) else "measured"})
+                add_measured(row, measured)
                 config_rows.append(row)
                 add_speedups(config_rows)
                 rows.append(row)
@@ -491,6 +774,10 @@ def main(argv: list[str]) -> None:
         if sweep_rows:
             print(f"\n# {sweep} (latency per MoE layer, ms; simulated rows model {args.ranks} ranks)")
             print(table(sweep_rows, SUMMARY))
+    compared = [row for row in rows if row.get("sim_over_measured")]
+    print(f"\n# how far off: simulated / measured latency ({len(compared)} rows with a measured counterpart)")
+    if compared:
+        print(table(compared, tuple(name for name, _ in HOW_FAR)))
     if not_run:
         print(f"budget of {args.budget_s:g} s spent: {len(not_run)} rows not run: {', '.join(not_run)}")
     save()

@@ -1,4 +1,4 @@
-"""The floors a time is measured against: FLOPs over the matmul peak, bytes over a link's bandwidth."""
+"""The compute floor a time is measured against: FLOPs over the matmul peak (what links cost: links.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from bench.common.timing import median_ms
 DEFAULT_PEAK_TFLOPS = 750.0  # H100 bf16 dense matmul, measured
 DEFAULT_PEAK_SOURCE = "default: H100 bf16, measured"
 DEFAULT_PEAK_TFLOPS_FP32 = 67.0  # H100 SXM fp32 without TF32, datasheet (not measured)
-NVLINK4_GBS = 450.0  # H100 SXM NVLink 4 per direction, nominal
 
 
 def add_peak_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +48,3 @@ def floor_ms(flops: float, peak_tflops: float) -> float:
     """The time `flops` take at the peak."""
     return flops / (peak_tflops * 1e12) * 1e3
 
-
-def transfer_ms(num_bytes: float, bandwidth_gbs: float) -> float:
-    """The time `num_bytes` take over a link of `bandwidth_gbs` GB/s."""
-    return num_bytes / (bandwidth_gbs * 1e9) * 1e3
