@@ -98,7 +98,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, opts: Options, repor
     try:
         values = dict(zip(placeholders, example_inputs))
         choices = choose_kernels(regions, values, plan is None, opts.expert_kernel)
-        placements = choose_placements(regions, values, plan, opts.expert_group_size, group)
+        placements = choose_placements(regions, values, plan, opts.expert_group_size, group,
+                                       cuda_graphs=inductor_patches(opts).get("triton.cudagraphs", False))
         plans = {r: replace(plan, group_size=p.group_size) for r, p in placements.items()}
         sources = passes.rewrite(gm, regions, dropless=opts.dropless, plan=plan,
                                  kernels={r: c.kernel for r, c in choices.items()}, plans=plans)

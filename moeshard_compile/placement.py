@@ -82,15 +82,15 @@ def modelled_ms(g: int, layer: LayerShape, rows_E: list[float], machine: Machine
     """The layer's modelled time with expert groups of g ranks (the module docstring's formulas)."""
     N, S, Q = layer.N, layer.S, layer.N // g
     total = sum(rows_E) or 1.0
-    rows_Q = [sum(rows_E[slice(*ffn_block(layer.E, q, Q))]) for q in range(Q)]
-    busiest = max(rows_Q)
+    share_Q = [sum(rows_E[slice(*ffn_block(layer.E, q, Q))]) / total for q in range(Q)]  # of all N*S rows
+    busiest = max(share_Q) * N * S
     flops = busiest * 2 * layer.matmuls * layer.D * layer.F / g
     held_bytes = -(-layer.E // Q) * layer.matmuls * layer.D * layer.F / g * layer.element_bytes
     compute = flops / (machine.tflops * 1e9) + held_bytes / (machine.memory_gbs * 1e6)
-    own = S * busiest / total  # this rank's segment for its own group, at the busiest group
+    own = busiest / N  # this rank's rows for its own group, at the busiest group
     sent, received = (N - 1) * S, (N - 1) * S
     if g < N:
-        sent, received = g * S - own, N * S * busiest / total - own
+        sent, received = g * S - own, busiest - own
     comm = 2 * max(sent, received) * layer.D * layer.element_bytes / (machine.link_gbs * 1e6) + 3 * machine.latency_ms
     return compute + comm + (2 * machine.sync_ms if g < N else 0.0)
 
@@ -103,8 +103,9 @@ def best_group_size(layer: LayerShape, rows_E: list[float], machine: Machine,
 
 
 def choose_placements(regions: list[MoERegion], values: dict, plan: ShardPlan | None, option,
-                      group: "dist.ProcessGroup | None") -> dict[MoERegion, PlacementChoice]:
-    """Every recognised region's group size: MoEShard, the forced g, or the model's choice."""
+                      group: "dist.ProcessGroup | None", cuda_graphs: bool = False) -> dict[MoERegion, PlacementChoice]:
+    """Every recognised region's group size: MoEShard, the forced g, or the model's choice
+    (MoEShard alone under CUDA graphs, which expert groups' host syncs would break)."""
     todo = [r for r in regions if r.status is Status.RECOGNISED]
     if plan is None or not todo:
         return {}
@@ -113,8 +114,8 @@ def choose_placements(regions: list[MoERegion], values: dict, plan: ShardPlan | 
         return {r: PlacementChoice(plan.g, how) for r in todo}
     candidates = [g for g in range(1, plan.world_size + 1) if plan.world_size % g == 0
                   and all(r.num_experts >= plan.world_size // g and r.d_ff >= g for r in todo)]
-    if plan.input_mode != "data_parallel" or plan.overlap != "none" or plan.comm_chunks > 1:
-        candidates = [plan.world_size]  # MoEShard's own schedules
+    if plan.input_mode != "data_parallel" or plan.overlap != "none" or plan.comm_chunks > 1 or cuda_graphs:
+        candidates = [plan.world_size]  # MoEShard's own schedules, or CUDA graphs
     rows_RE = _global_rows_per_expert(todo, values, group)
     machine = measured_machine(group, _device(values), todo[0].dtype)
     choices = {}

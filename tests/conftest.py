@@ -53,3 +53,9 @@ def world_2():
 def world_4():
     """4 gloo ranks, one pool per test module."""
     yield from _pool(4)
+
+
+@pytest.fixture(scope="module")
+def world_8():
+    """8 gloo ranks, one pool per test module (on 2 cores: few, small examples)."""
+    yield from _pool(8)

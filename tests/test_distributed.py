@@ -73,10 +73,13 @@ def _sharded_regions(report: Report, input_mode: str, count: int | None = None) 
         assert (region["world_size"], region["input_mode"]) == (world, input_mode), f"not sharded as asked:\n{report}"
         start, stop = region["ffn_block"]
         assert 0 <= start < stop <= region["d_ff"], f"ffn_block {region['ffn_block']} outside d_ff={region['d_ff']}"
-        E, D, F_r = region["num_experts"], region["d_model"], stop - start
+        first, last = region["experts_held"]
+        assert 0 <= first < last <= region["num_experts"], f"experts held {first}:{last}"
+        E, D, F_r = last - first, region["d_model"], stop - start
         shapes = region["shard_shapes"]
         assert shapes["w_in_EDF"] == [E, D, F_r] and shapes["w_out_EFD"] == [E, F_r, D], f"shards {shapes} != block {start}:{stop}"
-    return [(region["ffn_block"], region["d_ff"]) for region in regions]
+    return [(region["ffn_block"], region["d_ff"], region["expert_group_size"], region["experts_held"],
+             region["num_experts"]) for region in regions]
 
 
 def rank_sharded_equals_eager(cfg: MoEConfig, dtype: torch.dtype, batch: int, seq: int, seed: int, input_mode: str,
@@ -142,7 +145,7 @@ HF_MODELS = {  # name -> (builder, MoE layers)
 }
 
 
-def rank_hf_model(name: str):
+def rank_hf_model(name: str, schedule: dict | None = None):
     """A tiny HF model, data_parallel: each rank its own token ids."""
     build, layers = HF_MODELS[name]
     torch.manual_seed(0)
@@ -151,7 +154,7 @@ def rank_hf_model(name: str):
     report = Report()
     with torch.no_grad():
         ref_BSD = model(**kwargs)[0]
-        out_BSD = _compile(model, report)(**kwargs)[0]
+        out_BSD = _compile(model, report, **(schedule or {}))(**kwargs)[0]
     _check_close(out_BSD, ref_BSD, report)
     forms = sorted({r["form"] for r in report.regions})
     return _sharded_regions(report, "data_parallel", count=layers), forms
@@ -278,21 +281,38 @@ def rank_one_rank_absent(absent_s: float):
 # ---------------------------------------------------------------------- parent side
 
 
-def assert_blocks_tile(blocks_by_rank: list[list[tuple[list[int], int]]]) -> None:
-    """For every region, the ranks' FFN blocks (rank r holding block r) cover [0, d_ff) exactly once, evenly."""
+def assert_blocks_tile(blocks_by_rank: list[list[tuple]]) -> None:
+    """For every region, the ranks hold every (expert, FFN column) exactly once, evenly: the
+    groups of g consecutive ranks hold blocks of experts that tile [0, E), and within a group
+    rank r's FFN block r % g tiles [0, d_ff) (g = N: one group, MoEShard)."""
     for region_blocks in zip(*blocks_by_rank):
-        (d_ff,) = {d_ff for _, d_ff in region_blocks}  # every rank saw the same region
-        edges = [0]
-        for rank, ((start, stop), _) in enumerate(region_blocks):
-            assert start == edges[-1] and stop > start, f"rank {rank} holds {start}:{stop}, expected to start at {edges[-1]}"
-            edges.append(stop)
-        assert edges[-1] == d_ff, f"blocks {edges} do not end at d_ff={d_ff}"
-        sizes = [stop - start for start, stop in zip(edges, edges[1:])]
-        assert max(sizes) - min(sizes) <= 1, f"uneven blocks {sizes} of d_ff={d_ff}"
+        (d_ff, g, E), = {(d_ff, g, E) for _, d_ff, g, _, E in region_blocks}  # every rank saw the same region
+        expert_edges = [0]
+        for q in range(len(region_blocks) // g):
+            members = region_blocks[q * g:(q + 1) * g]
+            (held,) = {tuple(experts) for _, _, _, experts, _ in members}
+            assert held[0] == expert_edges[-1], f"group {q} holds experts {held}, expected from {expert_edges[-1]}"
+            expert_edges.append(held[1])
+            _assert_even_tiling([block for block, *_ in members], d_ff, "FFN")
+        assert expert_edges[-1] == E, f"expert blocks {expert_edges} do not end at E={E}"
+        sizes = [b - a for a, b in zip(expert_edges, expert_edges[1:])]
+        assert max(sizes) - min(sizes) <= 1, f"uneven expert blocks {sizes}"
+
+
+def _assert_even_tiling(blocks: list[list[int]], size: int, what: str) -> None:
+    edges = [0]
+    for rank, (start, stop) in enumerate(blocks):
+        assert start == edges[-1] and stop > start, f"rank {rank} holds {what} {start}:{stop}, expected from {edges[-1]}"
+        edges.append(stop)
+    assert edges[-1] == size, f"{what} blocks {edges} do not end at {size}"
+    sizes = [stop - start for start, stop in zip(edges, edges[1:])]
+    assert max(sizes) - min(sizes) <= 1, f"uneven {what} blocks {sizes} of {size}"
 
 
 # The data_parallel exchange's schedules: all-gather + reduce-scatter, in chunks, by source rank.
-SCHEDULES = ({}, {}, {"comm_chunks": 2}, {"comm_chunks": 3}, {"overlap": "source_rank"}, {"overlap": "source_rank"})
+# Placements: MoEShard, expert groups of 1 (dropless expert parallelism) and 2, the cost model's.
+SCHEDULES = ({}, {}, {"comm_chunks": 2}, {"comm_chunks": 3}, {"overlap": "source_rank"}, {"overlap": "source_rank"},
+             {"expert_group_size": 1}, {"expert_group_size": 2}, {"expert_group_size": "auto"})
 
 
 @st.composite
@@ -307,8 +327,16 @@ def sharded_cases(draw, world_size: int) -> dict:
         seq=draw(st.integers(1, 7)),
         seed=draw(st.integers(0, 2**16)),
         input_mode=(input_mode := draw(st.sampled_from(["data_parallel", "replicated"]))),
-        schedule=draw(st.sampled_from(SCHEDULES if input_mode == "data_parallel" else SCHEDULES[:4])),
+        schedule=draw(st.sampled_from([s for s in SCHEDULES if _fits(s, input_mode, cfg.num_experts, world_size)])),
     )
+
+
+def _fits(schedule: dict, input_mode: str, num_experts: int, world_size: int) -> bool:
+    """Schedules for data_parallel only, and expert groups with an expert for every group."""
+    g = schedule.get("expert_group_size")
+    if input_mode != "data_parallel":
+        return not set(schedule) & {"overlap", "expert_group_size"}
+    return not isinstance(g, int) or (world_size % g == 0 and num_experts >= world_size // g)
 
 
 def check_sharded_case(pool: RankPool, case: dict) -> None:
@@ -336,18 +364,30 @@ def test_sharded_equals_eager_world_4(world_4, case):
 
 @pytest.mark.parametrize(("skew", "num_experts", "top_k", "schedule"),
                          [("hot", 6, 2, {}), ("empty", 8, 2, {}), ("hot", 6, 2, {"comm_chunks": 3}),
-                          ("hot", 6, 2, {"overlap": "source_rank"}), ("empty", 8, 2, {"overlap": "source_rank"})])
+                          ("hot", 6, 2, {"overlap": "source_rank"}), ("empty", 8, 2, {"overlap": "source_rank"}),
+                          ("hot", 6, 2, {"expert_group_size": 1}), ("empty", 8, 2, {"expert_group_size": 1})])
 def test_degenerate_routing(world_2, skew, num_experts, top_k, schedule):
     """Experts with no rows on any rank still take part in the collectives with empty groups;
     in chunks, a chunk may hold one expert's rows only; by source rank, a step's rows may all
-    belong to one expert or to none this rank has rows for."""
+    belong to one expert or to none this rank has rows for; in expert groups, a group may
+    receive every row or none."""
     world_2.run(rank_degenerate_routing, skew=skew, num_experts=num_experts, top_k=top_k, schedule=schedule)
 
 
 @pytest.mark.parametrize("skew", ["hot", "empty"])
-def test_source_rank_overlap_world_4(world_4, skew):
-    """Three pairwise steps a rank: every step's rows and partial sums reach the right peer."""
-    world_4.run(rank_degenerate_routing, skew=skew, num_experts=8, top_k=2, schedule={"overlap": "source_rank"})
+@pytest.mark.parametrize("schedule", [{"overlap": "source_rank"}, {"expert_group_size": 1}, {"expert_group_size": 2}],
+                         ids=["source_rank", "groups_of_1", "groups_of_2"])
+def test_schedules_and_placements_world_4(world_4, skew, schedule):
+    """Three pairwise steps a rank, and expert groups of 1 and 2 ranks: every row and partial
+    sum reaches the right rank, with one hot expert or most experts empty."""
+    world_4.run(rank_degenerate_routing, skew=skew, num_experts=8, top_k=2, schedule=schedule)
+
+
+@settings(max_examples=3, deadline=None)
+@given(case=sharded_cases(world_size=8))
+def test_sharded_equals_eager_world_8(world_8, case):
+    """Over 8 ranks: every placement that divides them (g = 1, 2, 8 and the cost model's)."""
+    check_sharded_case(world_8, case)
 
 
 def test_ranks_route_to_disjoint_experts(world_2):
@@ -374,10 +414,19 @@ def test_hf_model_data_parallel(world_2, name, form):
     assert_blocks_tile(list(blocks_by_rank))
 
 
-@pytest.mark.parametrize("schedule", [{}, {"comm_chunks": 2}, {"overlap": "source_rank"}])
+@pytest.mark.parametrize(("name", "schedule"), [("switch", {"expert_group_size": 1}),
+                                              ("mixtral_grouped_mm", {"expert_group_size": "auto"})])
+def test_hf_model_expert_groups(world_2, name, schedule):
+    """Switch's capacity drops and Mixtral's stacked experts in expert groups; with the cost
+    model, both ranks place every layer alike (assert_blocks_tile compares their g)."""
+    blocks_by_rank, _ = zip(*world_2.run(rank_hf_model, name=name, schedule=schedule))
+    assert_blocks_tile(list(blocks_by_rank))
+
+
+@pytest.mark.parametrize("schedule", [{}, {"comm_chunks": 2}, {"overlap": "source_rank"}, {"expert_group_size": 1}])
 def test_inductor_data_parallel(world_2, schedule):
-    """Inductor lowers the functional collectives and the grouped op together (in chunks and
-    by source rank too)."""
+    """Inductor lowers the functional collectives and the grouped op together (in chunks, by
+    source rank, and around expert groups' opaque exchange too)."""
     assert_blocks_tile(world_2.run(rank_through_inductor, schedule=schedule))
 
 

@@ -23,6 +23,7 @@ ALL_GATHER, REDUCE_SCATTER = c10d.all_gather_into_tensor.default, c10d.reduce_sc
 ALL_REDUCE, WAIT, ALL_TO_ALL = c10d.all_reduce.default, c10d.wait_tensor.default, c10d.all_to_all_single.default
 FFN_IN = torch.ops.moeshard.gather_grouped_ffn_in.default
 FFN_OUT = torch.ops.moeshard.grouped_ffn_out_scatter.default
+ALL_TO_ALL_ROWS = torch.ops.moeshard.all_to_all_rows.default
 
 
 @pytest.fixture
@@ -113,6 +114,29 @@ def test_source_rank_overlap_exchanges_with_one_peer_a_step(fake_world, bias):
     assert all(returns[j] < ffn_in[j + 2] for j in range(WORLD - 2))
 
 
+@pytest.mark.parametrize(("g", "experts_held", "ffn_block"), [(2, [2, 4], [12, 24]), (1, [3, 4], [0, 24])])
+def test_expert_groups_exchange_rows_by_group(fake_world, g, experts_held, ffn_block):
+    """expert_group_size g: rank 3 of 8 holds its group's block of experts and FFN block
+    3 % g of g; one counts all-gather and two variable all-to-alls (rows out, partial sums
+    back) replace MoEShard's all-gather and reduce-scatter, sized for the worst routing
+    (N*S rows received) and the exact return (g*S rows)."""
+    cfg = MoEConfig(num_experts=8, top_k=2, d_ff=24, gated=True, bias=True)
+    (gm,), report = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model),
+                                   options={"expert_group_size": g})
+    (row,) = report.regions
+    assert (row["status"], row["expert_group_size"], row["experts_held"], row["ffn_block"]) == (
+        "rewritten", g, experts_held, ffn_block)
+    E_held, F_held = experts_held[1] - experts_held[0], ffn_block[1] - ffn_block[0]
+    assert row["shard_shapes"]["w_in_EDF"] == [E_held, cfg.d_model, F_held]
+    assert row["shard_shapes"]["b_out_ED"] == [cfg.num_experts, cfg.d_model]  # added after the sum, by expert
+    assert (count(gm, ALL_GATHER), count(gm, ALL_TO_ALL_ROWS), count(gm, REDUCE_SCATTER)) == (1, 2, 0)
+    assert (count(gm, FFN_IN), count(gm, FFN_OUT)) == (1, 1)
+    rows = 2 * 5 * cfg.top_k
+    forward, back = [n for n in gm.graph.nodes if n.target == ALL_TO_ALL_ROWS]
+    assert (forward.args[3], back.args[3]) == (WORLD * rows, g * rows)
+    assert f"experts {experts_held[0]}:{experts_held[1]}" in report.table()
+
+
 def test_comm_chunks_leave_replicated_alone(fake_world):
     cfg = MoEConfig(num_experts=4, top_k=2, d_ff=24)
     (gm,), _ = sharded_graphs(MoEBlock(cfg).eval(), torch.randn(2, 5, cfg.d_model),
@@ -199,6 +223,16 @@ def test_world_size_not_matching_the_group(fake_world):
         _compile_and_call({"world_size": 4})
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"expert_group_size": 3}, "expert_group_size=3 does not divide the 8 ranks"),
+    ({"expert_group_size": 2, "overlap": "source_rank"}, "overlap and comm_chunks schedule MoEShard's exchange"),
+    ({"expert_group_size": 1}, "makes 8 expert groups, more than the 3 experts"),
+])
+def test_expert_groups_that_cannot_be_placed(fake_world, options, message):
+    with pytest.raises(ValueError, match=message):
+        _compile_and_call(options)
+
+
 def test_world_size_larger_than_ffn(fake_world):
     with pytest.raises(ValueError, match=r"world_size=8 is larger than the FFN size d_ff=4 of the experts in moe\.experts"):
         _compile_and_call({}, MoEConfig(num_experts=3, top_k=1, d_ff=4))
@@ -220,6 +254,8 @@ def test_world_size_without_initialised_group():
         ({"mesh": object()}, "'mesh' must be a 1-D torch.distributed.DeviceMesh"),
         ({"release_unsharded": 1}, "'release_unsharded' must be True or False"),
         ({"check_inputs": "no"}, "'check_inputs' must be True or False"),
+        ({"expert_group_size": 0}, "'expert_group_size' must be None, 'auto' or a positive int"),
+        ({"expert_group_size": 2, "input_mode": "replicated"}, "input_mode 'replicated' shards every expert"),
     ],
 )
 def test_bad_distributed_options(options, message):
