@@ -4,10 +4,12 @@ Neither wins everywhere (docs/performance.md, "Which expert kernel runs"): CUTLA
 is faster on large experts, the fused kernels where the gather and scatter they fold in weigh
 more. So for every shape class (GPU, torch version, dtype, E, D, F, rows rounded up to a power
 of two, gating, biases, activation, weights row- or column-major) both run once on random
-tokens of the region's shapes, and the faster is kept in a JSON file, as Inductor keeps its
-autotuning: $MOESHARD_CACHE_DIR/expert_kernels.json, by default under Inductor's cache directory.
-The key is read off meta stand-ins of the weights, so a cached class copies no weights. Regions the grouped_mm path cannot take (not bf16,
-several ranks, before SM90, off CUDA) run fused, and the report says why.
+tokens of the region's shapes, each as a CUDA-graph replay (the device's time, not the host's
+launches), and the faster is kept in a JSON file, as Inductor keeps its autotuning:
+$MOESHARD_CACHE_DIR/expert_kernels.json, by default under Inductor's cache directory. The key
+is read off meta stand-ins of the weights, so a cached class copies no weights. Regions the
+grouped_mm path cannot take (not bf16, several ranks, before SM90, off CUDA) run fused, and the
+report says why.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ def _shape_class(layout: ExpertWeights, device: torch.device, num_experts: int, 
         "E": num_experts, "D": D, "F": F, "rows": 1 << max(0, rows - 1).bit_length(),
         "gated": layout.w_gate_EDF is not None, "biases": biases, "activation": activation,
         "layouts": ["row" if t.stride(-1) == 1 else "column" for t in (layout.w_in_EDF, layout.w_out_EFD)],
+        "timed": "graph replay",
     }, sort_keys=True)
 
 
@@ -167,23 +170,44 @@ def time_kernels(weights: ExpertWeights, num_experts: int, top_k: int, rows: int
 
 
 def _median_ms(fn, device: torch.device) -> float:
-    """Median of a few warm calls: CUDA events on a GPU, the host clock elsewhere."""
+    """Median of a few warm calls: on a GPU, of CUDA-graph replays of one call, timed by CUDA
+    events (the device's time: launched one by one, a few rows' kernels would time the host's
+    launches instead, which the compiled graph's fused launches or CUDA graphs do not pay);
+    the host clock elsewhere."""
+    if device.type == "cuda":
+        return round(statistics.median(_graph_replay_ms(fn)), 4)
     for _ in range(_WARMUP):
         fn()
     times = []
     for _ in range(_REPEATS):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1e3)
     return round(statistics.median(times), 4)
+
+
+def _graph_replay_ms(fn) -> list[float]:
+    """ms of each of _REPEATS replays of a CUDA graph of one call of `fn` (warmed on a side
+    stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 def cache_path() -> Path:
