@@ -28,7 +28,10 @@ from moeshard_compile.passes.evaluate import Evaluator
 from moeshard_compile.passes.region import MoERegion, Status
 from moeshard_compile.passes.shard import ShardPlan, ffn_block
 
-HOST_SYNC_MS = {"cuda": 0.05, "cpu": 0.0}  # the run-ahead a host sync costs: the next launches exposed
+# What a host sync in the middle of a layer costs: the device runs dry, then waits for the host to
+# launch the rest. CUDA: fitted to the dropless expert-parallel rows measured on 4 H100s
+# (bench/common/links.py, docs/results.md); CPU ranks run their ops synchronously anyway.
+HOST_SYNC_MS = {"cuda": 1.29, "cpu": 0.0}
 MEMORY_GBS = {"cuda": 3000.0, "cpu": 20.0}  # weight reads; conservative (H100 copy ~3.0 TB/s)
 _PROBE_ROWS = 1 << 16  # bytes probe: 64 Ki elements a rank
 _MEASURED: dict[tuple, "Machine"] = {}
