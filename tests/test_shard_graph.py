@@ -289,19 +289,25 @@ def test_input_signature_sees_shapes_past_its_readable_head():
     assert _describe(_signature(shapes, 50)).endswith("...")
 
 
-def test_inductor_keeps_the_chunks_overlapped(fake_world):
-    """In Inductor's output code every row all-gather is issued before the first chunk computes and
-    each reduce-scatter before the next chunk: its peak-memory reordering would serialise them."""
+def _inductor_op_calls(**options):
+    """The op calls in Inductor's output code for a small MoE block sharded with `options`, and
+    a function giving the positions of the calls of one op."""
     from torch._inductor.utils import run_and_get_code
 
     cfg = MoEConfig(num_experts=8, top_k=1, d_model=16, d_ff=64)
-    options = moeshard_compile.Options(comm_chunks=3, check_inputs=False)
-    backend = moeshard_compile.backend.make_backend(options, moeshard_compile.Report())
+    backend = moeshard_compile.backend.make_backend(moeshard_compile.Options(check_inputs=False, **options),
+                                                    moeshard_compile.Report())
     with torch.no_grad():
         _, codes = run_and_get_code(torch.compile(MoEBlock(cfg).eval(), backend=backend, fullgraph=True),
                                     torch.randn(2, 12, cfg.d_model))
     calls = [line.strip() for line in codes[-1].splitlines() if "= torch.ops." in line]
-    at = lambda op: [i for i, line in enumerate(calls) if op in line]  # noqa: E731
+    return calls, lambda op: [i for i, line in enumerate(calls) if op in line]
+
+
+def test_inductor_keeps_the_chunks_overlapped(fake_world):
+    """In Inductor's output code every row all-gather is issued before the first chunk computes and
+    each reduce-scatter before the next chunk: its peak-memory reordering would serialise them."""
+    calls, at = _inductor_op_calls(comm_chunks=3)
     gathers, ffn_in, scatters = at("all_gather_into_tensor"), at("gather_grouped_ffn_in"), at("reduce_scatter_tensor")
     assert (len(gathers), len(ffn_in), len(scatters)) == (4, 3, 3), calls
     assert max(gathers) < ffn_in[0], calls
@@ -311,16 +317,7 @@ def test_inductor_keeps_the_chunks_overlapped(fake_world):
 def test_inductor_keeps_the_source_rank_exchanges_overlapped(fake_world):
     """In Inductor's output code every rank's rows are sent before this rank's own rows compute,
     and each step's partial sums go back before the next step computes."""
-    from torch._inductor.utils import run_and_get_code
-
-    cfg = MoEConfig(num_experts=8, top_k=1, d_model=16, d_ff=64)
-    options = moeshard_compile.Options(overlap="source_rank", check_inputs=False)
-    backend = moeshard_compile.backend.make_backend(options, moeshard_compile.Report())
-    with torch.no_grad():
-        _, codes = run_and_get_code(torch.compile(MoEBlock(cfg).eval(), backend=backend, fullgraph=True),
-                                    torch.randn(2, 12, cfg.d_model))
-    calls = [line.strip() for line in codes[-1].splitlines() if "= torch.ops." in line]
-    at = lambda op: [i for i, line in enumerate(calls) if op in line]  # noqa: E731
+    calls, at = _inductor_op_calls(overlap="source_rank")
     exchanges, ffn_in = at("all_to_all_single"), at("gather_grouped_ffn_in")
     assert (len(exchanges), len(ffn_in), len(at("reduce_scatter_tensor"))) == (2 * (WORLD - 1), WORLD, 0), calls
     assert max(exchanges[:WORLD - 1]) < ffn_in[0], calls
