@@ -64,7 +64,9 @@ class Options:
         bandwidth measured once.
     check_inputs: before each call of a sharded graph, compare every rank's options, sharded
         regions, expert-weight checksums and input shapes with one small all-gather and raise on
-        every rank if they differ (default True). False: compared at the first call only.
+        every rank if they differ (True). False: compared at the first call of each graph only.
+        Default: True, but False under CUDA graphs (mode "reduce-overhead" or "max-autotune"),
+        where the per-call check's host sync would cost what the graphs save.
     weight_check: how each call makes sure stacked copies of expert weights are current.
         "fingerprint": identity, version counter and storage of every expert parameter, and 32
         sampled elements of each (sees writes through `.data`; one host sync per call on a GPU).
@@ -96,7 +98,7 @@ class Options:
     comm_chunks: int = 1
     overlap: str = "none"
     expert_group_size: int | str | None = None
-    check_inputs: bool = True
+    check_inputs: bool | None = None
     weight_check: str | None = None
     mode: str | None = None
     inductor_config: Mapping[str, Any] = field(default_factory=dict)
@@ -112,9 +114,13 @@ class Options:
             raise OptionError(f"moeshard: option 'dump_dir' must be a path (str or os.PathLike), got {dump_dir!r}")
         object.__setattr__(self, "dump_dir", os.fspath(dump_dir) or None if dump_dir is not None else None)
         _check_inductor(self)
+        graphed = inductor_patches(self).get("triton.cudagraphs", False)
         if self.weight_check is None:
-            graphed = inductor_patches(self).get("triton.cudagraphs", False)
             object.__setattr__(self, "weight_check", "version" if graphed else "fingerprint")
+        if self.check_inputs is None:
+            object.__setattr__(self, "check_inputs", not graphed)
+        if not isinstance(self.check_inputs, bool):
+            raise OptionError(f"moeshard: option 'check_inputs' must be True, False or None, got {self.check_inputs!r}")
         if self.weight_check not in WEIGHT_CHECKS:
             raise OptionError(f"moeshard: option 'weight_check' must be one of "
                               f"{', '.join(map(repr, WEIGHT_CHECKS))}, got {self.weight_check!r}")
@@ -140,7 +146,7 @@ class Options:
         return cls(**options)
 
 
-_FLAGS = ("inductor", "dropless", "release_unsharded", "check_inputs")
+_FLAGS = ("inductor", "dropless", "release_unsharded")
 
 
 def _check_inductor(options: Options) -> None:

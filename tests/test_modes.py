@@ -79,6 +79,15 @@ def test_weight_check_defaults_to_version_under_cuda_graphs_only():
     assert Options(mode="reduce-overhead", weight_check="fingerprint").weight_check == "fingerprint"
 
 
+def test_per_call_rank_check_defaults_off_under_cuda_graphs_only():
+    """The per-call check all-gathers and reads a row on the host: a sync a CUDA graph must not pay."""
+    assert Options().check_inputs is True
+    assert Options(mode="max-autotune-no-cudagraphs").check_inputs is True
+    assert Options(mode="reduce-overhead").check_inputs is False
+    assert Options(inductor_config={"triton.cudagraphs": True}).check_inputs is False
+    assert Options(mode="reduce-overhead", check_inputs=True).check_inputs is True
+
+
 def test_default_mode_is_no_patches():
     assert Options(mode="default").mode is None and inductor_patches(Options(mode="default")) == {}
 

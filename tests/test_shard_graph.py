@@ -253,7 +253,7 @@ def test_world_size_without_initialised_group():
         ({"group": "world"}, "'group' must be a torch.distributed.ProcessGroup"),
         ({"mesh": object()}, "'mesh' must be a 1-D torch.distributed.DeviceMesh"),
         ({"release_unsharded": 1}, "'release_unsharded' must be True or False"),
-        ({"check_inputs": "no"}, "'check_inputs' must be True or False"),
+        ({"check_inputs": "no"}, "'check_inputs' must be True, False or None"),
         ({"expert_group_size": 0}, "'expert_group_size' must be None, 'auto' or a positive int"),
         ({"expert_group_size": 2, "input_mode": "replicated"}, "input_mode 'replicated' shards every expert"),
     ],
