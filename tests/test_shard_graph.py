@@ -324,6 +324,16 @@ def test_inductor_keeps_the_source_rank_exchanges_overlapped(fake_world):
     assert all(exchanges[WORLD - 1 + j] < ffn_in[j + 2] for j in range(WORLD - 2)), calls
 
 
+def test_inductor_calls_the_expert_group_exchange_around_the_experts(fake_world):
+    """In Inductor's output code: the counts all-gathered, the rows exchanged before the first
+    matmul, the partial sums after the second; no reduce-scatter."""
+    calls, at = _inductor_op_calls(expert_group_size=2)
+    gathers, exchanges = at("all_gather_into_tensor"), at("all_to_all_rows")
+    ffn_in, ffn_out = at("gather_grouped_ffn_in"), at("grouped_ffn_out_scatter")
+    assert (len(gathers), len(exchanges), len(ffn_in), len(at("reduce_scatter_tensor"))) == (1, 2, 1, 0), calls
+    assert gathers[0] < exchanges[0] < ffn_in[0] and ffn_out[0] < exchanges[1], calls
+
+
 def test_grouped_mm_asked_for_on_several_ranks_keeps_the_fused_ops_and_says_why(fake_world):
     cfg = MoEConfig(num_experts=4, top_k=2, d_ff=64, gated=True)
     model = MoEBlock(cfg).eval().to(torch.bfloat16)
