@@ -13,6 +13,12 @@ configurations as there. Systems, each on the same weights:
                         torch.compile(backend="moeshard", options={"world_size": N}): every rank
                         holds its 1/N block of every expert; the real backend path, collectives included
     moeshard_chunks2/4  the same with options comm_chunks 2 / 4: traffic in chunks, under the computation
+    moeshard_overlap    the same with overlap="source_rank": N-1 pairwise exchanges, each source rank's
+                        rows computed as they arrive (docs/distributed.md)
+    moeshard_g1         the same with expert_group_size=1: whole experts, E/N a rank (dropless expert
+                        parallelism through the backend), rows to their expert's rank by variable all-to-alls
+    moeshard_auto       the same with expert_group_size="auto": the backend's cost model picks g (the row
+                        gives it as `group_size`)
     ep_capacity_cf50    bench/baselines CapacityExpertParallelMoE (DeepSpeed-MoE's top-1 semantics),
     ep_capacity_cf1.25  CF = min(E, 50) as in the paper, or 1.25; equal-split all-to-alls
     ep_dropless         bench/baselines DroplessExpertParallelMoE: variable all-to-alls, grouped matmul
@@ -53,8 +59,12 @@ from bench.paper import (  # noqa: E402
     BASELINES, MIN_CAPACITY, PAPER_CF_CAP, TOP_K, Config, add_config_args, add_speedups, configs, split_config_lists,
 )
 
-MOESHARD_CHUNKS = {"moeshard": 1, "moeshard_chunks2": 2, "moeshard_chunks4": 4}  # system -> Options.comm_chunks
-SYSTEMS = (*MOESHARD_CHUNKS, "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
+MOESHARD_OPTIONS = {  # system -> its moeshard options
+    "moeshard": {}, "moeshard_chunks2": {"comm_chunks": 2}, "moeshard_chunks4": {"comm_chunks": 4},
+    "moeshard_overlap": {"overlap": "source_rank"}, "moeshard_g1": {"expert_group_size": 1},
+    "moeshard_auto": {"expert_group_size": "auto"},
+}
+SYSTEMS = (*MOESHARD_OPTIONS, "ep_capacity_cf50", "ep_capacity_cf1.25", "ep_dropless")
 SMOKE = dict(sweep="smoke", device="cpu", d_model=32, d_ff=64, seq=8, world_size=2, repeats=3)
 
 
@@ -100,9 +110,9 @@ def build(system: str, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, world: i
     """The callable fn(x_TD, ids_TK, weight_TK) of one system on this rank, and what reports on it:
     the baseline module (its stats) or moeshard's Report."""
     E = w_in_EDF.shape[0]
-    if system in MOESHARD_CHUNKS:
+    if system in MOESHARD_OPTIONS:
         options = moeshard_compile.Options(world_size=world, inductor=device.type == "cuda",
-                                           comm_chunks=MOESHARD_CHUNKS[system])
+                                           **MOESHARD_OPTIONS[system])
         report = moeshard_compile.Report()
         loop = ExpertLoop(w_in_EDF, w_out_EFD)
         backend = moeshard_compile.backend.make_backend(options, report)
@@ -170,14 +180,33 @@ def run_config(config: Config, args: argparse.Namespace, rank: int, world: int, 
                 summary = load_summary(reporter.stats)
                 row.update(max_rows=summary["max_rows_computed"], mean_rows=summary["mean_rows_computed"],
                            dropped=summary["dropped"], max_offrank_bytes=summary["max_offrank_bytes"])
-            else:  # moeshard: every rank multiplies all N*T rows on its FFN block, drops nothing
-                row.update(max_rows=world * T * TOP_K, mean_rows=world * T * TOP_K, dropped=0,
-                           max_offrank_bytes=2 * (world - 1) * T * TOP_K * D * x_TD.element_size())
+            else:
+                g = reporter.regions[0]["expert_group_size"]
+                row.update(group_size=g, dropped=0,
+                           **_moeshard_load(ids_NTK, config.E, g, D * x_TD.element_size()))
         except Exception as error:  # every rank fails alike (same shapes); report it and go on
             row["error"] = error_cell(error)
         rows.append(row)
     add_speedups(rows)
     return rows
+
+
+def _moeshard_load(ids_NTK: torch.Tensor, E: int, g: int, row_bytes: int) -> dict:
+    """Rows each rank multiplies and bytes it sends off-rank per layer, with expert groups of g
+    ranks (g = N: MoEShard, every rank all N*T*K rows on its FFN block), from every rank's routing."""
+    N, T, K = ids_NTK.shape
+    if g == N:
+        return dict(max_rows=N * T * K, mean_rows=N * T * K, max_offrank_bytes=2 * (N - 1) * T * K * row_bytes)
+    Q = N // g
+    base, extra = divmod(E, Q)
+    starts = [q * base + min(q, extra) for q in range(Q + 1)]  # ShardPlan.expert_block's even blocks
+    group_E = torch.bucketize(torch.arange(E), torch.tensor(starts[1:-1]), right=True)
+    rows_NQ = torch.stack([torch.bincount(group_E[ids.reshape(-1).long().cpu()], minlength=Q) for ids in ids_NTK])
+    rows_Q = rows_NQ.sum(0)
+    sent_N = [g * T * K - rows_NQ[r, r // g].item() for r in range(N)]  # each segment to g ranks, not itself
+    received_N = [rows_Q[r // g].item() - rows_NQ[r, r // g].item() for r in range(N)]
+    return dict(max_rows=rows_Q.max().item(), mean_rows=rows_Q.double().mean().item(),
+                max_offrank_bytes=2 * max(max(sent_N), max(received_N)) * row_bytes)
 
 
 def _timeline(fn, calls: int, world: int, device: torch.device) -> dict[str, float]:
