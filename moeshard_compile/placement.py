@@ -7,8 +7,8 @@ split sizes on the host. Per layer and per g dividing N (S rows a rank, rows_q a
 for group q's experts, M = 2 or 3 matmuls of D x F per expert):
 
     compute_ms = max_q rows_q * 2*M*D*F / g / rate + (E / (N/g)) * M*D*F / g * bytes / memory
-    sent rows  = g*S - own segment                  (MoEShard: (N-1)*S)
-    received   = N*S * max_q rows_q / rows - own    (MoEShard: (N-1)*S)
+    sent rows  = g*S - own           (MoEShard: (N-1)*S)
+    received   = max_q rows_q - own  (MoEShard: (N-1)*S)     own = max_q rows_q / N, needing no link
     comm_ms    = 2 * max(sent, received) * D * bytes / link + 3 * latency  (+ 2 host syncs if g < N)
 
 with the rows_q of the first call's routing on every rank (summed over the ranks), and the
