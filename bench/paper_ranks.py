@@ -49,6 +49,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable when run as a script
 import moeshard_compile  # noqa: E402
+from moeshard_compile.passes.shard import ffn_block  # noqa: E402  (the backend's even expert blocks)
 from bench.baselines.expert_parallel import CapacityExpertParallelMoE, DroplessExpertParallelMoE, load_summary  # noqa: E402
 from bench.baselines.routers import synthetic_routing  # noqa: E402
 from bench.common.cli import DTYPES, error_cell, github_table, parse_with_smoke  # noqa: E402
@@ -198,9 +199,8 @@ def _moeshard_load(ids_NTK: torch.Tensor, E: int, g: int, row_bytes: int) -> dic
     if g == N:
         return dict(max_rows=N * T * K, mean_rows=N * T * K, max_offrank_bytes=2 * (N - 1) * T * K * row_bytes)
     Q = N // g
-    base, extra = divmod(E, Q)
-    starts = [q * base + min(q, extra) for q in range(Q + 1)]  # ShardPlan.expert_block's even blocks
-    group_E = torch.bucketize(torch.arange(E), torch.tensor(starts[1:-1]), right=True)
+    blocks = [ffn_block(E, q, Q) for q in range(Q)]
+    group_E = torch.cat([torch.full((stop - start,), q) for q, (start, stop) in enumerate(blocks)])
     rows_NQ = torch.stack([torch.bincount(group_E[ids.reshape(-1).long().cpu()], minlength=Q) for ids in ids_NTK])
     rows_Q = rows_NQ.sum(0)
     sent_N = [g * T * K - rows_NQ[r, r // g].item() for r in range(N)]  # each segment to g ranks, not itself

@@ -41,8 +41,9 @@ def expert_group_exchange(emit: Emitter, plan: ShardPlan, experts, x_SD, counts_
                      N, plan.group_name, name="counts_NxE")
 
     # what this rank sends: the segment of each destination's group, in rank order
-    len_Q = emit.method("index_add", emit.method("new_zeros", counts_E, N // g, name="zeros_Q"), 0,
-                        _group_of_expert(emit, plan, E, device), counts_E, name="len_Q")
+    len_Q = emit.fn(torch.stack, [emit.method("sum", emit.fn(operator.getitem, counts_E, slice(*plan.expert_block(E, q)),
+                                                             name=f"counts_of_group{q}"), name=f"len_of_group{q}")
+                                  for q in range(N // g)], name="len_Q")
     start_Q = emit.fn(operator.sub, emit.method("cumsum", len_Q, 0, name="end_Q"), len_Q, name="start_Q")
     send_N = emit.method("repeat_interleave", len_Q, g, name="send_N")
     send_end_N = emit.method("cumsum", send_N, 0, name="send_end_N")
@@ -90,20 +91,6 @@ def _regroup(emit: Emitter, mine_NE, recv_N, R, El: int, N: int, device) -> tupl
     perm_R = emit.fn(operator.getitem, sort, 1, name="perm_R")
     offs_E = emit.method("cumsum", emit.method("sum", mine_NE, 0, name="counts_mine_E"), 0, name="offs_mine_E")
     return perm_R, offs_E
-
-
-def _group_of_expert(emit: Emitter, plan: ShardPlan, E: int, device) -> fx.Node:
-    """group_of_E[e]: the group holding expert e, for the even blocks of ShardPlan.expert_block
-    (the first E % Q groups hold one expert more)."""
-    Q = plan.world_size // plan.g
-    base, extra = divmod(E, Q)
-    e_E = emit.fn(torch.arange, E, device=device, name="e_E")
-    big = extra * (base + 1)  # experts held by the larger groups
-    in_big_E = emit.fn(operator.floordiv, e_E, base + 1, name="big_group_E")
-    in_rest_E = emit.fn(operator.add, emit.fn(operator.floordiv, emit.fn(operator.sub, e_E, big, name="past_big_E"),
-                                              base, name="rest_offset_E"), extra, name="rest_group_E")
-    return emit.fn(torch.where, emit.fn(operator.lt, e_E, big, name="in_big_E"), in_big_E, in_rest_E,
-                   name="group_of_E")
 
 
 def _times(emit: Emitter, factor: int, rows, name: str):
