@@ -71,8 +71,8 @@ def check_fits(regions: list[MoERegion], plan: ShardPlan) -> None:
 
 
 # The facts every rank must agree on before running a sharded graph, in the check row's order.
-FACTS = ("input_mode", "comm_chunks", "overlap", "expert_group_size", "check_inputs", "dropless", "world_size", "regions sharded", "region shapes",
-         "expert weights")
+FACTS = ("input_mode", "comm_chunks", "overlap", "expert_group_size", "check_inputs", "dropless", "world_size",
+         "regions sharded", "region shapes", "expert weights")
 _MAGIC = 0x6D6F657368617264 & (2**62 - 1)  # marks a moeshard check row ("moeshard")
 _HEAD = 1 + len(FACTS)
 

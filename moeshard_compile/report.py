@@ -42,7 +42,8 @@ def region_row(graph: int, region: MoERegion, plan: ShardPlan | None, held: Held
     row = {name: getattr(region, name) for name in COLUMNS if hasattr(region, name)}
     row.update(dtype=str(region.dtype).removeprefix("torch."), status=region.status.value,
                capacity=describe(region, dropless), world_size=1, input_mode="", ffn_block=None,
-               expert_group_size=None, experts_held=None, placement=None, shard_shapes={}, expert_bytes=0, expert_bytes_per_rank=0, kernel="", kernel_choice=None)
+               expert_group_size=None, experts_held=None, placement=None, shard_shapes={}, expert_bytes=0,
+               expert_bytes_per_rank=0, kernel="", kernel_choice=None)
     if choice is not None and region.status is Status.REWRITTEN:
         row.update(kernel=choice.text(), kernel_choice=choice.to_dict())
     if plan is not None and region.status is Status.REWRITTEN:

@@ -23,10 +23,11 @@ Sharded over N ranks (MoEShard; each rank holds FFN block F_r of every expert)::
                    perm_R = the gathered rows regrouped by expert (their experts follow from counts_NE)
                    rank_major_RD = the two ops on block F_r, reading rows perm_R, writing them back to perm_R
                    y_SD = reduce_scatter(rank_major_RD, "sum");  + b_out;  scale and index_add by token
-                   (comm_chunks C: the same per chunk of the sorted rows, every all-gather issued first)
+                   (comm_chunks C: the same per chunk of the sorted rows, every all-gather issued first;
+                   overlap="source_rank" and expert groups: passes/data_parallel.py, expert_groups.py)
     replicated:    out_TD = all_reduce(the one-rank computation on block F_r), b_out on rank 0
 
-Every recogniser feeds this function, so sharding and faster kernels change this file only.
+Every recogniser feeds this function, so sharding and faster kernels need no recogniser changed.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def lower_region(gm: fx.GraphModule, region: MoERegion, index: int, plan: ShardP
     kernel: how the experts run on one rank: "fused" (the moeshard:: ops) or "grouped_mm"
     (torch._grouped_mm with the gather and scatter around it, grouped_mm_experts.py).
     With a ShardPlan this rank computes its FFN block of every expert, or of its group's
-    experts (passes/shard.py), and the collectives of `plan.input_mode` join the partial results. The stacked weights are new
-    graph inputs, after the graph's own: returns the source they are stacked from.
+    experts (passes/shard.py), and the collectives of `plan.input_mode` join the partial
+    results. The stacked weights are new graph inputs, after the graph's own: returns the
+    source they are stacked from.
     """
     graph = gm.graph
     routing, E = region.routing, region.num_experts
